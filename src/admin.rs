@@ -1,0 +1,95 @@
+//! The admin HTTP port: liveness, readiness, Prometheus metrics and a JSON view
+//! of what is served, for people without grpcurl.
+
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::get;
+use prometheus_client::registry::Registry;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::render;
+use crate::snapshot::Snapshot;
+use crate::source::SourceView;
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    pub source: SourceView,
+    pub registry: Arc<Mutex<Registry>>,
+    pub draining: watch::Receiver<bool>,
+    /// The effective configuration, as logged at start.
+    pub config: Value,
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/debug/snapshot", get(snapshot))
+        .route("/debug/config", get(|State(s): State<AdminState>| async move { Json(s.config) }))
+        .with_state(state)
+}
+
+/// Ready once the first complete snapshot is loaded, and until draining starts.
+pub fn is_ready(snapshot: &Snapshot, draining: bool) -> bool {
+    snapshot.synced && !draining
+}
+
+async fn ready(State(state): State<AdminState>) -> Response {
+    let snapshot = state.snapshots.borrow().clone();
+    let draining = *state.draining.borrow();
+    if is_ready(&snapshot, draining) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        let why = if draining { "draining\n" } else { "waiting for the first complete snapshot\n" };
+        (StatusCode::SERVICE_UNAVAILABLE, why).into_response()
+    }
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    let mut body = String::new();
+    let encoded = {
+        let registry = state.registry.lock().unwrap_or_else(|e| e.into_inner());
+        prometheus_client::encoding::text::encode(&mut body, &registry)
+    };
+    match encoded {
+        Ok(()) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n")).into_response(),
+    }
+}
+
+async fn snapshot(State(state): State<AdminState>) -> Json<Value> {
+    let snapshot = state.snapshots.borrow().clone();
+    let entries: Vec<Value> = snapshot
+        .resources
+        .iter()
+        .map(|r| {
+            json!({
+                "name": r.name,
+                "version": r.version,
+                "createTime": humantime::format_rfc3339(r.create_time).to_string(),
+                "spec": render::spec_json(&r.spec),
+            })
+        })
+        .collect();
+    let skipped: Vec<Value> = snapshot
+        .skipped
+        .iter()
+        .map(|s| json!({"namespace": s.namespace, "service": s.service, "instance": s.instance, "reason": s.reason.to_string()}))
+        .collect();
+    Json(json!({
+        "version": snapshot.version,
+        "synced": snapshot.synced,
+        "endpoints": snapshot.endpoints,
+        "source": state.source.status(),
+        "serviceEntries": entries,
+        "skippedInstances": skipped,
+    }))
+}

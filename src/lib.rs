@@ -1,0 +1,28 @@
+//! cloudmap-xds: AWS Cloud Map services as Istio ServiceEntries, served to istiod
+//! over Istio's MCP-over-xDS protocol.
+//!
+//! Pipeline (dependencies point one way): `source` → `model` → `translate` →
+//! `snapshot` → `xds`; `app` wires them, `debug` and `admin` read the snapshot.
+
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod debug;
+pub mod metrics;
+pub mod model;
+pub mod render;
+pub mod snapshot;
+pub mod source;
+pub mod telemetry;
+pub mod translate;
+pub mod xds;
+
+pub mod proto {
+    //! Code generated from the vendored protos (see `proto/README.md`).
+    #![allow(clippy::all, clippy::pedantic, missing_docs, rust_2018_idioms)]
+    include!(concat!(env!("OUT_DIR"), "/protos.rs"));
+
+    /// Every vendored file with its imports, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/file_descriptor_set.bin"));
+}

@@ -1,0 +1,115 @@
+//! The registry as plain Rust types: what every source produces and what
+//! translation consumes. No AWS and no protobuf types live here.
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+/// Everything one source knows at one moment: every service of every namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Registry {
+    pub services: Vec<Service>,
+}
+
+/// One Cloud Map service (or its registry-file equivalent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    /// The Cloud Map namespace name; the host suffix.
+    pub namespace: String,
+    pub name: String,
+    /// The service's creation time; becomes the MCP `create_time`, which istiod
+    /// uses to order ServiceEntries that claim the same host.
+    pub created: SystemTime,
+    pub instances: Vec<Instance>,
+}
+
+/// One registered instance: exactly Cloud Map's attributes plus its health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    pub id: String,
+    pub health: Health,
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// Cloud Map's instance health status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Health {
+    Healthy,
+    Unhealthy,
+    Unknown,
+}
+
+/// Which instances are served, named after Cloud Map's `HealthStatus` filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum HealthFilter {
+    /// Only HEALTHY instances.
+    #[value(name = "HEALTHY")]
+    Healthy,
+    /// HEALTHY instances; all instances when none is healthy (fail open).
+    #[default]
+    #[value(name = "HEALTHY_OR_ELSE_ALL")]
+    HealthyOrElseAll,
+    /// Every instance, whatever its health.
+    #[value(name = "ALL")]
+    All,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Healthy => "HEALTHY",
+            Health::Unhealthy => "UNHEALTHY",
+            Health::Unknown => "UNKNOWN",
+        }
+    }
+}
+
+impl HealthFilter {
+    /// Applies the filter to one service's instances, keeping their order.
+    pub fn select<'a>(self, instances: &'a [Instance]) -> Vec<&'a Instance> {
+        let healthy = || instances.iter().filter(|i| i.health == Health::Healthy);
+        match self {
+            HealthFilter::All => instances.iter().collect(),
+            HealthFilter::Healthy => healthy().collect(),
+            HealthFilter::HealthyOrElseAll => {
+                let selected: Vec<_> = healthy().collect();
+                if selected.is_empty() { instances.iter().collect() } else { selected }
+            }
+        }
+    }
+}
+
+/// Well-known Cloud Map instance attributes.
+pub mod attr {
+    pub const IPV4: &str = "AWS_INSTANCE_IPV4";
+    pub const IPV6: &str = "AWS_INSTANCE_IPV6";
+    pub const PORT: &str = "AWS_INSTANCE_PORT";
+    pub const CNAME: &str = "AWS_INSTANCE_CNAME";
+    pub const ALIAS_DNS_NAME: &str = "AWS_ALIAS_DNS_NAME";
+    pub const RESERVED_PREFIX: &str = "AWS_";
+    /// Set by ECS service discovery.
+    pub const REGION: &str = "REGION";
+    /// Set by ECS service discovery.
+    pub const AVAILABILITY_ZONE: &str = "AVAILABILITY_ZONE";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(id: &str, health: Health) -> Instance {
+        Instance { id: id.into(), health, attributes: BTreeMap::new() }
+    }
+
+    #[test]
+    fn health_filters_follow_cloud_map_semantics() {
+        let all = vec![instance("a", Health::Healthy), instance("b", Health::Unhealthy), instance("c", Health::Unknown)];
+        let ids = |v: Vec<&Instance>| v.iter().map(|i| i.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(HealthFilter::Healthy.select(&all)), ["a"]);
+        assert_eq!(ids(HealthFilter::HealthyOrElseAll.select(&all)), ["a"]);
+        assert_eq!(ids(HealthFilter::All.select(&all)), ["a", "b", "c"]);
+        let none_healthy = vec![instance("b", Health::Unhealthy)];
+        assert_eq!(ids(HealthFilter::HealthyOrElseAll.select(&none_healthy)), ["b"]);
+        assert!(HealthFilter::Healthy.select(&none_healthy).is_empty());
+    }
+}

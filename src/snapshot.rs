@@ -1,0 +1,253 @@
+//! Immutable, versioned snapshots of everything served, encoded once.
+//!
+//! Each ServiceEntry is encoded into its MCP `Resource` envelope exactly once
+//! per snapshot; every ADS stream copies those bytes and never re-serialises.
+//! Snapshots travel on a `tokio::sync::watch`, so a burst of changes reaches a
+//! slow stream as its latest state, and an unchanged snapshot wakes nobody.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use prost::Message;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::proto::istio::mcp::v1alpha1::{Metadata, Resource as McpResource};
+use crate::proto::istio::networking::v1alpha3::ServiceEntry;
+use crate::translate::{Skipped, Translation};
+
+/// `Any` type of every resource in a ServiceEntry response.
+pub const MCP_RESOURCE_TYPE_URL: &str = "type.googleapis.com/istio.mcp.v1alpha1.Resource";
+/// `Any` type of the body: the v1alpha3 message serves every Istio version.
+pub const SERVICE_ENTRY_BODY_TYPE_URL: &str = "type.googleapis.com/istio.networking.v1alpha3.ServiceEntry";
+/// Length in hex digits of resource and snapshot versions (64 bits).
+const VERSION_HEX_LEN: usize = 16;
+
+/// One ServiceEntry as served.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resource {
+    /// `<publish-namespace>/<name>`, the MCP name.
+    pub name: String,
+    /// Content hash of name, create time and spec.
+    pub version: String,
+    pub create_time: SystemTime,
+    pub spec: ServiceEntry,
+    /// `Any{istio.mcp.v1alpha1.Resource}`, ready to go on the wire.
+    pub encoded: prost_types::Any,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// Hash of every resource name and version; empty before the first sync.
+    pub version: String,
+    /// False until the source completed its first full load: ServiceEntries are
+    /// then withheld, so istiod keeps what it had instead of deleting it all.
+    pub synced: bool,
+    /// Sorted by name.
+    pub resources: Vec<Resource>,
+    pub endpoints: usize,
+    pub skipped: Vec<Skipped>,
+    pub skipped_labels: usize,
+    pub built_at: SystemTime,
+}
+
+impl Snapshot {
+    /// The snapshot before any source has loaded.
+    pub fn unsynced() -> Self {
+        Snapshot {
+            version: String::new(),
+            synced: false,
+            resources: Vec::new(),
+            endpoints: 0,
+            skipped: Vec::new(),
+            skipped_labels: 0,
+            built_at: SystemTime::now(),
+        }
+    }
+
+    /// Encodes a translation. Deterministic: the same translation gives the same bytes and versions.
+    pub fn build(translation: Translation) -> Self {
+        let endpoints = translation.entries.iter().map(|e| e.spec.endpoints.len()).sum();
+        let resources: Vec<Resource> = translation
+            .entries
+            .into_iter()
+            .map(|entry| encode(format!("{}/{}", entry.namespace, entry.name), entry.create_time, entry.spec))
+            .collect();
+        let mut hasher = Sha256::new();
+        for r in &resources {
+            hasher.update(r.name.as_bytes());
+            hasher.update([0]);
+            hasher.update(r.version.as_bytes());
+            hasher.update([0]);
+        }
+        Snapshot {
+            version: hex_prefix(&hasher.finalize()),
+            synced: true,
+            resources,
+            endpoints,
+            skipped: translation.skipped,
+            skipped_labels: translation.skipped_labels.len(),
+            built_at: SystemTime::now(),
+        }
+    }
+
+    /// The resources as they go into a `DiscoveryResponse`.
+    pub fn encoded_resources(&self) -> Vec<prost_types::Any> {
+        self.resources.iter().map(|r| r.encoded.clone()).collect()
+    }
+
+    /// Total encoded bytes of one ServiceEntry response's resources.
+    pub fn encoded_len(&self) -> usize {
+        self.resources.iter().map(|r| r.encoded.value.len()).sum()
+    }
+}
+
+fn encode(name: String, create_time: SystemTime, spec: ServiceEntry) -> Resource {
+    let body = spec.encode_to_vec();
+    let timestamp = prost_types::Timestamp::from(create_time);
+    let mut hasher = Sha256::new();
+    hasher.update(name.as_bytes());
+    hasher.update([0]);
+    hasher.update(timestamp.encode_to_vec());
+    hasher.update([0]);
+    hasher.update(&body);
+    let version = hex_prefix(&hasher.finalize());
+    let resource = McpResource {
+        metadata: Some(Metadata {
+            name: name.clone(),
+            create_time: Some(timestamp),
+            version: version.clone(),
+            labels: Default::default(),
+            annotations: Default::default(),
+        }),
+        body: Some(prost_types::Any { type_url: SERVICE_ENTRY_BODY_TYPE_URL.into(), value: body }),
+    };
+    let encoded = prost_types::Any { type_url: MCP_RESOURCE_TYPE_URL.into(), value: resource.encode_to_vec() };
+    Resource { name, version, create_time, spec, encoded }
+}
+
+fn hex_prefix(digest: &[u8]) -> String {
+    digest.iter().take(VERSION_HEX_LEN / 2).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The single writer of snapshots.
+#[derive(Debug, Clone)]
+pub struct Publisher {
+    tx: watch::Sender<Arc<Snapshot>>,
+}
+
+pub fn channel() -> (Publisher, watch::Receiver<Arc<Snapshot>>) {
+    let (tx, rx) = watch::channel(Arc::new(Snapshot::unsynced()));
+    (Publisher { tx }, rx)
+}
+
+impl Publisher {
+    /// Publishes `next` unless it serves exactly what the current one serves;
+    /// returns whether streams were woken.
+    pub fn publish(&self, next: Snapshot) -> bool {
+        self.tx.send_if_modified(|current| {
+            if current.synced == next.synced && current.version == next.version {
+                return false;
+            }
+            *current = Arc::new(next);
+            true
+        })
+    }
+
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.tx.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.tx.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::model::{Health, HealthFilter, Instance, Registry, Service};
+    use crate::translate::{Options, translate};
+
+    fn registry(order: &[usize]) -> Registry {
+        let services = (0..4)
+            .map(|n| Service {
+                namespace: "ns".into(),
+                name: format!("svc-{n}"),
+                created: SystemTime::UNIX_EPOCH + Duration::from_secs(n as u64),
+                instances: (0..3)
+                    .map(|i| Instance {
+                        id: format!("i-{i}"),
+                        health: Health::Healthy,
+                        attributes: [
+                            ("AWS_INSTANCE_IPV4".to_string(), format!("10.0.{n}.{i}")),
+                            ("AWS_INSTANCE_PORT".to_string(), format!("{}", 8000 + i)),
+                            ("zone".to_string(), "a".to_string()),
+                            ("team".to_string(), "b".to_string()),
+                        ]
+                        .into(),
+                    })
+                    .collect(),
+            })
+            .collect::<Vec<_>>();
+        Registry { services: order.iter().map(|&i| services[i].clone()).collect() }
+    }
+
+    fn build(registry: &Registry) -> Snapshot {
+        let options = Options { publish_namespace: "istio-system".into(), health_filter: HealthFilter::All };
+        Snapshot::build(translate(registry, &options))
+    }
+
+    #[test]
+    fn shuffled_input_gives_identical_bytes_and_versions() {
+        let a = build(&registry(&[0, 1, 2, 3]));
+        let mut shuffled = registry(&[3, 1, 0, 2]);
+        for s in &mut shuffled.services {
+            s.instances.reverse();
+        }
+        let b = build(&shuffled);
+        assert_eq!(a.version, b.version);
+        assert_eq!(a.encoded_resources(), b.encoded_resources());
+        assert_eq!(a.version.len(), 16);
+    }
+
+    #[test]
+    fn a_change_moves_only_the_changed_resource_version() {
+        let a = build(&registry(&[0, 1, 2, 3]));
+        let mut changed = registry(&[0, 1, 2, 3]);
+        changed.services[2].instances.pop();
+        let b = build(&changed);
+        assert_ne!(a.version, b.version);
+        let moved: Vec<_> =
+            a.resources.iter().zip(&b.resources).filter(|(x, y)| x.version != y.version).map(|(x, _)| &x.name).collect();
+        assert_eq!(moved, ["istio-system/cloudmap-svc-2.ns"]);
+    }
+
+    #[test]
+    fn envelope_carries_name_version_create_time_and_v1alpha3_body() {
+        let snap = build(&registry(&[1]));
+        let r = &snap.resources[0];
+        assert_eq!(r.encoded.type_url, MCP_RESOURCE_TYPE_URL);
+        let decoded = McpResource::decode(r.encoded.value.as_slice()).unwrap();
+        let meta = decoded.metadata.unwrap();
+        assert_eq!(meta.name, "istio-system/cloudmap-svc-1.ns");
+        assert_eq!(meta.version, r.version);
+        assert_eq!(meta.create_time.unwrap(), prost_types::Timestamp { seconds: 1, nanos: 0 });
+        let body = decoded.body.unwrap();
+        assert_eq!(body.type_url, SERVICE_ENTRY_BODY_TYPE_URL);
+        assert_eq!(ServiceEntry::decode(body.value.as_slice()).unwrap(), r.spec);
+    }
+
+    #[test]
+    fn publishing_an_identical_snapshot_wakes_nobody() {
+        let (publisher, mut rx) = channel();
+        assert!(publisher.publish(build(&registry(&[0, 1]))));
+        rx.borrow_and_update();
+        assert!(!publisher.publish(build(&registry(&[1, 0]))));
+        assert!(!rx.has_changed().unwrap());
+        assert!(publisher.publish(build(&registry(&[0]))));
+        assert!(rx.has_changed().unwrap());
+    }
+}

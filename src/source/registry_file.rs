@@ -1,0 +1,273 @@
+//! The built-in source: a YAML file that mirrors Cloud Map's data model
+//! (namespaces → services → instances with Cloud Map attributes), watched for edits.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use super::SourceSink;
+use crate::model::{Health, Instance, Registry, Service};
+
+/// How often the file is re-read; an edit is served within about this long.
+pub const RELOAD_INTERVAL: Duration = Duration::from_millis(300);
+
+/// The `created` of a service that gives none: the Unix epoch, which is also what
+/// istiod assumes for a missing `create_time`, so every replica and restart agrees.
+pub const DEFAULT_CREATED: SystemTime = SystemTime::UNIX_EPOCH;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read registry file {path}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("registry file {path}:{line}:{column}: {message}")]
+    Parse { path: PathBuf, line: usize, column: usize, message: String },
+    #[error("registry file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegistryFile {
+    #[serde(default)]
+    namespaces: Vec<NamespaceEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NamespaceEntry {
+    name: String,
+    #[serde(default)]
+    services: Vec<ServiceEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceEntry {
+    name: String,
+    #[serde(default, deserialize_with = "deserialize_time")]
+    created: Option<SystemTime>,
+    #[serde(default)]
+    instances: Vec<InstanceEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InstanceEntry {
+    id: Option<String>,
+    #[serde(default)]
+    health: HealthEntry,
+    #[serde(default)]
+    attributes: BTreeMap<String, Scalar>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+enum HealthEntry {
+    #[default]
+    Healthy,
+    Unhealthy,
+    Unknown,
+}
+
+/// Attribute values are strings in Cloud Map; YAML users write `AWS_INSTANCE_PORT: 8080`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Scalar {
+    String(String),
+    Integer(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl Scalar {
+    fn into_string(self) -> String {
+        match self {
+            Scalar::String(s) => s,
+            Scalar::Integer(i) => i.to_string(),
+            Scalar::Float(f) => f.to_string(),
+            Scalar::Bool(b) => b.to_string(),
+        }
+    }
+}
+
+fn deserialize_time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SystemTime>, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_rfc3339_weak(&text)
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("invalid `created` {text:?} (want RFC 3339, e.g. 2024-05-01T12:00:00Z): {e}")))
+}
+
+/// Parses registry-file text into the model. Pure; `path` only labels errors.
+pub fn parse(path: &Path, text: &str) -> Result<Registry, Error> {
+    let file: RegistryFile = serde_norway::from_str(text).map_err(|e| {
+        let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
+        let text = e.to_string();
+        let message = text.split(" at line ").next().unwrap_or(&text).to_owned();
+        Error::Parse { path: path.to_owned(), line, column, message }
+    })?;
+    let invalid = |message: String| Error::Invalid { path: path.to_owned(), message };
+    let mut seen = BTreeSet::new();
+    let mut services = Vec::new();
+    for ns in file.namespaces {
+        if ns.name.trim().is_empty() {
+            return Err(invalid("a namespace has an empty name".into()));
+        }
+        for svc in ns.services {
+            if svc.name.trim().is_empty() {
+                return Err(invalid(format!("namespace {:?} has a service with an empty name", ns.name)));
+            }
+            if !seen.insert((ns.name.clone(), svc.name.clone())) {
+                return Err(invalid(format!("service {:?} appears twice in namespace {:?}", svc.name, ns.name)));
+            }
+            let instances = svc
+                .instances
+                .into_iter()
+                .enumerate()
+                .map(|(index, i)| Instance {
+                    id: i.id.unwrap_or_else(|| format!("instance-{}", index + 1)),
+                    health: match i.health {
+                        HealthEntry::Healthy => Health::Healthy,
+                        HealthEntry::Unhealthy => Health::Unhealthy,
+                        HealthEntry::Unknown => Health::Unknown,
+                    },
+                    attributes: i.attributes.into_iter().map(|(k, v)| (k, v.into_string())).collect(),
+                })
+                .collect();
+            services.push(Service {
+                namespace: ns.name.clone(),
+                name: svc.name,
+                created: svc.created.unwrap_or(DEFAULT_CREATED),
+                instances,
+            });
+        }
+    }
+    Ok(Registry { services })
+}
+
+/// Reads and parses the file once.
+pub fn load(path: &Path) -> Result<Registry, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_owned(), source })?;
+    parse(path, &text)
+}
+
+/// Loads the file at start-up; a missing or broken file is an error for the caller.
+pub fn start(path: &Path, sink: &SourceSink) -> Result<(), Error> {
+    let registry = load(path)?;
+    sink.publish(registry);
+    Ok(())
+}
+
+/// Re-reads the file until `shutdown` fires. A change that parses is published;
+/// one that does not is logged with file, line and column and changes nothing.
+pub async fn watch(path: PathBuf, sink: SourceSink, mut shutdown: watch::Receiver<bool>) {
+    let mut last_text = std::fs::read_to_string(&path).ok();
+    let mut ticker = tokio::time::interval(RELOAD_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let text = match tokio::fs::read_to_string(&path).await {
+            Ok(text) => text,
+            Err(source) => {
+                // Editors that replace the file leave a moment without it; keep serving.
+                if last_text.is_some() {
+                    let err = Error::Read { path: path.clone(), source };
+                    tracing::warn!(error = %err, "registry file unreadable; keeping the last good snapshot");
+                    sink.record_error(&err);
+                    last_text = None;
+                }
+                continue;
+            }
+        };
+        if last_text.as_deref() == Some(text.as_str()) {
+            continue;
+        }
+        match parse(&path, &text) {
+            Ok(registry) => {
+                let services = registry.services.len();
+                if sink.publish(registry) {
+                    tracing::info!(path = %path.display(), services, "registry file reloaded");
+                }
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "registry file rejected; keeping the last good snapshot");
+                sink.record_error(&err);
+            }
+        }
+        last_text = Some(text);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(text: &str) -> Result<Registry, Error> {
+        parse(Path::new("r.yaml"), text)
+    }
+
+    #[test]
+    fn parses_the_seed_service() {
+        let registry = parse_str(
+            "namespaces:\n- name: my-namespace\n  services:\n  - name: getmesh-external-service\n    instances:\n    - attributes:\n        AWS_INSTANCE_IPV4: 52.192.72.89\n",
+        )
+        .unwrap();
+        let svc = &registry.services[0];
+        assert_eq!((svc.namespace.as_str(), svc.name.as_str()), ("my-namespace", "getmesh-external-service"));
+        assert_eq!(svc.created, DEFAULT_CREATED);
+        assert_eq!(svc.instances[0].id, "instance-1");
+        assert_eq!(svc.instances[0].health, Health::Healthy);
+        assert_eq!(svc.instances[0].attributes["AWS_INSTANCE_IPV4"], "52.192.72.89");
+    }
+
+    #[test]
+    fn numbers_become_attribute_strings_and_times_parse() {
+        let registry = parse_str(
+            "namespaces:\n- name: ns\n  services:\n  - name: s\n    created: 2024-05-01T12:00:00Z\n    instances:\n    - id: a\n      health: UNHEALTHY\n      attributes: {AWS_INSTANCE_PORT: 8080}\n",
+        )
+        .unwrap();
+        let svc = &registry.services[0];
+        assert_eq!(svc.created, SystemTime::UNIX_EPOCH + Duration::from_secs(1_714_564_800));
+        assert_eq!(svc.instances[0].attributes["AWS_INSTANCE_PORT"], "8080");
+        assert_eq!(svc.instances[0].health, Health::Unhealthy);
+    }
+
+    #[test]
+    fn syntax_errors_name_file_line_and_column() {
+        let err = parse_str("namespaces:\n- name: ns\n  services: [\n").unwrap_err();
+        match err {
+            Error::Parse { line, column, .. } => assert!(line >= 3 && column > 0, "{line}:{column}"),
+            other => panic!("unexpected {other}"),
+        }
+        let err = parse_str("namespaces:\n- name: ns\n  servics: []\n").unwrap_err().to_string();
+        assert!(err.starts_with("registry file r.yaml:3:3: "), "{err}");
+        assert!(err.contains("servics"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_located() {
+        let err = parse_str("namespaces:\n- name: ns\n  services:\n  - name: s\n    created: yesterday\n")
+            .unwrap_err()
+            .to_string();
+        // The YAML library locates value errors at the enclosing mapping.
+        assert!(err.contains("r.yaml:4:5: ") && err.contains("services[0]") && err.contains("created"), "{err}");
+        assert!(!err.contains(" at line "), "location is not repeated: {err}");
+        let err = parse_str(
+            "namespaces:\n- name: ns\n  services:\n  - name: s\n    instances:\n    - health: GREAT\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("r.yaml:6:") && err.contains("GREAT"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_services_are_rejected() {
+        let err = parse_str("namespaces:\n- name: ns\n  services:\n  - name: s\n  - name: s\n").unwrap_err();
+        assert!(err.to_string().contains("appears twice"), "{err}");
+    }
+}

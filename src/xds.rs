@@ -1,0 +1,29 @@
+//! Istio's MCP-over-xDS: the ADS server istiod's `xds://` config source dials.
+//!
+//! Each stream is a synchronous [`connection::Connection`] state machine (what was
+//! sent, ACKed and NACKed per type URL) driven by a thin async loop in [`server`].
+
+pub mod clients;
+pub mod connection;
+pub mod server;
+
+pub use clients::{ClientInfo, Clients};
+pub use connection::Connection;
+pub use server::AdsServer;
+
+/// The ServiceEntry type URLs istiod asks for: `v1` from Istio 1.24,
+/// `v1alpha3` before; `v1beta1` is an alias served too.
+pub const SERVICE_ENTRY_TYPE_URLS: [&str; 3] = [
+    "networking.istio.io/v1/ServiceEntry",
+    "networking.istio.io/v1beta1/ServiceEntry",
+    "networking.istio.io/v1alpha3/ServiceEntry",
+];
+
+pub fn is_service_entry(type_url: &str) -> bool {
+    SERVICE_ENTRY_TYPE_URLS.contains(&type_url)
+}
+
+/// A bounded metric label for a type URL.
+pub fn type_label(type_url: &str) -> &'static str {
+    if is_service_entry(type_url) { "ServiceEntry" } else { "other" }
+}

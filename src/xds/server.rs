@@ -1,0 +1,199 @@
+//! The async shell around [`Connection`]: one task per ADS stream that moves
+//! messages between the network, the snapshot channel and the state machine.
+
+use std::sync::Arc;
+
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, debug, info, warn};
+
+use super::connection::{Connection, RequestKind};
+use super::{Clients, type_label};
+use crate::metrics::{TypeLabels, XdsMetrics};
+use crate::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
+use crate::proto::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use crate::snapshot::Snapshot;
+
+/// Responses queued per stream; a slow client fills only its own queue.
+const STREAM_QUEUE: usize = 4;
+
+type ResponseStream<T> = ReceiverStream<Result<T, Status>>;
+
+#[derive(Debug, Clone)]
+pub struct AdsServer {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    clients: Clients,
+    metrics: XdsMetrics,
+    /// Turns true when the server drains: streams end cleanly, new ones are refused.
+    draining: watch::Receiver<bool>,
+}
+
+impl AdsServer {
+    pub fn new(
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        clients: Clients,
+        metrics: XdsMetrics,
+        draining: watch::Receiver<bool>,
+    ) -> Self {
+        AdsServer { snapshots, clients, metrics, draining }
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsServer {
+    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        if *self.draining.borrow() {
+            return Err(Status::unavailable("cloudmap-xds is shutting down; reconnect to another replica"));
+        }
+        let peer = request.remote_addr();
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        let id = self.clients.connect(peer);
+        let span = tracing::info_span!("ads_stream", stream = id, peer = ?peer, node_id = tracing::field::Empty);
+        let stream = Stream {
+            id,
+            requests: request.into_inner(),
+            responses: tx,
+            snapshots: self.snapshots.clone(),
+            draining: self.draining.clone(),
+            clients: self.clients.clone(),
+            metrics: self.metrics.clone(),
+            connection: Connection::new(),
+        };
+        tokio::spawn(stream.run().instrument(span));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        Err(Status::unimplemented(
+            "cloudmap-xds serves state-of-the-world ADS only (StreamAggregatedResources), \
+             which is what istiod's xds:// config source uses",
+        ))
+    }
+}
+
+struct Stream {
+    id: u64,
+    requests: Streaming<DiscoveryRequest>,
+    responses: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    draining: watch::Receiver<bool>,
+    clients: Clients,
+    metrics: XdsMetrics,
+    connection: Connection,
+}
+
+enum Event {
+    Drain,
+    Snapshot,
+    Request(Result<Option<DiscoveryRequest>, Status>),
+}
+
+/// Why a stream loop stopped.
+enum End {
+    ClientClosed,
+    ClientError(Status),
+    ClientGone,
+    Draining,
+}
+
+impl Stream {
+    async fn run(mut self) {
+        self.metrics.streams.inc();
+        self.metrics.connected_streams.inc();
+        self.snapshots.mark_unchanged();
+        let end = self.serve().await;
+        match &end {
+            End::ClientClosed => debug!("client half-closed; stream ends after its answers"),
+            End::ClientError(status) => info!(code = ?status.code(), message = status.message(), "stream ended by client error"),
+            End::ClientGone => debug!("client went away"),
+            End::Draining => info!("stream closed: draining"),
+        }
+        self.metrics.connected_streams.dec();
+        self.clients.disconnect(self.id);
+    }
+
+    async fn serve(&mut self) -> End {
+        loop {
+            let event = tokio::select! {
+                biased;
+                _ = self.draining.wait_for(|d| *d) => Event::Drain,
+                changed = self.snapshots.changed() => match changed {
+                    Ok(()) => Event::Snapshot,
+                    Err(_) => Event::Drain,
+                },
+                message = self.requests.message() => Event::Request(message),
+            };
+            let delivered = match event {
+                Event::Drain => return End::Draining,
+                Event::Snapshot => self.push_snapshot().await,
+                Event::Request(Ok(Some(request))) => self.handle(request).await,
+                Event::Request(Ok(None)) => return End::ClientClosed,
+                Event::Request(Err(status)) => return End::ClientError(status),
+            };
+            if !delivered {
+                return End::ClientGone;
+            }
+            self.clients.update(self.id, &self.connection);
+        }
+    }
+
+    async fn push_snapshot(&mut self) -> bool {
+        let snapshot = self.snapshots.borrow_and_update().clone();
+        for response in self.connection.handle_snapshot(&snapshot) {
+            self.metrics.push_latency.observe(snapshot.built_at.elapsed().unwrap_or_default().as_secs_f64());
+            if !self.send(response).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn handle(&mut self, request: DiscoveryRequest) -> bool {
+        let snapshot = self.snapshots.borrow().clone();
+        let had_node = self.connection.node_id().is_some();
+        let outcome = self.connection.handle_request(&request, &snapshot);
+        if !had_node && let Some(node_id) = self.connection.node_id() {
+            tracing::Span::current().record("node_id", node_id);
+            info!("ADS stream opened");
+        }
+        let labels = TypeLabels { r#type: type_label(&request.type_url) };
+        match &outcome.kind {
+            RequestKind::Ack => {
+                self.metrics.acks.get_or_create(&labels).inc();
+                debug!(type_url = %request.type_url, version = %request.version_info, "ACK");
+            }
+            RequestKind::Nack { error } => {
+                self.metrics.nacks.get_or_create(&labels).inc();
+                warn!(type_url = %request.type_url, nonce = %request.response_nonce, error = %error, "NACK: client rejected our response");
+            }
+            RequestKind::Deferred => info!(type_url = %request.type_url, "ServiceEntries withheld until the first complete sync"),
+            RequestKind::Invalid => warn!("request without type_url ignored"),
+            RequestKind::Initial | RequestKind::Stale => {}
+        }
+        match outcome.response {
+            Some(response) => self.send(response).await,
+            None => true,
+        }
+    }
+
+    async fn send(&mut self, response: DiscoveryResponse) -> bool {
+        let labels = TypeLabels { r#type: type_label(&response.type_url) };
+        self.metrics.responses.get_or_create(&labels).inc();
+        self.metrics.sent_bytes.get_or_create(&labels).inc_by(response.encoded_len() as u64);
+        debug!(type_url = %response.type_url, version = %response.version_info, nonce = %response.nonce, resources = response.resources.len(), "push");
+        self.responses.send(Ok(response)).await.is_ok()
+    }
+}

@@ -1,0 +1,461 @@
+"""Offline checks of deploy/, the Dockerfile and the IAM policy (no cluster needed).
+
+Tools: `eval "$(scripts/install-manifest-tools.sh)"; "$PYTEST_BIN" tests/manifests`
+(PyYAML, kubernetes-validate for the Kubernetes OpenAPI schemas, and $KUSTOMIZE for `kustomize build`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+ISTIOD_DIR = DEPLOY / "istiod"
+
+# Kubernetes versions whose OpenAPI schemas (strict: unknown fields rejected) the manifests must pass.
+K8S_VERSIONS = ("1.31", "1.37")
+
+NAME = "cloudmap-xds"
+NAMESPACE = "istio-system"
+GRPC_PORT = 15099  # default of --grpc-addr
+ADMIN_PORT = 15098  # default of --admin-addr
+XDS_ADDRESS = f"xds://{NAME}.{NAMESPACE}.svc:{GRPC_PORT}"
+NONROOT_UID = 65532
+READ_ACTIONS = {
+    "servicediscovery:ListNamespaces",
+    "servicediscovery:ListServices",
+    "servicediscovery:GetNamespace",
+    "servicediscovery:DiscoverInstances",
+    "servicediscovery:DiscoverInstancesRevision",
+}
+EXPECTED_KINDS = {"ServiceAccount", "Secret", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget"}
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def load_docs(path: Path) -> list[dict]:
+    with path.open() as f:
+        return [d for d in yaml.safe_load_all(f) if d is not None]
+
+
+def k8s_manifest_files() -> list[Path]:
+    """Every YAML file under deploy/ that holds core Kubernetes resources."""
+    files = sorted(p for p in DEPLOY.rglob("*.y*ml") if p.suffix in (".yaml", ".yml"))
+    return [p for p in files if ISTIOD_DIR not in p.parents and p.name != "kustomization.yaml"]
+
+
+def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [d for d in docs if d.get("kind") == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected exactly one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def plain_docs() -> list[dict]:
+    return [d for p in k8s_manifest_files() for d in load_docs(p)]
+
+
+def kustomize_bin() -> str:
+    exe = os.environ.get("KUSTOMIZE") or shutil.which("kustomize")
+    if not exe:
+        pytest.fail("no kustomize: run `eval \"$(scripts/install-manifest-tools.sh)\"` to set $KUSTOMIZE")
+    return exe
+
+
+_RENDERED: list[dict] | None = None
+
+
+def rendered_docs() -> list[dict]:
+    global _RENDERED
+    if _RENDERED is None:
+        out = subprocess.run([kustomize_bin(), "build", str(DEPLOY)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, f"kustomize build deploy/ failed:\n{out.stderr}"
+        _RENDERED = [d for d in yaml.safe_load_all(out.stdout) if d is not None]
+    return copy.deepcopy(_RENDERED)
+
+
+def both_sources():
+    """The invariants hold for the plain files and for the kustomize output."""
+    return pytest.mark.parametrize("source", ["plain", "rendered"])
+
+
+def docs_for(source: str) -> list[dict]:
+    return plain_docs() if source == "plain" else rendered_docs()
+
+
+def container(deploy: dict) -> dict:
+    containers = deploy["spec"]["template"]["spec"]["containers"]
+    assert [c["name"] for c in containers] == [NAME], "exactly one container named cloudmap-xds"
+    return containers[0]
+
+
+def port_by_name(c: dict, name: str) -> int:
+    ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+    assert name in ports, f"container has no port named {name!r}: {ports}"
+    return ports[name]
+
+
+def env_by_name(c: dict) -> dict[str, dict]:
+    env = c.get("env", [])
+    names = [e["name"] for e in env]
+    assert len(names) == len(set(names)), f"duplicate env vars: {names}"
+    return {e["name"]: e for e in env}
+
+
+def matches(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, "only matchLabels selectors are expected here"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def quantity(q: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(m|Ki|Mi|Gi|k|M|G)?", str(q))
+    assert m, f"unparsed quantity {q!r}"
+    mult = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}[m.group(2)]
+    return float(m.group(1)) * mult
+
+
+def seconds(d: str) -> float:
+    m = re.fullmatch(r"(\d+)(ms|s|m)", d)
+    assert m, f"unparsed duration {d!r}"
+    return int(m.group(1)) * {"ms": 1e-3, "s": 1, "m": 60}[m.group(2)]
+
+
+def validate_strict(doc: dict, version: str) -> None:
+    kubernetes_validate.validate(doc, version, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------- schemas
+
+
+def test_manifest_files_present():
+    names = {p.relative_to(DEPLOY).as_posix() for p in DEPLOY.rglob("*") if p.is_file()}
+    for required in ("kustomization.yaml", "serviceaccount.yaml", "deployment.yaml", "pdb.yaml", "service.yaml",
+                     "aws-config.yaml", "iam-policy.json", "istiod/istio-operator.yaml", "istiod/helm-values.yaml",
+                     "README.md"):
+        assert required in names, f"deploy/{required} missing"
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("path", k8s_manifest_files(), ids=lambda p: p.relative_to(DEPLOY).as_posix())
+def test_plain_manifest_valid_against_openapi(path: Path, version: str):
+    docs = load_docs(path)
+    assert docs, f"{path} holds no YAML document"
+    for doc in docs:
+        validate_strict(doc, version)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_rendered_kustomization_valid_against_openapi(version: str):
+    docs = rendered_docs()
+    assert {d["kind"] for d in docs} == EXPECTED_KINDS
+    for doc in docs:
+        validate_strict(doc, version)
+
+
+def test_strict_validation_rejects_a_typo():
+    """The schema check is not vacuous: a misspelled field in the Deployment must be rejected."""
+    deploy = one(load_docs(DEPLOY / "deployment.yaml"), "Deployment")
+    validate_strict(deploy, K8S_VERSIONS[0])
+    broken = copy.deepcopy(deploy)
+    broken["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesytem"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate_strict(broken, K8S_VERSIONS[0])
+
+
+def test_kustomization_lists_every_manifest_and_sets_namespace_and_labels():
+    kust = load_docs(DEPLOY / "kustomization.yaml")[0]
+    assert kust["namespace"] == NAMESPACE
+    assert sorted(kust["resources"]) == sorted(p.name for p in k8s_manifest_files()), \
+        "kustomization resources must list every manifest in deploy/ (and nothing from deploy/istiod/)"
+    pairs = {}
+    for entry in kust.get("labels", []):
+        pairs.update(entry.get("pairs", {}))
+    pairs.update(kust.get("commonLabels", {}))
+    assert pairs.get("app.kubernetes.io/name") == NAME
+
+
+def test_rendered_objects_are_namespaced_and_labelled():
+    for doc in rendered_docs():
+        meta = doc["metadata"]
+        assert meta.get("namespace") == NAMESPACE, f"{doc['kind']}/{meta['name']} not in {NAMESPACE}"
+        assert meta.get("labels", {}).get("app.kubernetes.io/name") == NAME, f"{doc['kind']}/{meta['name']}"
+
+
+# ---------------------------------------------------------------------------------------------- Deployment
+
+
+@both_sources()
+def test_deployment_shape(source):
+    deploy = one(docs_for(source), "Deployment", NAME)
+    spec = deploy["spec"]
+    assert spec["replicas"] == 2
+    pod_labels = spec["template"]["metadata"]["labels"]
+    assert matches(spec["selector"], pod_labels)
+    assert pod_labels.get("app.kubernetes.io/name") == NAME
+    c = container(deploy)
+    assert c["args"] == ["serve", "--log-format", "json"]
+    assert c.get("command") is None, "the image ENTRYPOINT is the binary; only args are set"
+    flat = json.dumps(deploy)
+    assert "--registry-file" not in flat and "REGISTRY_FILE" not in flat, "Cloud Map mode only"
+
+
+@both_sources()
+def test_sidecar_injection_disabled(source):
+    tmpl = one(docs_for(source), "Deployment", NAME)["spec"]["template"]["metadata"]
+    assert tmpl["annotations"]["sidecar.istio.io/inject"] == "false"
+    assert tmpl["labels"]["sidecar.istio.io/inject"] == "false"
+
+
+@both_sources()
+def test_ports_and_listen_addresses(source):
+    c = container(one(docs_for(source), "Deployment", NAME))
+    assert port_by_name(c, "grpc-xds") == GRPC_PORT
+    assert port_by_name(c, "admin") == ADMIN_PORT
+    env = env_by_name(c)
+    # If the listen addresses are set explicitly they must agree with the declared container ports.
+    for var, port in (("CLOUDMAP_XDS_GRPC_ADDR", GRPC_PORT), ("CLOUDMAP_XDS_ADMIN_ADDR", ADMIN_PORT)):
+        if var in env:
+            assert env[var]["value"].rsplit(":", 1)[1] == str(port), f"{var}={env[var]['value']}"
+
+
+@both_sources()
+def test_probes_hit_admin_port(source):
+    c = container(one(docs_for(source), "Deployment", NAME))
+    assert port_by_name(c, "admin") == ADMIN_PORT
+    expected = {"readinessProbe": "/ready", "livenessProbe": "/healthz", "startupProbe": "/healthz"}
+    for probe, path in expected.items():
+        assert probe in c, f"{probe} missing"
+        get = c[probe]["httpGet"]
+        assert get["path"] == path, f"{probe} path {get['path']}"
+        assert get["port"] in ("admin", ADMIN_PORT), f"{probe} port {get['port']}"
+
+
+@both_sources()
+def test_security_context(source):
+    pod = one(docs_for(source), "Deployment", NAME)["spec"]["template"]["spec"]
+    c = container({"spec": {"template": {"spec": pod}}})
+    psc, csc = pod.get("securityContext", {}), c.get("securityContext", {})
+
+    def eff(key):
+        return csc.get(key, psc.get(key))
+
+    assert eff("runAsNonRoot") is True
+    assert eff("runAsUser") == NONROOT_UID
+    assert csc.get("readOnlyRootFilesystem") is True
+    assert csc.get("allowPrivilegeEscalation") is False
+    assert csc.get("privileged", False) is False
+    assert csc.get("capabilities", {}).get("drop") == ["ALL"]
+    assert not csc.get("capabilities", {}).get("add")
+    assert eff("seccompProfile") == {"type": "RuntimeDefault"}
+    assert pod.get("hostNetwork", False) is False
+    assert pod.get("automountServiceAccountToken") is False, "the server never calls the Kubernetes API"
+
+
+@both_sources()
+def test_resources_set(source):
+    res = container(one(docs_for(source), "Deployment", NAME))["resources"]
+    for kind in ("cpu", "memory"):
+        req, lim = quantity(res["requests"][kind]), quantity(res["limits"][kind])
+        assert 0 < req <= lim, f"{kind}: request {req} limit {lim}"
+
+
+@both_sources()
+def test_graceful_shutdown_fits(source):
+    deploy = one(docs_for(source), "Deployment", NAME)
+    env = env_by_name(container(deploy))
+    grace = seconds(env["CLOUDMAP_XDS_SHUTDOWN_GRACE_PERIOD"]["value"]) if "CLOUDMAP_XDS_SHUTDOWN_GRACE_PERIOD" in env \
+        else 10
+    assert deploy["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > grace
+
+
+@both_sources()
+def test_spread_across_nodes_is_soft(source):
+    pod = one(docs_for(source), "Deployment", NAME)["spec"]["template"]["spec"]
+    labels = one(docs_for(source), "Deployment", NAME)["spec"]["template"]["metadata"]["labels"]
+    by_host = [t for t in pod.get("topologySpreadConstraints", []) if t["topologyKey"] == "kubernetes.io/hostname"]
+    assert len(by_host) == 1
+    assert by_host[0]["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert matches(by_host[0]["labelSelector"], labels)
+
+
+@both_sources()
+def test_env_wiring(source):
+    docs = docs_for(source)
+    deploy = one(docs, "Deployment", NAME)
+    env = env_by_name(container(deploy))
+    assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env["AWS_REGION"]["valueFrom"]["configMapKeyRef"]["name"] == "aws-config"
+    assert env["AWS_REGION"]["valueFrom"]["configMapKeyRef"]["key"] == "aws-region"
+    for var, key in (("AWS_ACCESS_KEY_ID", "access-key-id"), ("AWS_SECRET_ACCESS_KEY", "secret-access-key")):
+        ref = env[var]["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"], ref.get("optional")) == ("aws-creds", key, True), var
+    assert "AWS_SESSION_TOKEN" not in env
+    assert env["CLOUDMAP_XDS_LOG"]["value"] == "info"
+    assert seconds(env["CLOUDMAP_XDS_POLL_INTERVAL"]["value"]) >= 1
+
+
+def test_aws_config_keys_exist():
+    docs = load_docs(DEPLOY / "aws-config.yaml")
+    secret = one(docs, "Secret", "aws-creds")
+    cm = one(docs, "ConfigMap", "aws-config")
+    secret_data = {**secret.get("data", {}), **secret.get("stringData", {})}
+    assert set(secret_data) == {"access-key-id", "secret-access-key"}
+    # Blank placeholders: the AWS SDK treats blank env credentials as unset and goes on to IRSA / Pod Identity.
+    # A dummy non-empty value would be sent to AWS as a key and shadow IRSA.
+    assert all(v == "" for v in secret_data.values()), "ship no credential, not even a dummy one"
+    assert re.fullmatch(r"[a-z]{2}(-gov)?-[a-z]+-\d", cm["data"]["aws-region"]), cm["data"]["aws-region"]
+
+
+def test_service_account_and_irsa_hint():
+    text = (DEPLOY / "serviceaccount.yaml").read_text()
+    sa = one(load_docs(DEPLOY / "serviceaccount.yaml"), "ServiceAccount", NAME)
+    assert "annotations" not in sa["metadata"], "the IRSA annotation is shown commented out"
+    assert re.search(r"^\s*#\s*eks\.amazonaws\.com/role-arn:\s*arn:aws:iam::", text, re.M)
+    deploy = one(plain_docs(), "Deployment", NAME)
+    assert deploy["spec"]["template"]["spec"]["serviceAccountName"] == NAME
+
+
+# ---------------------------------------------------------------------------------------------- Service, PDB
+
+
+@both_sources()
+def test_service_targets_pods(source):
+    docs = docs_for(source)
+    deploy = one(docs, "Deployment", NAME)
+    svc = one(docs, "Service", NAME)
+    c = container(deploy)
+    pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"] and all(pod_labels.get(k) == v for k, v in svc["spec"]["selector"].items())
+    ports = {p["name"]: p for p in svc["spec"]["ports"]}
+    assert set(ports) == {"grpc-xds", "http-metrics"}
+
+    def target(p):
+        t = p.get("targetPort", p["port"])
+        return port_by_name(c, t) if isinstance(t, str) else t
+
+    grpc = ports["grpc-xds"]
+    assert grpc["port"] == GRPC_PORT and target(grpc) == GRPC_PORT
+    assert grpc["appProtocol"] == "grpc"
+    metrics = ports["http-metrics"]
+    assert target(metrics) == ADMIN_PORT
+    ann = svc["metadata"]["annotations"]
+    assert ann["prometheus.io/scrape"] == "true"
+    assert int(ann["prometheus.io/port"]) == ADMIN_PORT
+    assert ann.get("prometheus.io/path", "/metrics") == "/metrics"
+
+
+@both_sources()
+def test_pdb_selects_deployment_pods(source):
+    docs = docs_for(source)
+    deploy = one(docs, "Deployment", NAME)
+    pdb = one(docs, "PodDisruptionBudget", NAME)
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["minAvailable"] < deploy["spec"]["replicas"], "a PDB at replicas would block drains"
+    assert matches(pdb["spec"]["selector"], deploy["spec"]["template"]["metadata"]["labels"])
+
+
+# ---------------------------------------------------------------------------------------------- IAM
+
+
+def test_iam_policy_is_read_only():
+    policy = json.loads((DEPLOY / "iam-policy.json").read_text())
+    assert policy["Version"] == "2012-10-17"
+    actions: set[str] = set()
+    for st in policy["Statement"]:
+        assert st["Effect"] == "Allow"
+        assert "NotAction" not in st and "NotResource" not in st
+        acts = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+        for a in acts:
+            assert "*" not in a, f"wildcard action {a}"
+            service, _, op = a.partition(":")
+            assert service == "servicediscovery", a
+            assert re.match(r"(List|Get|Discover)[A-Z]", op), f"not a read action: {a}"
+            actions.add(a)
+    assert actions == READ_ACTIONS
+
+
+# ---------------------------------------------------------------------------------------------- istiod
+
+
+def _config_sources(doc: dict) -> list[str]:
+    return [s["address"] for s in doc["meshConfig"]["configSources"]]
+
+
+@pytest.mark.parametrize("fname", ["istio-operator.yaml", "helm-values.yaml"])
+def test_istiod_config_sources_keep_k8s(fname):
+    path = ISTIOD_DIR / fname
+    doc = one(load_docs(path), "IstioOperator") if fname == "istio-operator.yaml" else load_docs(path)[0]
+    if fname == "istio-operator.yaml":
+        assert doc["apiVersion"] == "install.istio.io/v1alpha1"
+        doc = doc["spec"]
+    addrs = _config_sources(doc)
+    assert "k8s://" in addrs, "without k8s:// every Kubernetes Istio CRD vanishes"
+    assert XDS_ADDRESS in addrs
+    assert len(addrs) == len(set(addrs))
+    text = path.read_text()
+    assert re.search(r"^#.*k8s://", text, re.M), "comment explaining why k8s:// must stay"
+
+
+def test_xds_address_matches_service():
+    svc = one(rendered_docs(), "Service", NAME)
+    port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc-xds")
+    assert XDS_ADDRESS == f"xds://{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc:{port}"
+
+
+# ---------------------------------------------------------------------------------------------- Dockerfile
+
+
+def dockerfile_stages() -> list[list[tuple[str, str]]]:
+    text = (REPO / "Dockerfile").read_text()
+    text = re.sub(r"\\\n", " ", text)
+    stages: list[list[tuple[str, str]]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        instr, _, rest = line.partition(" ")
+        instr = instr.upper()
+        if instr == "FROM":
+            stages.append([])
+        assert stages, f"instruction before FROM: {line}"
+        stages[-1].append((instr, rest.strip()))
+    return stages
+
+
+def test_dockerfile_final_stage_runs_non_root():
+    stages = dockerfile_stages()
+    assert len(stages) >= 2, "multi-stage build"
+    build, final = stages[0], stages[-1]
+    assert any(i == "RUN" and "cargo build --release --locked" in r for i, r in build)
+    base = final[0][1].split()[0]
+    assert base.startswith("gcr.io/distroless/") and base.endswith(":nonroot"), base
+    users = [r for i, r in final if i == "USER"]
+    assert users, "final stage sets USER"
+    uid = users[-1].split(":")[0]
+    assert uid == str(NONROOT_UID)
+    deploy = one(plain_docs(), "Deployment", NAME)
+    assert deploy["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == int(uid)
+    entry = [json.loads(r) for i, r in final if i == "ENTRYPOINT"]
+    cmd = [json.loads(r) for i, r in final if i == "CMD"]
+    assert entry[-1] == ["/usr/local/bin/cloudmap-xds"]
+    assert cmd[-1] == ["serve"]
+    exposed = {int(p.split("/")[0]) for i, r in final if i == "EXPOSE" for p in shlex.split(r)}
+    assert exposed == {GRPC_PORT, ADMIN_PORT}
+    copies = [r for i, r in final if i == "COPY"]
+    assert any(r.startswith("--from=") and r.endswith("/usr/local/bin/cloudmap-xds") for r in copies)
+
+
+def test_dockerignore_excludes_target_and_git():
+    entries = {l.strip().rstrip("/") for l in (REPO / ".dockerignore").read_text().splitlines()}
+    assert {"target", ".git"} <= entries
