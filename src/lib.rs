@@ -15,6 +15,8 @@ pub mod render;
 pub mod snapshot;
 pub mod source;
 pub mod telemetry;
+#[cfg(any(test, feature = "testing"))]
+pub mod test_helpers;
 pub mod translate;
 pub mod xds;
 
