@@ -16,10 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(PROTOS, [PROTO_ROOT])?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     // `compile_fds` ignores `file_descriptor_set_path`, so the set is written here.
-    fs::write(
-        out_dir.join("file_descriptor_set.bin"),
-        prost::Message::encode_to_vec(&fds),
-    )?;
+    fs::write(out_dir.join("file_descriptor_set.bin"), prost::Message::encode_to_vec(&fds))?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

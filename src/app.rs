@@ -59,13 +59,21 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
 
     let source_view = start_source(&args, &metrics, draining.clone()).await?;
     let (publisher, snapshots) = snapshot::channel();
-    tokio::spawn(build_snapshots(source_view.registry.clone(), options, publisher, metrics.clone(), draining.clone()));
+    tokio::spawn(build_snapshots(
+        source_view.registry.clone(),
+        options,
+        publisher,
+        metrics.clone(),
+        draining.clone(),
+    ));
 
     let clients = Clients::default();
-    let grpc_listener =
-        TcpListener::bind(args.grpc_addr).await.with_context(|| format!("binding --grpc-addr {}", args.grpc_addr))?;
-    let admin_listener =
-        TcpListener::bind(args.admin_addr).await.with_context(|| format!("binding --admin-addr {}", args.admin_addr))?;
+    let grpc_listener = TcpListener::bind(args.grpc_addr)
+        .await
+        .with_context(|| format!("binding --grpc-addr {}", args.grpc_addr))?;
+    let admin_listener = TcpListener::bind(args.admin_addr)
+        .await
+        .with_context(|| format!("binding --admin-addr {}", args.admin_addr))?;
     let grpc_addr = grpc_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
@@ -118,10 +126,22 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
             .await
     });
     info!(%grpc_addr, %admin_addr, "serving");
-    Ok(Bound { grpc_addr, admin_addr, draining: draining_tx, stopped, grpc, admin, grace_period: args.shutdown_grace_period })
+    Ok(Bound {
+        grpc_addr,
+        admin_addr,
+        draining: draining_tx,
+        stopped,
+        grpc,
+        admin,
+        grace_period: args.shutdown_grace_period,
+    })
 }
 
-async fn start_source(args: &ServeArgs, metrics: &Metrics, shutdown: watch::Receiver<bool>) -> anyhow::Result<SourceView> {
+async fn start_source(
+    args: &ServeArgs,
+    metrics: &Metrics,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<SourceView> {
     match &args.registry_file {
         Some(path) => {
             let (sink, view) = source::channel(format!("registry-file:{}", path.display()));
@@ -131,7 +151,9 @@ async fn start_source(args: &ServeArgs, metrics: &Metrics, shutdown: watch::Rece
             tokio::spawn(registry_file::watch(path.clone(), sink, shutdown));
             Ok(view)
         }
-        None => source::cloudmap::start(&args.cloudmap, metrics, shutdown).await.context("starting the Cloud Map source"),
+        None => source::cloudmap::start(&args.cloudmap, metrics, shutdown)
+            .await
+            .context("starting the Cloud Map source"),
     }
 }
 
@@ -150,11 +172,17 @@ async fn build_snapshots(
         if let Some(registry) = registry {
             let started = Instant::now();
             let translation = translate::translate(&registry, &options);
-            log_new_skips(&translation.skipped, &mut logged_skips, &translation.skipped_labels, &mut logged_labels);
+            log_new_skips(
+                &translation.skipped,
+                &mut logged_skips,
+                &translation.skipped_labels,
+                &mut logged_labels,
+            );
             let snapshot = Snapshot::build(translation);
             metrics.snapshot.build_duration.observe(started.elapsed().as_secs_f64());
             record_snapshot_metrics(&metrics, &snapshot, registry.services.len());
-            let (version, entries, endpoints) = (snapshot.version.clone(), snapshot.resources.len(), snapshot.endpoints);
+            let (version, entries, endpoints) =
+                (snapshot.version.clone(), snapshot.resources.len(), snapshot.endpoints);
             if publisher.publish(snapshot) {
                 metrics.snapshot.published.inc();
                 info!(%version, service_entries = entries, endpoints, "snapshot published");
@@ -255,7 +283,8 @@ impl Bound {
 
 async fn shutdown_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
         error!("cannot install signal handlers; only a ShutdownHandle can stop the server");
         return std::future::pending().await;
     };

@@ -33,7 +33,13 @@ fn render_file(args: &RenderArgs) -> anyhow::Result<()> {
     let registry = source::registry_file::load(&args.registry_file)?;
     let translation = translate::translate(&registry, &args.publish.translate_options()?);
     for s in &translation.skipped {
-        eprintln!("skipped: {}/{} instance {}: {}", s.namespace, s.service, s.instance.as_deref().unwrap_or("-"), s.reason);
+        eprintln!(
+            "skipped: {}/{} instance {}: {}",
+            s.namespace,
+            s.service,
+            s.instance.as_deref().unwrap_or("-"),
+            s.reason
+        );
     }
     print!("{}", render::yaml(&translation.entries)?);
     Ok(())

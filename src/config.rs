@@ -20,7 +20,11 @@ pub const DEFAULT_SHUTDOWN_GRACE_PERIOD: &str = "10s";
 pub const DEFAULT_LOG_FILTER: &str = "info";
 
 #[derive(Debug, Parser)]
-#[command(name = "cloudmap-xds", version, about = "Serves AWS Cloud Map services to istiod as ServiceEntries over MCP-over-xDS")]
+#[command(
+    name = "cloudmap-xds",
+    version,
+    about = "Serves AWS Cloud Map services to istiod as ServiceEntries over MCP-over-xDS"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -99,7 +103,9 @@ pub enum LogFormat {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("invalid publish namespace {0:?}: it must be a Kubernetes namespace name (lower-case letters, digits and '-', at most 63)")]
+    #[error(
+        "invalid publish namespace {0:?}: it must be a Kubernetes namespace name (lower-case letters, digits and '-', at most 63)"
+    )]
     PublishNamespace(String),
 }
 
@@ -122,7 +128,10 @@ impl PublishArgs {
     }
 
     pub fn translate_options(&self) -> Result<crate::translate::Options, Error> {
-        Ok(crate::translate::Options { publish_namespace: self.namespace()?, health_filter: self.health_filter })
+        Ok(crate::translate::Options {
+            publish_namespace: self.namespace()?,
+            health_filter: self.health_filter,
+        })
     }
 }
 
@@ -166,9 +175,11 @@ mod tests {
 
     #[test]
     fn publish_namespace_must_be_a_namespace_name() {
-        let args = PublishArgs { publish_namespace: Some("Istio_System".into()), health_filter: HealthFilter::All };
+        let args =
+            PublishArgs { publish_namespace: Some("Istio_System".into()), health_filter: HealthFilter::All };
         assert!(args.namespace().unwrap_err().to_string().contains("Istio_System"));
-        let args = PublishArgs { publish_namespace: Some("mesh-config".into()), health_filter: HealthFilter::All };
+        let args =
+            PublishArgs { publish_namespace: Some("mesh-config".into()), health_filter: HealthFilter::All };
         assert_eq!(args.namespace().unwrap(), "mesh-config");
     }
 }

@@ -7,8 +7,9 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::proto::cloudmap_xds::debug::v1::{
-    Client, GetStatusRequest, GetStatusResponse, ListClientsRequest, ListClientsResponse, ListServiceEntriesRequest,
-    ListServiceEntriesResponse, ServiceEntryResource, ServiceSourceStatus, TypeState, debug_server::Debug,
+    Client, GetStatusRequest, GetStatusResponse, ListClientsRequest, ListClientsResponse,
+    ListServiceEntriesRequest, ListServiceEntriesResponse, ServiceEntryResource, ServiceSourceStatus,
+    TypeState, debug_server::Debug,
 };
 use crate::snapshot::Snapshot;
 use crate::source::SourceView;
@@ -48,10 +49,16 @@ impl Debug for DebugService {
                 spec: Some(r.spec.clone()),
             })
             .collect();
-        Ok(Response::new(ListServiceEntriesResponse { snapshot_version: snapshot.version.clone(), service_entries }))
+        Ok(Response::new(ListServiceEntriesResponse {
+            snapshot_version: snapshot.version.clone(),
+            service_entries,
+        }))
     }
 
-    async fn get_status(&self, _request: Request<GetStatusRequest>) -> Result<Response<GetStatusResponse>, Status> {
+    async fn get_status(
+        &self,
+        _request: Request<GetStatusRequest>,
+    ) -> Result<Response<GetStatusResponse>, Status> {
         let snapshot = self.snapshots.borrow().clone();
         let status = self.source.status();
         let services = status
@@ -82,7 +89,10 @@ impl Debug for DebugService {
         }))
     }
 
-    async fn list_clients(&self, _request: Request<ListClientsRequest>) -> Result<Response<ListClientsResponse>, Status> {
+    async fn list_clients(
+        &self,
+        _request: Request<ListClientsRequest>,
+    ) -> Result<Response<ListClientsResponse>, Status> {
         let clients = self
             .clients
             .list()

@@ -26,5 +26,6 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/protos.rs"));
 
     /// Every vendored file with its imports, for gRPC reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/file_descriptor_set.bin"));
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/file_descriptor_set.bin"));
 }

@@ -96,7 +96,11 @@ impl Metrics {
             Unit::Seconds,
             source.load_duration.clone(),
         );
-        registry.register("aws_calls", "AWS Cloud Map API calls, by API and outcome", source.aws_calls.clone());
+        registry.register(
+            "aws_calls",
+            "AWS Cloud Map API calls, by API and outcome",
+            source.aws_calls.clone(),
+        );
         registry.register_with_unit(
             "last_full_sync_timestamp",
             "Unix time of the last complete sync of every service; alert on time() minus this",
@@ -114,7 +118,11 @@ impl Metrics {
             build_duration: seconds_histogram(),
             encoded_bytes: Gauge::default(),
         };
-        registry.register("service_entries", "ServiceEntries in the current snapshot", snapshot.service_entries.clone());
+        registry.register(
+            "service_entries",
+            "ServiceEntries in the current snapshot",
+            snapshot.service_entries.clone(),
+        );
         registry.register("endpoints", "Endpoints in the current snapshot", snapshot.endpoints.clone());
         registry.register(
             "skipped_instances",
@@ -126,7 +134,11 @@ impl Metrics {
             "Custom attributes of the current snapshot that are not valid labels",
             snapshot.skipped_labels.clone(),
         );
-        registry.register("snapshots_published", "Snapshots published (content changed)", snapshot.published.clone());
+        registry.register(
+            "snapshots_published",
+            "Snapshots published (content changed)",
+            snapshot.published.clone(),
+        );
         registry.register_with_unit(
             "snapshot_build_duration",
             "Time to translate and encode one snapshot",

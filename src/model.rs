@@ -66,7 +66,7 @@ impl Health {
 
 impl HealthFilter {
     /// Applies the filter to one service's instances, keeping their order.
-    pub fn select<'a>(self, instances: &'a [Instance]) -> Vec<&'a Instance> {
+    pub fn select(self, instances: &[Instance]) -> Vec<&Instance> {
         let healthy = || instances.iter().filter(|i| i.health == Health::Healthy);
         match self {
             HealthFilter::All => instances.iter().collect(),
@@ -103,7 +103,11 @@ mod tests {
 
     #[test]
     fn health_filters_follow_cloud_map_semantics() {
-        let all = vec![instance("a", Health::Healthy), instance("b", Health::Unhealthy), instance("c", Health::Unknown)];
+        let all = vec![
+            instance("a", Health::Healthy),
+            instance("b", Health::Unhealthy),
+            instance("c", Health::Unknown),
+        ];
         let ids = |v: Vec<&Instance>| v.iter().map(|i| i.id.clone()).collect::<Vec<_>>();
         assert_eq!(ids(HealthFilter::Healthy.select(&all)), ["a"]);
         assert_eq!(ids(HealthFilter::HealthyOrElseAll.select(&all)), ["a"]);

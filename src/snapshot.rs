@@ -122,7 +122,8 @@ fn encode(name: String, create_time: SystemTime, spec: ServiceEntry) -> Resource
         }),
         body: Some(prost_types::Any { type_url: SERVICE_ENTRY_BODY_TYPE_URL.into(), value: body }),
     };
-    let encoded = prost_types::Any { type_url: MCP_RESOURCE_TYPE_URL.into(), value: resource.encode_to_vec() };
+    let encoded =
+        prost_types::Any { type_url: MCP_RESOURCE_TYPE_URL.into(), value: resource.encode_to_vec() };
     Resource { name, version, create_time, spec, encoded }
 }
 
@@ -220,8 +221,13 @@ mod tests {
         changed.services[2].instances.pop();
         let b = build(&changed);
         assert_ne!(a.version, b.version);
-        let moved: Vec<_> =
-            a.resources.iter().zip(&b.resources).filter(|(x, y)| x.version != y.version).map(|(x, _)| &x.name).collect();
+        let moved: Vec<_> = a
+            .resources
+            .iter()
+            .zip(&b.resources)
+            .filter(|(x, y)| x.version != y.version)
+            .map(|(x, _)| &x.name)
+            .collect();
         assert_eq!(moved, ["istio-system/cloudmap-svc-2.ns"]);
     }
 

@@ -75,8 +75,12 @@ impl std::fmt::Display for SkipReason {
                 f,
                 "no address attribute (AWS_INSTANCE_IPV4, AWS_INSTANCE_IPV6, AWS_INSTANCE_CNAME or AWS_ALIAS_DNS_NAME)"
             ),
-            SkipReason::InvalidAddress { attribute, value } => write!(f, "{attribute}={value:?} is not a valid address"),
-            SkipReason::InvalidPort(value) => write!(f, "AWS_INSTANCE_PORT={value:?} is not a port in 1..=65535"),
+            SkipReason::InvalidAddress { attribute, value } => {
+                write!(f, "{attribute}={value:?} is not a valid address")
+            }
+            SkipReason::InvalidPort(value) => {
+                write!(f, "AWS_INSTANCE_PORT={value:?} is not a port in 1..=65535")
+            }
             SkipReason::InvalidHost(host) => write!(f, "{host:?} cannot be made a valid DNS host"),
         }
     }
@@ -218,11 +222,13 @@ fn to_endpoint(instance: &Instance) -> Result<Endpoint, SkipReason> {
     })
 }
 
+type AddressParser = fn(&str) -> Option<Address>;
+
 /// IPv4 wins over IPv6, and an IP over a DNS name. The first present attribute
 /// that is invalid is the reason given when no attribute is usable.
 fn to_address(attrs: &BTreeMap<String, String>) -> Result<Address, SkipReason> {
     let mut first_invalid = None;
-    let candidates: [(&'static str, fn(&str) -> Option<Address>); 4] = [
+    let candidates: [(&'static str, AddressParser); 4] = [
         (attr::IPV4, |v| v.parse::<Ipv4Addr>().ok().map(|ip| Address::Ip(ip.into()))),
         (attr::IPV6, |v| v.parse::<Ipv6Addr>().ok().map(|ip| Address::Ip(ip.into()))),
         (attr::CNAME, |v| to_dns_name(v).map(Address::Hostname)),
@@ -251,7 +257,9 @@ fn to_locality(attrs: &BTreeMap<String, String>) -> String {
 }
 
 fn valid_locality_part(v: &str) -> bool {
-    !v.is_empty() && v.len() <= MAX_DNS_LABEL && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    !v.is_empty()
+        && v.len() <= MAX_DNS_LABEL
+        && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 /// Builds the spec from sorted, deduplicated endpoints.
@@ -387,7 +395,9 @@ pub fn valid_label(key: &str, value: &str) -> bool {
         Some((prefix, name)) => (Some(prefix), name),
         None => (None, key),
     };
-    prefix.is_none_or(is_dns_subdomain) && qualified_name_part(name) && (value.is_empty() || qualified_name_part(value))
+    prefix.is_none_or(is_dns_subdomain)
+        && qualified_name_part(name)
+        && (value.is_empty() || qualified_name_part(value))
 }
 
 fn qualified_name_part(s: &str) -> bool {

@@ -1,5 +1,6 @@
 //! The admin port: readiness, liveness, the JSON view, and Prometheus metrics
 //! parsed with a real Prometheus text parser.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
 use std::collections::BTreeMap;
 
@@ -20,7 +21,9 @@ async fn scrape(server: &TestServer) -> BTreeMap<String, f64> {
         .into_iter()
         .map(|s| {
             let value = match s.value {
-                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
                 prometheus_parse::Value::Histogram(h) => h.iter().map(|b| b.count).fold(0.0, f64::max),
                 prometheus_parse::Value::Summary(_) => f64::NAN,
             };
@@ -41,7 +44,10 @@ async fn metrics_move_with_edits_and_ads_traffic() {
     let path = dir.path().join("r.yaml");
     std::fs::write(&path, ONE).unwrap();
     let server = TestServer::with_registry_file(&path).await.unwrap();
-    eventually("ready", DEADLINE, || async { (http_get(server.admin_addr, "/ready").await.ok()?.0 == 200).then_some(()) }).await;
+    eventually("ready", DEADLINE, || async {
+        (http_get(server.admin_addr, "/ready").await.ok()?.0 == 200).then_some(())
+    })
+    .await;
     assert_eq!(http_get(server.admin_addr, "/healthz").await.unwrap().0, 200);
 
     let m = scrape(&server).await;
@@ -79,7 +85,10 @@ async fn metrics_move_with_edits_and_ads_traffic() {
     assert_eq!(metric(&m, "cloudmap_xds_snapshots_published_total{}"), 2.0);
     assert_eq!(metric(&m, "cloudmap_xds_service_entries{}"), 2.0);
     assert_eq!(metric(&m, "cloudmap_xds_ads_responses_total{type=\"ServiceEntry\"}"), 2.0);
-    assert!(!m.contains_key("cloudmap_xds_skipped_instances{reason=\"invalid_port\"}"), "skips reflect the current snapshot");
+    assert!(
+        !m.contains_key("cloudmap_xds_skipped_instances{reason=\"invalid_port\"}"),
+        "skips reflect the current snapshot"
+    );
 }
 
 #[tokio::test]
@@ -96,7 +105,10 @@ async fn debug_snapshot_json_shows_entries_and_status() {
     .await;
     assert_eq!(json["serviceEntries"][0]["name"], "istio-system/cloudmap-a.ns");
     assert_eq!(json["serviceEntries"][0]["spec"]["hosts"][0], "a.ns");
-    assert_eq!(json["skippedInstances"][0]["reason"], "AWS_INSTANCE_PORT=\"nope\" is not a port in 1..=65535");
+    assert_eq!(
+        json["skippedInstances"][0]["reason"],
+        "AWS_INSTANCE_PORT=\"nope\" is not a port in 1..=65535"
+    );
     assert!(json["source"]["source"].as_str().unwrap().starts_with("registry-file:"));
     let (_, config) = http_get(server.admin_addr, "/debug/config").await.unwrap();
     assert!(config.contains("\"shutdown_grace_period\":\"10s\""), "{config}");

@@ -1,4 +1,5 @@
 //! The ADS stream end to end over loopback, with a client scripted like istiod's `pkg/adsc`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
 use std::time::Duration;
 
@@ -6,8 +7,8 @@ use cloudmap_xds::proto::envoy::service::discovery::v3::aggregated_discovery_ser
 use cloudmap_xds::proto::istio::networking::v1alpha3::ServiceEntry;
 use cloudmap_xds::proto::istio::networking::v1alpha3::service_entry::{Location, Resolution};
 use cloudmap_xds::test_helpers::{
-    AdsClient, DEADLINE, ISTIO_PILOT_TYPES, MESH_CONFIG_TYPE, SERVICE_ENTRY_V1, TestServer, eventually, http_get,
-    service_entries,
+    AdsClient, DEADLINE, ISTIO_PILOT_TYPES, MESH_CONFIG_TYPE, SERVICE_ENTRY_V1, TestServer, eventually,
+    http_get, service_entries,
 };
 
 const GOLDEN: &str = "namespaces:
@@ -73,7 +74,9 @@ fn assert_golden(name: &str, spec: &ServiceEntry) {
 }
 
 /// Receives exactly one response per requested type, ACKing each; returns the ServiceEntry one.
-async fn handshake(client: &mut AdsClient) -> cloudmap_xds::proto::envoy::service::discovery::v3::DiscoveryResponse {
+async fn handshake(
+    client: &mut AdsClient,
+) -> cloudmap_xds::proto::envoy::service::discovery::v3::DiscoveryResponse {
     client.istiod_handshake().await;
     let mut expected: Vec<&str> = std::iter::once(MESH_CONFIG_TYPE).chain(ISTIO_PILOT_TYPES).collect();
     let mut service_entry = None;
@@ -112,7 +115,8 @@ async fn istiod_handshake_gets_every_type_and_the_golden_service_entry() {
 async fn old_istio_type_urls_are_echoed_and_served() {
     let f = start(GOLDEN).await;
     let mut client = AdsClient::connect(f.server.grpc_addr).await.unwrap();
-    for type_url in ["networking.istio.io/v1alpha3/ServiceEntry", "networking.istio.io/v1beta1/ServiceEntry"] {
+    for type_url in ["networking.istio.io/v1alpha3/ServiceEntry", "networking.istio.io/v1beta1/ServiceEntry"]
+    {
         client.send_initial(&[type_url]).await;
         let response = client.recv().await;
         assert_eq!(response.type_url, type_url);
@@ -139,7 +143,10 @@ async fn edits_reach_two_clients_and_acks_trigger_no_resend() {
         let names: Vec<_> = service_entries(&push).into_iter().map(|(m, _)| m.name).collect();
         assert_eq!(
             names,
-            ["istio-system/cloudmap-getmesh-external-service.my-namespace", "istio-system/cloudmap-orders.my-namespace"]
+            [
+                "istio-system/cloudmap-getmesh-external-service.my-namespace",
+                "istio-system/cloudmap-orders.my-namespace"
+            ]
         );
         client.ack(&push).await;
     }
@@ -209,7 +216,8 @@ async fn a_one_shot_request_is_answered_and_the_stream_ends() {
 #[tokio::test]
 async fn delta_ads_is_unimplemented_with_a_clear_message() {
     let f = start(GOLDEN).await;
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", f.server.grpc_addr)).await.unwrap();
+    let mut client =
+        AggregatedDiscoveryServiceClient::connect(format!("http://{}", f.server.grpc_addr)).await.unwrap();
     let status = client.delta_aggregated_resources(tokio_stream::empty()).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unimplemented);
     assert!(status.message().contains("StreamAggregatedResources"), "{}", status.message());
@@ -220,7 +228,11 @@ async fn a_stalled_client_does_not_delay_others() {
     // ~100 KB per response: a few unread pushes fill the stalled stream's HTTP/2 window and queue.
     let mut big = String::from(GOLDEN);
     for n in 0..400 {
-        big.push_str(&format!("  - name: bulk-{n}\n    instances:\n    - attributes: {{AWS_INSTANCE_IPV4: 10.9.{}.{}}}\n", n / 200, n % 200));
+        big.push_str(&format!(
+            "  - name: bulk-{n}\n    instances:\n    - attributes: {{AWS_INSTANCE_IPV4: 10.9.{}.{}}}\n",
+            n / 200,
+            n % 200
+        ));
     }
     let f = start(&big).await;
     let mut stalled = AdsClient::connect(f.server.grpc_addr).await.unwrap();
@@ -229,7 +241,8 @@ async fn a_stalled_client_does_not_delay_others() {
     let mut version = handshake(&mut live).await.version_info;
     for n in 0..12 {
         f.edit(&format!("{big}  - name: extra-{n}\n"));
-        let push = tokio::time::timeout(Duration::from_secs(10), live.recv()).await.expect("live client starved");
+        let push =
+            tokio::time::timeout(Duration::from_secs(10), live.recv()).await.expect("live client starved");
         assert_ne!(push.version_info, version);
         assert_eq!(service_entries(&push).len(), 402);
         version = push.version_info.clone();

@@ -1,6 +1,7 @@
 //! The README's grpcurl commands, run with the real grpcurl binary ($GRPCURL,
 //! installed by scripts/test). grpcurl exits 0 even when it cannot decode an
 //! `Any`, so every test checks decoded fields.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
 use std::process::Command;
 
@@ -22,7 +23,9 @@ async fn server() -> (tempfile::TempDir, TestServer) {
 /// Runs grpcurl off the async runtime and returns stdout; panics with stderr on failure.
 async fn run(args: Vec<String>) -> String {
     let argv = args.clone();
-    let output = tokio::task::spawn_blocking(move || Command::new(grpcurl()).args(&argv).output().unwrap()).await.unwrap();
+    let output = tokio::task::spawn_blocking(move || Command::new(grpcurl()).args(&argv).output().unwrap())
+        .await
+        .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "grpcurl {args:?} failed: {stderr}\n{stdout}");
@@ -59,9 +62,13 @@ async fn list_shows_every_service() {
     }
     // Each reflection version lists itself; grpcurl 1.8 speaks v1alpha, newer ones v1.
     assert!(services.iter().any(|s| s.starts_with("grpc.reflection.")), "{services:?}");
-    let described =
-        run(vec!["-plaintext".into(), server.grpc_addr.to_string(), "describe".into(), "istio.mcp.v1alpha1.Resource".into()])
-            .await;
+    let described = run(vec![
+        "-plaintext".into(),
+        server.grpc_addr.to_string(),
+        "describe".into(),
+        "istio.mcp.v1alpha1.Resource".into(),
+    ])
+    .await;
     assert!(described.contains("google.protobuf.Any body = 2;"), "{described}");
 }
 
@@ -102,7 +109,10 @@ async fn debug_methods_answer() {
     let entries = messages(&run(call(&server, "cloudmap_xds.debug.v1.Debug/ListServiceEntries", None)).await);
     let list = entries[0]["serviceEntries"].as_array().unwrap();
     assert_eq!(list.len(), 5);
-    let golden = list.iter().find(|e| e["name"] == "istio-system/cloudmap-getmesh-external-service.my-namespace").unwrap();
+    let golden = list
+        .iter()
+        .find(|e| e["name"] == "istio-system/cloudmap-getmesh-external-service.my-namespace")
+        .unwrap();
     assert_eq!(golden["spec"]["hosts"][0], "getmesh-external-service.my-namespace");
     assert_eq!(golden["version"].as_str().unwrap().len(), 16);
 
@@ -114,19 +124,29 @@ async fn debug_methods_answer() {
     assert!(status["lastSuccessfulLoad"].is_string());
 
     // A connected, ACKing client shows up with what it was sent and what it ACKed.
-    let mut client = cloudmap_xds::test_helpers::AdsClient::connect_as(server.grpc_addr, "sidecar~10.9.9.9~istiod-a.istio-system~istio-system.svc.cluster.local").await.unwrap();
+    let mut client = cloudmap_xds::test_helpers::AdsClient::connect_as(
+        server.grpc_addr,
+        "sidecar~10.9.9.9~istiod-a.istio-system~istio-system.svc.cluster.local",
+    )
+    .await
+    .unwrap();
     client.send_initial(&["networking.istio.io/v1/ServiceEntry"]).await;
     let response = client.recv().await;
     client.ack(&response).await;
-    let clients = cloudmap_xds::test_helpers::eventually("the ACK to be recorded", cloudmap_xds::test_helpers::DEADLINE, || {
-        let args = call(&server, "cloudmap_xds.debug.v1.Debug/ListClients", None);
-        let version = response.version_info.clone();
-        async move {
-            let out = messages(&run(args).await).remove(0);
-            let acked = out["clients"][0]["types"][0]["lastVersionAcked"].as_str() == Some(version.as_str());
-            acked.then_some(out)
-        }
-    })
+    let clients = cloudmap_xds::test_helpers::eventually(
+        "the ACK to be recorded",
+        cloudmap_xds::test_helpers::DEADLINE,
+        || {
+            let args = call(&server, "cloudmap_xds.debug.v1.Debug/ListClients", None);
+            let version = response.version_info.clone();
+            async move {
+                let out = messages(&run(args).await).remove(0);
+                let acked =
+                    out["clients"][0]["types"][0]["lastVersionAcked"].as_str() == Some(version.as_str());
+                acked.then_some(out)
+            }
+        },
+    )
     .await;
     let c = &clients["clients"][0];
     assert_eq!(c["nodeId"], "sidecar~10.9.9.9~istiod-a.istio-system~istio-system.svc.cluster.local");

@@ -95,9 +95,11 @@ impl Scalar {
 
 fn deserialize_time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SystemTime>, D::Error> {
     let text = String::deserialize(d)?;
-    humantime::parse_rfc3339_weak(&text)
-        .map(Some)
-        .map_err(|e| serde::de::Error::custom(format!("invalid `created` {text:?} (want RFC 3339, e.g. 2024-05-01T12:00:00Z): {e}")))
+    humantime::parse_rfc3339_weak(&text).map(Some).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "invalid `created` {text:?} (want RFC 3339, e.g. 2024-05-01T12:00:00Z): {e}"
+        ))
+    })
 }
 
 /// Parses registry-file text into the model. Pure; `path` only labels errors.
@@ -120,7 +122,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Registry, Error> {
                 return Err(invalid(format!("namespace {:?} has a service with an empty name", ns.name)));
             }
             if !seen.insert((ns.name.clone(), svc.name.clone())) {
-                return Err(invalid(format!("service {:?} appears twice in namespace {:?}", svc.name, ns.name)));
+                return Err(invalid(format!(
+                    "service {:?} appears twice in namespace {:?}",
+                    svc.name, ns.name
+                )));
             }
             let instances = svc
                 .instances
@@ -149,7 +154,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Registry, Error> {
 
 /// Reads and parses the file once.
 pub fn load(path: &Path) -> Result<Registry, Error> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_owned(), source })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_owned(), source })?;
     parse(path, &text)
 }
 
@@ -255,7 +261,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         // The YAML library locates value errors at the enclosing mapping.
-        assert!(err.contains("r.yaml:4:5: ") && err.contains("services[0]") && err.contains("created"), "{err}");
+        assert!(
+            err.contains("r.yaml:4:5: ") && err.contains("services[0]") && err.contains("created"),
+            "{err}"
+        );
         assert!(!err.contains(" at line "), "location is not repeated: {err}");
         let err = parse_str(
             "namespaces:\n- name: ns\n  services:\n  - name: s\n    instances:\n    - health: GREAT\n",

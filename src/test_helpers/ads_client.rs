@@ -44,7 +44,8 @@ pub struct AdsClient {
 
 impl AdsClient {
     pub async fn connect(addr: SocketAddr) -> Result<Self, tonic::Status> {
-        Self::connect_as(addr, "sidecar~10.1.2.3~istiod-test.istio-system~istio-system.svc.cluster.local").await
+        Self::connect_as(addr, "sidecar~10.1.2.3~istiod-test.istio-system~istio-system.svc.cluster.local")
+            .await
     }
 
     pub async fn connect_as(addr: SocketAddr, node_id: &str) -> Result<Self, tonic::Status> {
@@ -74,7 +75,12 @@ impl AdsClient {
             request.node = Some(self.node());
             self.sent_first = true;
         }
-        self.requests.as_ref().expect("stream half-closed").send(request).await.expect("request stream closed");
+        self.requests
+            .as_ref()
+            .expect("stream half-closed")
+            .send(request)
+            .await
+            .expect("request stream closed");
     }
 
     /// istiod's opening: MeshConfig, then one request per type, each with a bogus non-empty nonce.
@@ -106,7 +112,10 @@ impl AdsClient {
     }
 
     /// The next response, or `None` when the server ended the stream (Ok status).
-    pub async fn recv_timeout(&mut self, timeout: Duration) -> Result<Option<DiscoveryResponse>, tonic::Status> {
+    pub async fn recv_timeout(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<DiscoveryResponse>, tonic::Status> {
         match tokio::time::timeout(timeout, self.responses.message()).await {
             Ok(result) => result,
             Err(_) => Err(tonic::Status::deadline_exceeded(format!("no response within {timeout:?}"))),
@@ -148,7 +157,10 @@ pub fn service_entries(response: &DiscoveryResponse) -> Vec<(Metadata, ServiceEn
             let resource = Resource::decode(any.value.as_slice()).expect("mcp Resource");
             let body = resource.body.expect("body");
             assert_eq!(body.type_url, crate::snapshot::SERVICE_ENTRY_BODY_TYPE_URL);
-            (resource.metadata.expect("metadata"), ServiceEntry::decode(body.value.as_slice()).expect("ServiceEntry"))
+            (
+                resource.metadata.expect("metadata"),
+                ServiceEntry::decode(body.value.as_slice()).expect("ServiceEntry"),
+            )
         })
         .collect()
 }

@@ -35,8 +35,13 @@ impl TestServer {
 
     pub async fn with_registry_file(path: impl Into<PathBuf>) -> anyhow::Result<Self> {
         let path = path.into();
-        Self::start(serve_args(&["--registry-file", path.to_str().expect("utf-8 path"), "--publish-namespace", "istio-system"]))
-            .await
+        Self::start(serve_args(&[
+            "--registry-file",
+            path.to_str().expect("utf-8 path"),
+            "--publish-namespace",
+            "istio-system",
+        ]))
+        .await
     }
 }
 

@@ -62,7 +62,9 @@ fn golden_case_field_by_field() {
     assert_eq!(ep.address, "52.192.72.89");
     assert_eq!(ports_of(ep), [("http", 80), ("https", 443)]);
     assert!(ep.labels.is_empty() && ep.locality.is_empty() && ep.network.is_empty() && ep.weight == 0);
-    assert!(spec.export_to.is_empty() && spec.subject_alt_names.is_empty() && spec.workload_selector.is_none());
+    assert!(
+        spec.export_to.is_empty() && spec.subject_alt_names.is_empty() && spec.workload_selector.is_none()
+    );
 }
 
 #[test]
@@ -115,7 +117,10 @@ fn instances_without_port_keep_the_service_port_numbers() {
         ],
     ));
     let spec = &entry.spec;
-    assert_eq!(service_ports(spec), [(80, "http", "HTTP"), (443, "https", "HTTPS"), (8080, "tcp-8080", "TCP")]);
+    assert_eq!(
+        service_ports(spec),
+        [(80, "http", "HTTP"), (443, "https", "HTTPS"), (8080, "tcp-8080", "TCP")]
+    );
     assert_eq!(ports_of(&spec.endpoints[0]), [("http", 80), ("https", 443), ("tcp-8080", 8080)]);
     assert_eq!(ports_of(&spec.endpoints[1]), [("http", 8080), ("https", 8080), ("tcp-8080", 8080)]);
 }
@@ -240,7 +245,8 @@ fn custom_attributes_become_labels_when_valid() {
             ],
         )],
     ));
-    let labels: Vec<_> = entry.spec.endpoints[0].labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let labels: Vec<_> =
+        entry.spec.endpoints[0].labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     assert_eq!(labels, [("ECS_CLUSTER_NAME", "prod"), ("example.com/tier", "gold"), ("version", "v2")]);
     let skipped: Vec<_> = t.skipped_labels.iter().map(|s| s.key.as_str()).collect();
     assert_eq!(skipped, ["bad key", "note"]);
@@ -254,7 +260,11 @@ fn ecs_region_and_zone_become_locality() {
         vec![
             instance(
                 "a",
-                &[("AWS_INSTANCE_IPV4", "10.0.0.1"), ("REGION", "us-east-1"), ("AVAILABILITY_ZONE", "us-east-1a")],
+                &[
+                    ("AWS_INSTANCE_IPV4", "10.0.0.1"),
+                    ("REGION", "us-east-1"),
+                    ("AVAILABILITY_ZONE", "us-east-1a"),
+                ],
             ),
             instance("b", &[("AWS_INSTANCE_IPV4", "10.0.0.2"), ("REGION", "us-east-1")]),
             instance("c", &[("AWS_INSTANCE_IPV4", "10.0.0.3"), ("REGION", "us/east")]),
@@ -279,7 +289,10 @@ fn awkward_names_are_sanitised_and_stay_unique() {
     let names: Vec<_> = t.entries.iter().map(|e| (e.name.as_str(), e.spec.hosts[0].as_str())).collect();
     assert_eq!(names.len(), 2);
     assert_eq!(names[0], ("cloudmap-my-service.prod-ns", "my-service.prod-ns"));
-    assert!(names[1].0.starts_with("cloudmap-my-service.prod-ns-") && names[1].1 == "my-service.prod-ns", "{names:?}");
+    assert!(
+        names[1].0.starts_with("cloudmap-my-service.prod-ns-") && names[1].1 == "my-service.prod-ns",
+        "{names:?}"
+    );
     assert_eq!(t.skipped.len(), 1);
     assert_eq!(t.skipped[0].reason.kind(), "invalid_host");
 }
@@ -297,7 +310,10 @@ fn translation_ignores_input_order() {
     let mut reversed_instances = instances;
     reversed_instances.reverse();
     let backward = Registry {
-        services: vec![service("ns", "two", reversed_instances.clone()), service("ns", "one", reversed_instances)],
+        services: vec![
+            service("ns", "two", reversed_instances.clone()),
+            service("ns", "one", reversed_instances),
+        ],
     };
     assert_eq!(translate(&forward, &options()), translate(&backward, &options()));
 }

@@ -37,7 +37,12 @@ impl Clients {
         let mut inner = self.lock();
         inner.next_id += 1;
         let id = inner.next_id;
-        let info = ClientInfo { node_id: String::new(), peer, connected_at: SystemTime::now(), types: BTreeMap::new() };
+        let info = ClientInfo {
+            node_id: String::new(),
+            peer,
+            connected_at: SystemTime::now(),
+            types: BTreeMap::new(),
+        };
         inner.clients.insert(id, info);
         id
     }

@@ -38,7 +38,9 @@ pub enum RequestKind {
     /// Initial, but the ServiceEntry type waits for the first complete sync.
     Deferred,
     Ack,
-    Nack { error: String },
+    Nack {
+        error: String,
+    },
     /// A nonce other than the last one sent (superseded response, or a repeat).
     Stale,
     /// No type URL.
@@ -116,7 +118,9 @@ impl Connection {
             .types
             .iter()
             .filter(|(type_url, state)| {
-                super::is_service_entry(type_url) && snapshot.synced && state.last_version_sent != snapshot.version
+                super::is_service_entry(type_url)
+                    && snapshot.synced
+                    && state.last_version_sent != snapshot.version
             })
             .map(|(type_url, _)| type_url.clone())
             .collect();

@@ -58,7 +58,8 @@ impl AggregatedDiscoveryService for AdsServer {
         let peer = request.remote_addr();
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         let id = self.clients.connect(peer);
-        let span = tracing::info_span!("ads_stream", stream = id, peer = ?peer, node_id = tracing::field::Empty);
+        let span =
+            tracing::info_span!("ads_stream", stream = id, peer = ?peer, node_id = tracing::field::Empty);
         let stream = Stream {
             id,
             requests: request.into_inner(),
@@ -98,7 +99,7 @@ struct Stream {
 enum Event {
     Drain,
     Snapshot,
-    Request(Result<Option<DiscoveryRequest>, Status>),
+    Request(Box<Result<Option<DiscoveryRequest>, Status>>),
 }
 
 /// Why a stream loop stopped.
@@ -117,7 +118,9 @@ impl Stream {
         let end = self.serve().await;
         match &end {
             End::ClientClosed => debug!("client half-closed; stream ends after its answers"),
-            End::ClientError(status) => info!(code = ?status.code(), message = status.message(), "stream ended by client error"),
+            End::ClientError(status) => {
+                info!(code = ?status.code(), message = status.message(), "stream ended by client error")
+            }
             End::ClientGone => debug!("client went away"),
             End::Draining => info!("stream closed: draining"),
         }
@@ -134,14 +137,16 @@ impl Stream {
                     Ok(()) => Event::Snapshot,
                     Err(_) => Event::Drain,
                 },
-                message = self.requests.message() => Event::Request(message),
+                message = self.requests.message() => Event::Request(Box::new(message)),
             };
             let delivered = match event {
                 Event::Drain => return End::Draining,
                 Event::Snapshot => self.push_snapshot().await,
-                Event::Request(Ok(Some(request))) => self.handle(request).await,
-                Event::Request(Ok(None)) => return End::ClientClosed,
-                Event::Request(Err(status)) => return End::ClientError(status),
+                Event::Request(message) => match *message {
+                    Ok(Some(request)) => self.handle(request).await,
+                    Ok(None) => return End::ClientClosed,
+                    Err(status) => return End::ClientError(status),
+                },
             };
             if !delivered {
                 return End::ClientGone;
@@ -179,7 +184,9 @@ impl Stream {
                 self.metrics.nacks.get_or_create(&labels).inc();
                 warn!(type_url = %request.type_url, nonce = %request.response_nonce, error = %error, "NACK: client rejected our response");
             }
-            RequestKind::Deferred => info!(type_url = %request.type_url, "ServiceEntries withheld until the first complete sync"),
+            RequestKind::Deferred => {
+                info!(type_url = %request.type_url, "ServiceEntries withheld until the first complete sync")
+            }
             RequestKind::Invalid => warn!("request without type_url ignored"),
             RequestKind::Initial | RequestKind::Stale => {}
         }

@@ -35,7 +35,10 @@ fn initial(type_url: &str, with_node: bool) -> DiscoveryRequest {
     DiscoveryRequest {
         type_url: type_url.into(),
         response_nonce: "2026-11-25 17:45:24.1 +0000 UTC m=+0.1".into(),
-        node: with_node.then(|| Node { id: "sidecar~10.0.0.1~istiod.istio-system~istio-system.svc.cluster.local".into(), ..Default::default() }),
+        node: with_node.then(|| Node {
+            id: "sidecar~10.0.0.1~istiod.istio-system~istio-system.svc.cluster.local".into(),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -72,7 +75,9 @@ fn initial_request_gets_the_full_state_with_the_echoed_type_url() {
 fn unknown_types_get_an_empty_list_with_a_version() {
     let snap = snapshot(&["10.0.0.1"]);
     let mut conn = Connection::new();
-    for type_url in [VS, "core/v1alpha1/MeshConfig", "extensions.istio.io/v1alpha1/TrafficExtension", "anything at all"] {
+    for type_url in
+        [VS, "core/v1alpha1/MeshConfig", "extensions.istio.io/v1alpha1/TrafficExtension", "anything at all"]
+    {
         let response = conn.handle_request(&initial(type_url, false), &snap).response.unwrap();
         assert_eq!(response.type_url, type_url);
         assert!(response.resources.is_empty());
@@ -148,7 +153,10 @@ fn stale_nonces_are_ignored() {
 fn service_entries_wait_for_the_first_sync_but_other_types_do_not() {
     let unsynced = Snapshot::unsynced();
     let mut conn = Connection::new();
-    assert_eq!(conn.handle_request(&initial(SE_V1, true), &unsynced), Outcome { kind: RequestKind::Deferred, response: None });
+    assert_eq!(
+        conn.handle_request(&initial(SE_V1, true), &unsynced),
+        Outcome { kind: RequestKind::Deferred, response: None }
+    );
     assert!(conn.handle_request(&initial(VS, false), &unsynced).response.is_some());
     assert!(conn.handle_snapshot(&unsynced).is_empty());
     let synced = snapshot(&["10.0.0.1"]);

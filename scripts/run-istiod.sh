@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Runs a real istiod (pilot-discovery) on loopback without Kubernetes, with our server as its only
+# config source. Foreground (exec): the caller owns the process; its log goes to stdout.
+#
+# Usage: scripts/run-istiod.sh ISTIOD_BIN WORK_DIR XDS_ADDR GRPC_PORT HTTP_PORT MONITORING_PORT [extra istiod flags...]
+#   XDS_ADDR   host:port of cloudmap-xds (xds:// prefix optional); several, comma-separated, give
+#              several configSources (each gets its own ADS stream).
+#   WORK_DIR   created if missing; gets mesh.yaml. istiod writes nothing there (its default relative
+#              paths ./etc/istio/... and ./var/lib/istio/inject resolve under it, and are absent = defaults).
+# Env: ISTIOD_LOG_LEVEL (e.g. "adsc:debug"), passed as --log_output_level.
+#
+# Readiness (see tests/e2e/ISTIOD_NOTES.md): GRPC_PORT accepts TCP only after every requested type got
+# a response; log line "All controller caches have been synced up"; /ready stays 503 without kube.
+# istiod exits (status 255) at start if nothing listens on XDS_ADDR: start cloudmap-xds first.
+# Stop with SIGTERM or SIGINT (exits in ~1-2 s).
+set -euo pipefail
+
+if [[ $# -lt 6 ]]; then
+    echo "usage: $0 ISTIOD_BIN WORK_DIR XDS_ADDR GRPC_PORT HTTP_PORT MONITORING_PORT [extra flags...]" >&2
+    exit 2
+fi
+bin="$1" workdir="$2" xds="$3" grpc_port="$4" http_port="$5" mon_port="$6"
+shift 6
+
+[[ -x "$bin" ]] || { echo "run-istiod: not executable: $bin" >&2; exit 2; }
+mkdir -p "$workdir"
+cd "$workdir"
+
+{
+    echo "# written by scripts/run-istiod.sh"
+    echo "configSources:"
+    IFS=',' read -ra addrs <<<"$xds"
+    for a in "${addrs[@]}"; do
+        a="${a#xds://}"
+        echo "- address: xds://$a"
+    done
+} >mesh.yaml
+
+log_args=()
+[[ -n "${ISTIOD_LOG_LEVEL:-}" ]] && log_args=("--log_output_level=$ISTIOD_LOG_LEVEL")
+
+# ENABLE_CA_SERVER=false: no in-memory CA / istiod cert generation (nothing needs them here).
+# --registries= : no Kubernetes registry (an empty list still adds the ServiceEntry registry).
+# --secureGRPCAddr= : no :15012.  --httpsAddr= : webhooks port (only opened with kube anyway).
+# --ctrlz_port=0 : ControlZ (default localhost:9876) on a random port, so istiods can run in parallel;
+#                  it cannot be switched off.
+exec env -u KUBECONFIG \
+    ENABLE_CA_SERVER=false \
+    POD_NAMESPACE=istio-system \
+    POD_NAME="istiod-${grpc_port}" \
+    "$bin" discovery \
+    --registries= \
+    --meshConfig=./mesh.yaml \
+    --networksConfig=./absent-meshNetworks \
+    --domain=cluster.local \
+    --grpcAddr="127.0.0.1:${grpc_port}" \
+    --secureGRPCAddr= \
+    --httpAddr="127.0.0.1:${http_port}" \
+    --httpsAddr= \
+    --monitoringAddr="127.0.0.1:${mon_port}" \
+    --ctrlz_address=127.0.0.1 \
+    --ctrlz_port=0 \
+    "${log_args[@]}" \
+    "$@"

@@ -1,0 +1,615 @@
+//! The poller's state, pure and synchronous: the last good state of every
+//! namespace and service, and what to call next.
+//!
+//! The async loop (`poller.rs`) asks [`Inventory::listing_due`] and
+//! [`Inventory::plan_next_poll`] what to call, makes the calls, feeds every
+//! answer back through `apply_*`, and publishes [`Inventory::registry_update`].
+//! Time comes in as arguments and randomness from a seeded generator, so every
+//! rule here is unit-tested without a network or a clock:
+//!
+//! - a failed call keeps that service's last good state and delays only that
+//!   service (exponential backoff); the others go on;
+//! - a service disappears only when a successful listing no longer contains it,
+//!   and a listing that would remove more than `mass_removal_threshold` of all
+//!   services at once is held until the next successful listing confirms it;
+//! - `DiscoverInstancesRevision` skips unchanged services ("changed if different",
+//!   never "newer if greater"), and a periodic full sweep of `DiscoverInstances`
+//!   catches health changes, which do not move the revision;
+//! - nothing is published before the first complete sync (every namespace listed,
+//!   every service read) unless [`Inventory::force_publish`] is called.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant, SystemTime};
+
+use tracing::{debug, info, warn};
+
+use super::api::{Api, ApiError, Discovered, ErrorKind, NamespaceInfo, ServiceInfo};
+use super::filter::NameFilter;
+use crate::model::{Health, Instance, Registry, Service};
+use crate::source::ServiceStatus;
+
+/// Schedules are spread by ±10 % so replicas and services do not move in lockstep.
+pub const JITTER: f64 = 0.1;
+/// The longest a failing service or listing waits before its next attempt...
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// ...and at most this many poll intervals.
+pub const MAX_BACKOFF_POLLS: u32 = 12;
+
+/// `(Cloud Map namespace name, service name)`: the identity of a ServiceEntry.
+pub type ServiceKey = (String, String);
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub poll_interval: Duration,
+    pub list_interval: Duration,
+    pub full_refresh_interval: Duration,
+    /// Share (0..=1) of all services one listing may remove without confirmation.
+    pub mass_removal_threshold: f64,
+    pub filter: NameFilter,
+}
+
+/// The current time, monotonic for schedules and wall-clock for status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    pub instant: Instant,
+    pub wall: SystemTime,
+}
+
+impl Now {
+    pub fn current() -> Self {
+        Now { instant: Instant::now(), wall: SystemTime::now() }
+    }
+}
+
+/// One service to call DiscoverInstances(Revision) for.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Target {
+    pub key: ServiceKey,
+    pub namespace_http_name: String,
+    pub service: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PollPlan {
+    /// Services whose revision is checked; a changed one is then read.
+    pub revision: Vec<Target>,
+    /// Services read right away: new, changed, failed or due in the sweep.
+    pub discover: Vec<Target>,
+}
+
+/// ListServices of one namespace, all pages.
+#[derive(Debug, Clone)]
+pub struct NamespaceListing {
+    pub result: Result<Vec<ServiceInfo>, ApiError>,
+    /// Pages requested, failed ones included.
+    pub calls: u64,
+}
+
+/// A complete ListNamespaces with the ListServices of every included namespace.
+#[derive(Debug, Clone, Default)]
+pub struct Listing {
+    pub namespaces: Vec<NamespaceInfo>,
+    /// By namespace ID; an included namespace missing here counts as failed.
+    pub services: BTreeMap<String, NamespaceListing>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListingReport {
+    pub added: Vec<ServiceKey>,
+    pub removed: Vec<ServiceKey>,
+    /// Removals held until the next listing confirms them.
+    pub held: Vec<ServiceKey>,
+    pub failed_namespaces: usize,
+    pub failed: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PollSummary {
+    /// A sweep in which every service was read successfully just finished.
+    pub full_sync: bool,
+    /// ...and it was the first one.
+    pub initial_sync: bool,
+}
+
+#[derive(Debug, Clone)]
+struct NamespaceState {
+    name: String,
+    /// ListServices succeeded at least once.
+    listed: bool,
+    failures: u32,
+    status: ServiceStatus,
+}
+
+#[derive(Debug, Clone)]
+struct ServiceState {
+    namespace_id: String,
+    http_name: String,
+    service_id: String,
+    created: SystemTime,
+    health_checked: bool,
+    /// The last good read, sorted by instance ID; `None` until the first.
+    instances: Option<Vec<Instance>>,
+    /// The revision that goes with `instances`; compared for equality only.
+    revision: Option<i64>,
+    /// A revision call saw this value and the read it triggered is pending.
+    pending_revision: Option<i64>,
+    /// The revision moved (or the service was re-created); read it.
+    changed: bool,
+    /// When DiscoverInstances last succeeded.
+    last_read: Option<Instant>,
+    failures: u32,
+    retry_at: Option<Instant>,
+    status: ServiceStatus,
+}
+
+impl ServiceState {
+    fn target(&self, key: &ServiceKey) -> Target {
+        Target { key: key.clone(), namespace_http_name: self.http_name.clone(), service: key.1.clone() }
+    }
+
+    fn needs_read(&self, sweep: Option<Instant>) -> bool {
+        self.instances.is_none()
+            || self.changed
+            || sweep.is_some_and(|s| self.last_read.is_none_or(|r| r < s))
+    }
+}
+
+/// See the module documentation.
+#[derive(Debug, Clone)]
+pub struct Inventory {
+    config: Config,
+    rng: fastrand::Rng,
+    namespaces: BTreeMap<String, NamespaceState>,
+    services: BTreeMap<ServiceKey, ServiceState>,
+    held: BTreeSet<ServiceKey>,
+    listed_once: bool,
+    listing_failures: u32,
+    next_listing: Instant,
+    sweep_started: Option<Instant>,
+    next_sweep: Instant,
+    throttled_polls: u32,
+    initial_synced: bool,
+    forced: bool,
+    /// Content changed since the last [`Inventory::registry_update`].
+    dirty: bool,
+    last_full_sync: Option<SystemTime>,
+    last_error: Option<(String, SystemTime)>,
+}
+
+impl Inventory {
+    /// A fresh inventory: the first poll lists and reads everything.
+    pub fn new(config: Config, now: Instant, seed: u64) -> Self {
+        Inventory {
+            config,
+            rng: fastrand::Rng::with_seed(seed),
+            namespaces: BTreeMap::new(),
+            services: BTreeMap::new(),
+            held: BTreeSet::new(),
+            listed_once: false,
+            listing_failures: 0,
+            next_listing: now,
+            sweep_started: None,
+            next_sweep: now,
+            throttled_polls: 0,
+            initial_synced: false,
+            forced: false,
+            dirty: false,
+            last_full_sync: None,
+            last_error: None,
+        }
+    }
+
+    pub fn filter(&self) -> &NameFilter {
+        &self.config.filter
+    }
+
+    /// Whether this poll should list namespaces and services.
+    pub fn listing_due(&self, now: Instant) -> bool {
+        now >= self.next_listing
+    }
+
+    /// True once the first complete sync finished (or publishing was forced).
+    pub fn synced(&self) -> bool {
+        self.initial_synced || self.forced
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
+    /// Services read at least once.
+    pub fn read_count(&self) -> usize {
+        self.services.values().filter(|s| s.instances.is_some()).count()
+    }
+
+    pub fn last_full_sync(&self) -> Option<SystemTime> {
+        self.last_full_sync
+    }
+
+    pub fn last_error(&self) -> Option<&(String, SystemTime)> {
+        self.last_error.as_ref()
+    }
+
+    /// Applies a listing attempt: ListNamespaces failed (`Err`), or it succeeded
+    /// and each namespace's ListServices succeeded or failed on its own.
+    pub fn apply_listing(&mut self, listing: Result<Listing, ApiError>, now: Now) -> ListingReport {
+        let mut listing = match listing {
+            Ok(listing) => listing,
+            Err(err) => {
+                self.listing_failures += 1;
+                self.next_listing = now.instant + self.backoff(self.listing_failures);
+                if self.listing_failures == 1 {
+                    warn!(error = %err, "ListNamespaces failed; keeping every namespace and service as last listed");
+                }
+                self.last_error = Some((format!("{}: {err}", Api::ListNamespaces), now.wall));
+                return ListingReport { failed: true, ..ListingReport::default() };
+            }
+        };
+        self.listing_failures = 0;
+        let namespaces: BTreeMap<String, NamespaceInfo> = listing
+            .namespaces
+            .into_iter()
+            .filter(|ns| self.config.filter.namespace(&ns.name))
+            .map(|ns| (ns.id.clone(), ns))
+            .collect();
+        let mut report = ListingReport::default();
+        let mut failed_namespaces = BTreeSet::new();
+        let mut present: BTreeMap<ServiceKey, (&NamespaceInfo, ServiceInfo)> = BTreeMap::new();
+        for (id, ns) in &namespaces {
+            let state = self.namespaces.entry(id.clone()).or_insert_with(|| NamespaceState {
+                name: ns.name.clone(),
+                listed: false,
+                failures: 0,
+                status: ServiceStatus { namespace: ns.name.clone(), ..ServiceStatus::default() },
+            });
+            let Some(services) = listing.services.remove(id) else {
+                failed_namespaces.insert(id.clone());
+                continue;
+            };
+            state.status.api_calls += services.calls;
+            match services.result {
+                Ok(services) => {
+                    if state.failures > 0 {
+                        info!(namespace = %ns.name, "ListServices recovered");
+                    }
+                    state.listed = true;
+                    state.failures = 0;
+                    state.status.last_success = Some(now.wall);
+                    for svc in services {
+                        // moto ignores the NAMESPACE_ID filter; trust the response's own namespace ID when it has one.
+                        if svc.namespace_id.as_deref().is_some_and(|n| n != id)
+                            || !self.config.filter.service(&ns.name, &svc.name)
+                        {
+                            continue;
+                        }
+                        let key = (ns.name.clone(), svc.name.clone());
+                        // Cloud Map keeps names unique; if a registry does not, the oldest service wins.
+                        let keep = match present.get(&key) {
+                            Some((_, other)) => (svc.created, &svc.id) < (other.created, &other.id),
+                            None => true,
+                        };
+                        if keep {
+                            present.insert(key, (ns, svc));
+                        }
+                    }
+                }
+                Err(err) => {
+                    state.failures += 1;
+                    if state.failures == 1 {
+                        warn!(namespace = %ns.name, error = %err, "ListServices failed; keeping this namespace's services as last listed");
+                    }
+                    state.status.last_error = Some(err.to_string());
+                    state.status.last_error_time = Some(now.wall);
+                    self.last_error = Some((format!("{}: {}: {err}", ns.name, Api::ListServices), now.wall));
+                    failed_namespaces.insert(id.clone());
+                }
+            }
+        }
+        report.failed_namespaces = failed_namespaces.len();
+        self.namespaces.retain(|id, _| namespaces.contains_key(id));
+
+        let known_before = self.services.len();
+        let missing: BTreeSet<ServiceKey> = self
+            .services
+            .iter()
+            .filter(|(key, s)| !present.contains_key(*key) && !failed_namespaces.contains(&s.namespace_id))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for (key, (ns, svc)) in present {
+            self.upsert(key, ns, svc, &mut report);
+        }
+        let (confirmed, fresh): (Vec<_>, Vec<_>) = missing.into_iter().partition(|k| self.held.contains(k));
+        let returned = self.held.len() - confirmed.len();
+        if returned > 0 {
+            info!(services = returned, "held removals not confirmed: the services are listed again");
+        }
+        report.removed = confirmed;
+        #[allow(clippy::cast_precision_loss)] // service counts are far below 2^52
+        let mass = !fresh.is_empty()
+            && fresh.len() as f64 > self.config.mass_removal_threshold * known_before as f64;
+        if mass {
+            warn!(
+                removing = fresh.len(),
+                of = known_before,
+                threshold = self.config.mass_removal_threshold,
+                first = ?fresh.first(),
+                "listing would remove too many services at once; holding the removal until the next listing confirms it"
+            );
+            self.held = fresh.iter().cloned().collect();
+            report.held = fresh;
+        } else {
+            self.held.clear();
+            report.removed.extend(fresh);
+        }
+        for key in &report.removed {
+            self.services.remove(key);
+            info!(namespace = %key.0, service = %key.1, "service no longer listed; removed");
+        }
+        if !report.removed.is_empty() {
+            self.dirty = true;
+        }
+        self.listed_once = true;
+        self.next_listing = if self.held.is_empty() {
+            now.instant + self.jitter(self.config.list_interval)
+        } else {
+            // Confirm (or release) the held removal at the next poll.
+            now.instant
+        };
+        report
+    }
+
+    fn upsert(&mut self, key: ServiceKey, ns: &NamespaceInfo, svc: ServiceInfo, report: &mut ListingReport) {
+        match self.services.get_mut(&key) {
+            Some(s) => {
+                if s.service_id != svc.id || s.http_name != ns.http_name {
+                    // Re-created (or its namespace was): read it again whatever the revision says.
+                    s.changed = true;
+                    s.revision = None;
+                }
+                if s.created != svc.created || s.health_checked != svc.health_checked {
+                    self.dirty = true;
+                }
+                s.namespace_id.clone_from(&ns.id);
+                s.http_name.clone_from(&ns.http_name);
+                s.service_id = svc.id;
+                s.created = svc.created;
+                s.health_checked = svc.health_checked;
+            }
+            None => {
+                debug!(namespace = %key.0, service = %key.1, "new service listed");
+                let status = ServiceStatus {
+                    namespace: key.0.clone(),
+                    service: key.1.clone(),
+                    ..ServiceStatus::default()
+                };
+                self.services.insert(
+                    key.clone(),
+                    ServiceState {
+                        namespace_id: ns.id.clone(),
+                        http_name: ns.http_name.clone(),
+                        service_id: svc.id,
+                        created: svc.created,
+                        health_checked: svc.health_checked,
+                        instances: None,
+                        revision: None,
+                        pending_revision: None,
+                        changed: false,
+                        last_read: None,
+                        failures: 0,
+                        retry_at: None,
+                        status,
+                    },
+                );
+                report.added.push(key);
+            }
+        }
+    }
+
+    /// What to call in this poll (after the listing, if one was due). Starts a
+    /// full sweep when one is due: every service is then read, not just checked.
+    pub fn plan_next_poll(&mut self, now: Instant) -> PollPlan {
+        if self.sweep_started.is_none() && now >= self.next_sweep {
+            self.sweep_started = Some(now);
+        }
+        let mut plan = PollPlan::default();
+        for (key, s) in &self.services {
+            if s.retry_at.is_some_and(|t| t > now) {
+                continue;
+            }
+            if s.needs_read(self.sweep_started) {
+                plan.discover.push(s.target(key));
+            } else {
+                plan.revision.push(s.target(key));
+            }
+        }
+        plan
+    }
+
+    /// Applies a DiscoverInstancesRevision answer; returns whether the service
+    /// must now be read. A revision that differs in any direction is a change.
+    pub fn apply_revision(&mut self, key: &ServiceKey, result: Result<i64, ApiError>, now: Now) -> bool {
+        let Some(s) = self.services.get_mut(key) else { return false };
+        s.status.api_calls += 1;
+        match result {
+            Ok(revision) if s.revision == Some(revision) && !s.changed => {
+                Self::succeeded(s, key, now);
+                false
+            }
+            Ok(revision) => {
+                s.changed = true;
+                s.pending_revision = Some(revision);
+                true
+            }
+            Err(err) => {
+                self.failed(key, Api::DiscoverInstancesRevision, &err, now);
+                false
+            }
+        }
+    }
+
+    /// Applies a DiscoverInstances answer; returns whether the served content changed.
+    pub fn apply_instances(
+        &mut self,
+        key: &ServiceKey,
+        result: Result<Discovered, ApiError>,
+        now: Now,
+    ) -> bool {
+        let Some(s) = self.services.get_mut(key) else { return false };
+        s.status.api_calls += 1;
+        let discovered = match result {
+            Ok(d) => d,
+            Err(err) => {
+                self.failed(key, Api::DiscoverInstances, &err, now);
+                return false;
+            }
+        };
+        // moto appends a duplicate on re-registration (AWS upserts): the last one is the newest.
+        let mut by_id = BTreeMap::new();
+        for mut instance in discovered.instances {
+            if !s.health_checked {
+                // Cloud Map ignores the health filter for services without a health check and
+                // returns every instance; marking them healthy makes every local filter do the same.
+                instance.health = Health::Healthy;
+            }
+            by_id.insert(instance.id.clone(), instance);
+        }
+        let instances: Vec<Instance> = by_id.into_values().collect();
+        let changed = s.instances.as_ref() != Some(&instances);
+        s.status.instances = u32::try_from(instances.len()).unwrap_or(u32::MAX);
+        s.instances = Some(instances);
+        s.revision = s.pending_revision.take().or(discovered.revision);
+        s.changed = false;
+        s.last_read = Some(now.instant);
+        Self::succeeded(s, key, now);
+        if changed {
+            self.dirty = true;
+        }
+        changed
+    }
+
+    fn succeeded(s: &mut ServiceState, key: &ServiceKey, now: Now) {
+        if s.failures > 0 {
+            info!(namespace = %key.0, service = %key.1, after_failures = s.failures, "Cloud Map read recovered");
+        }
+        s.failures = 0;
+        s.retry_at = None;
+        s.status.last_success = Some(now.wall);
+    }
+
+    fn failed(&mut self, key: &ServiceKey, api: Api, err: &ApiError, now: Now) {
+        let delay = {
+            let Some(s) = self.services.get(key) else { return };
+            self.backoff(s.failures + 1)
+        };
+        let Some(s) = self.services.get_mut(key) else { return };
+        s.failures += 1;
+        s.retry_at = Some(now.instant + delay);
+        s.status.last_error = Some(format!("{api}: {err}"));
+        s.status.last_error_time = Some(now.wall);
+        if s.failures == 1 {
+            warn!(namespace = %key.0, service = %key.1, %api, error = %err, "Cloud Map read failed; keeping the last good state");
+        } else {
+            debug!(namespace = %key.0, service = %key.1, %api, error = %err, failures = s.failures, retry_in = ?delay, "Cloud Map read failed again");
+        }
+        self.last_error = Some((format!("{}/{}: {api}: {err}", key.0, key.1), now.wall));
+    }
+
+    /// Closes a poll: finishes the sweep when every service was read since it
+    /// started (and every namespace was listed once).
+    pub fn finish_poll(&mut self, now: Now) -> PollSummary {
+        let mut summary = PollSummary::default();
+        let Some(started) = self.sweep_started else { return summary };
+        let complete = self.listed_once
+            && self.namespaces.values().all(|n| n.listed)
+            && self.services.values().all(|s| s.last_read.is_some_and(|r| r >= started));
+        if complete {
+            self.sweep_started = None;
+            self.next_sweep = now.instant + self.jitter(self.config.full_refresh_interval);
+            self.last_full_sync = Some(now.wall);
+            summary.full_sync = true;
+            if !self.initial_synced {
+                self.initial_synced = true;
+                self.dirty = true;
+                summary.initial_sync = true;
+            }
+        }
+        summary
+    }
+
+    /// Publishes whatever was read so far even before the first complete sync.
+    pub fn force_publish(&mut self) {
+        if !self.forced {
+            self.forced = true;
+            self.dirty = true;
+        }
+    }
+
+    /// The registry to publish, when it changed since the last call and the
+    /// initial sync is done. Holds every service's last good state.
+    pub fn registry_update(&mut self) -> Option<Registry> {
+        if !self.synced() || !self.dirty {
+            return None;
+        }
+        self.dirty = false;
+        let services = self
+            .services
+            .iter()
+            .filter_map(|(key, s)| {
+                Some(Service {
+                    namespace: key.0.clone(),
+                    name: key.1.clone(),
+                    created: s.created,
+                    instances: s.instances.clone()?,
+                })
+            })
+            .collect();
+        Some(Registry { services })
+    }
+
+    /// Per namespace (with an empty service name: its ListServices calls) and per service.
+    pub fn statuses(&self) -> BTreeMap<(String, String), ServiceStatus> {
+        let namespaces =
+            self.namespaces.values().map(|n| ((n.name.clone(), String::new()), n.status.clone()));
+        let services = self.services.iter().map(|(key, s)| (key.clone(), s.status.clone()));
+        namespaces.chain(services).collect()
+    }
+
+    /// How long to wait before the next poll: the poll interval with jitter, or,
+    /// after polls that were throttled, an exponential backoff.
+    pub fn next_poll_delay(&mut self, throttled: bool) -> Duration {
+        self.throttled_polls = if throttled { self.throttled_polls.saturating_add(1) } else { 0 };
+        let base = if self.throttled_polls == 0 {
+            self.config.poll_interval
+        } else {
+            let factor = 1u32 << self.throttled_polls.min(10);
+            self.config
+                .poll_interval
+                .saturating_mul(factor)
+                .min(self.max_backoff().max(self.config.poll_interval))
+        };
+        self.jitter(base)
+    }
+
+    /// Delay before attempt `failures + 1`: the next poll after the first failure,
+    /// then 1, 3, 7… poll intervals, capped.
+    fn backoff(&self, failures: u32) -> Duration {
+        let polls = (1u32 << failures.saturating_sub(1).min(16)) - 1;
+        self.config.poll_interval.saturating_mul(polls).min(self.max_backoff())
+    }
+
+    fn max_backoff(&self) -> Duration {
+        MAX_BACKOFF.min(self.config.poll_interval.saturating_mul(MAX_BACKOFF_POLLS))
+    }
+
+    fn jitter(&mut self, d: Duration) -> Duration {
+        d.mul_f64(1.0 + JITTER * (2.0 * self.rng.f64() - 1.0))
+    }
+}
+
+/// Whether an error should slow the whole poller down.
+pub fn is_throttle(err: &ApiError) -> bool {
+    err.kind == ErrorKind::Throttled
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,479 @@
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::*;
+use crate::source::cloudmap::api::{Discovered, ErrorKind, NamespaceKind};
+use crate::source::cloudmap::filter::Patterns;
+
+const POLL: Duration = Duration::from_secs(5);
+const FULL: Duration = Duration::from_secs(30);
+const LIST: Duration = Duration::from_secs(60);
+
+struct Clock {
+    start: Instant,
+}
+
+impl Clock {
+    fn new() -> Self {
+        Clock { start: Instant::now() }
+    }
+    fn at(&self, secs: f64) -> Now {
+        Now {
+            instant: self.start + Duration::from_secs_f64(secs),
+            wall: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000) + Duration::from_secs_f64(secs),
+        }
+    }
+}
+
+fn config() -> Config {
+    Config {
+        poll_interval: POLL,
+        list_interval: LIST,
+        full_refresh_interval: FULL,
+        mass_removal_threshold: 0.5,
+        filter: NameFilter::default(),
+    }
+}
+
+fn ns(id: &str, name: &str) -> NamespaceInfo {
+    NamespaceInfo { id: id.into(), name: name.into(), http_name: name.into(), kind: NamespaceKind::Http }
+}
+
+fn svc(ns_id: Option<&str>, name: &str) -> ServiceInfo {
+    ServiceInfo {
+        id: format!("srv-{name}"),
+        name: name.into(),
+        namespace_id: ns_id.map(Into::into),
+        created: SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000),
+        health_checked: true,
+    }
+}
+
+/// One namespace `ns-1`/`shop` with the given services.
+fn listing(names: &[&str]) -> Listing {
+    listing_of(&[("ns-1", "shop", names)])
+}
+
+fn listing_of(namespaces: &[(&str, &str, &[&str])]) -> Listing {
+    Listing {
+        namespaces: namespaces.iter().map(|(id, name, _)| ns(id, name)).collect(),
+        services: namespaces
+            .iter()
+            .map(|(id, _, names)| {
+                let services = names.iter().map(|n| svc(Some(id), n)).collect();
+                ((*id).to_owned(), NamespaceListing { result: Ok(services), calls: 1 })
+            })
+            .collect(),
+    }
+}
+
+fn instance(id: &str, ip: &str, health: Health) -> Instance {
+    Instance {
+        id: id.into(),
+        health,
+        attributes: BTreeMap::from([("AWS_INSTANCE_IPV4".to_owned(), ip.to_owned())]),
+    }
+}
+
+fn discovered(ips: &[&str], revision: i64) -> Discovered {
+    Discovered {
+        instances: ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| instance(&format!("i-{i}"), ip, Health::Healthy))
+            .collect(),
+        revision: Some(revision),
+    }
+}
+
+fn key(service: &str) -> ServiceKey {
+    ("shop".to_owned(), service.to_owned())
+}
+
+fn err(kind: ErrorKind) -> ApiError {
+    ApiError::new(kind, "boom")
+}
+
+fn keys(targets: &[Target]) -> Vec<String> {
+    targets.iter().map(|t| format!("{}/{}", t.key.0, t.key.1)).collect()
+}
+
+/// Lists `names` and reads each with one instance at revision 1; returns the synced inventory.
+fn synced(clock: &Clock, names: &[&str]) -> Inventory {
+    let mut inv = Inventory::new(config(), clock.start, 7);
+    inv.apply_listing(Ok(listing(names)), clock.at(0.0));
+    let plan = inv.plan_next_poll(clock.at(0.0).instant);
+    assert!(plan.revision.is_empty());
+    for t in plan.discover {
+        inv.apply_instances(&t.key, Ok(discovered(&["10.0.0.1"], 1)), clock.at(0.1));
+    }
+    assert!(inv.finish_poll(clock.at(0.2)).initial_sync);
+    assert!(inv.registry_update().is_some());
+    inv
+}
+
+fn served(inv: &Inventory) -> Vec<String> {
+    let mut copy = inv.clone();
+    copy.dirty = true;
+    copy.registry_update()
+        .map(|r| {
+            r.services.iter().map(|s| format!("{}/{}:{}", s.namespace, s.name, s.instances.len())).collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn nothing_is_published_before_every_service_was_read() {
+    let clock = Clock::new();
+    let mut inv = Inventory::new(config(), clock.start, 1);
+    assert!(inv.listing_due(clock.at(0.0).instant));
+    let report = inv.apply_listing(Ok(listing(&["a", "b"])), clock.at(0.0));
+    assert_eq!(report.added, vec![key("a"), key("b")]);
+    let plan = inv.plan_next_poll(clock.at(0.0).instant);
+    assert_eq!(keys(&plan.discover), ["shop/a", "shop/b"]);
+    inv.apply_instances(&key("a"), Ok(discovered(&["10.0.0.1"], 1)), clock.at(0.1));
+    inv.apply_instances(&key("b"), Err(err(ErrorKind::Other)), clock.at(0.1));
+    assert_eq!(inv.finish_poll(clock.at(0.2)), PollSummary::default());
+    assert!(!inv.synced());
+    assert_eq!(inv.registry_update(), None, "a partial first sync is never published");
+
+    // The failed service is retried at the next poll (first backoff step is zero).
+    let plan = inv.plan_next_poll(clock.at(5.0).instant);
+    assert_eq!(keys(&plan.discover), ["shop/b"]);
+    assert_eq!(keys(&plan.revision), ["shop/a"]);
+    inv.apply_revision(&key("a"), Ok(1), clock.at(5.1));
+    inv.apply_instances(&key("b"), Ok(discovered(&["10.0.0.2"], 1)), clock.at(5.1));
+    let summary = inv.finish_poll(clock.at(5.2));
+    assert!(summary.initial_sync && summary.full_sync);
+    assert_eq!(inv.last_full_sync(), Some(clock.at(5.2).wall));
+    let registry = inv.registry_update().expect("published after the first complete sync");
+    assert_eq!(registry.services.len(), 2);
+    assert_eq!(inv.registry_update(), None, "unchanged content is not published again");
+}
+
+#[test]
+fn force_publish_serves_what_was_read() {
+    let clock = Clock::new();
+    let mut inv = Inventory::new(config(), clock.start, 1);
+    inv.apply_listing(Ok(listing(&["a", "b"])), clock.at(0.0));
+    inv.plan_next_poll(clock.at(0.0).instant);
+    inv.apply_instances(&key("a"), Ok(discovered(&["10.0.0.1"], 1)), clock.at(0.1));
+    inv.finish_poll(clock.at(0.2));
+    inv.force_publish();
+    let registry = inv.registry_update().unwrap();
+    assert_eq!(registry.services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["a"]);
+}
+
+#[test]
+fn idle_polls_cost_one_revision_call_per_service() {
+    let clock = Clock::new();
+    let mut inv = synced(&clock, &["a", "b", "c"]);
+    for poll in 1..=5 {
+        let now = clock.at(f64::from(poll) * 5.0);
+        assert!(!inv.listing_due(now.instant), "listing is on its own, slower schedule");
+        let plan = inv.plan_next_poll(now.instant);
+        assert!(plan.discover.is_empty(), "poll {poll}: {plan:?}");
+        assert_eq!(plan.revision.len(), 3);
+        for t in &plan.revision {
+            assert!(!inv.apply_revision(&t.key, Ok(1), now));
+        }
+        inv.finish_poll(now);
+        assert_eq!(inv.registry_update(), None);
+    }
+}
+
+#[test]
+fn a_different_revision_in_either_direction_triggers_a_read() {
+    let clock = Clock::new();
+    let mut inv = synced(&clock, &["a", "b"]);
+    let now = clock.at(5.0);
+    inv.plan_next_poll(now.instant);
+    // moto's revision is a sum that can go down: "changed if different", never "newer if greater".
+    assert!(inv.apply_revision(&key("a"), Ok(0), now));
+    assert!(!inv.apply_revision(&key("b"), Ok(1), now));
+    assert!(inv.apply_instances(&key("a"), Ok(discovered(&["10.0.0.9"], 7)), now));
+    // The revision stored is the one the revision call saw, so the next poll is quiet.
+    let now = clock.at(10.0);
+    let plan = inv.plan_next_poll(now.instant);
+    assert_eq!(plan.revision.len(), 2);
+    assert!(!inv.apply_revision(&key("a"), Ok(0), now));
+}
+
+#[test]
+fn a_changed_revision_whose_read_fails_is_read_again() {
+    let clock = Clock::new();
+    let mut inv = synced(&clock, &["a"]);
+    let now = clock.at(5.0);
+    inv.plan_next_poll(now.instant);
+    assert!(inv.apply_revision(&key("a"), Ok(2), now));
+    assert!(!inv.apply_instances(&key("a"), Err(err(ErrorKind::Timeout)), now));
+    let plan = inv.plan_next_poll(clock.at(10.0).instant);
+    assert_eq!(keys(&plan.discover), ["shop/a"], "still marked changed");
+}
+
+#[test]
+fn full_sweeps_read_every_service_and_record_the_sync() {
+    let clock = Clock::new();
+    let mut inv = synced(&clock, &["a", "b"]);
+    let first_sync = inv.last_full_sync().unwrap();
+    // Before the sweep is due (30 s ± 10 %): revisions only.
+    let plan = inv.plan_next_poll(clock.at(25.0).instant);
+    assert!(plan.discover.is_empty());
+    for t in &plan.revision {
+        inv.apply_revision(&t.key, Ok(1), clock.at(25.0));
+    }
+    assert!(!inv.finish_poll(clock.at(25.0)).full_sync);
+    // Due: every service is read, none just checked.
+    let now = clock.at(35.0);
+    let plan = inv.plan_next_poll(now.instant);
+    assert!(plan.revision.is_empty());
+    assert_eq!(plan.discover.len(), 2);
+    // A health flip does not move the revision; the sweep sees it.
+    let mut flipped = discovered(&["10.0.0.1"], 1);
+    flipped.instances[0].health = Health::Unhealthy;
+    assert!(inv.apply_instances(&key("a"), Ok(flipped), now));
+    inv.apply_instances(&key("b"), Err(err(ErrorKind::Throttled)), now);
+    assert!(!inv.finish_poll(now).full_sync, "b failed: the sweep is not complete");
+    assert_eq!(inv.last_full_sync(), Some(first_sync));
+    let registry = inv.registry_update().unwrap();
+    assert_eq!(registry.services[0].instances[0].health, Health::Unhealthy);
+    assert_eq!(registry.services[1].instances.len(), 1, "b keeps its last good state");
+    // The next poll reads only what the sweep still lacks.
+    let now = clock.at(40.0);
+    let plan = inv.plan_next_poll(now.instant);
+    assert_eq!(keys(&plan.discover), ["shop/b"]);
+    assert_eq!(keys(&plan.revision), ["shop/a"]);
+    inv.apply_revision(&key("a"), Ok(1), now);
+    inv.apply_instances(&key("b"), Ok(discovered(&["10.0.0.1"], 1)), now);
+    let summary = inv.finish_poll(now);
+    assert!(summary.full_sync && !summary.initial_sync);
+    assert_eq!(inv.last_full_sync(), Some(now.wall));
+    // The next sweep is a full-refresh interval (± jitter) later.
+    assert!(inv.plan_next_poll(clock.at(45.0).instant).discover.is_empty());
+    assert_eq!(inv.plan_next_poll(clock.at(40.0 + 34.0).instant).discover.len(), 2);
+}
+
+#[test]
+fn one_failing_service_does_not_block_the_others_and_backs_off() {
+    let clock = Clock::new();
+    let mut inv = synced(&clock, &["a", "b"]);
+    let mut t = 5.0;
+    let mut attempts_of_a = Vec::new();
+    while t <= 120.0 {
+        let now = clock.at(t);
+        let plan = inv.plan_next_poll(now.instant);
+        if plan.revision.iter().chain(&plan.discover).any(|x| x.key == key("a")) {
+            attempts_of_a.push(t);
+            inv.apply_revision(&key("a"), Err(err(ErrorKind::Other)), now);
+        }
+        assert!(plan.revision.iter().chain(&plan.discover).any(|x| x.key == key("b")), "b is polled at {t}");
+        inv.apply_revision(&key("b"), Ok(2), now);
+        inv.apply_instances(&key("b"), Ok(discovered(&["10.0.0.2"], 2)), now);
+        inv.finish_poll(now);
+        t += 5.0;
+    }
+    // Retried at the next poll, then after 1, 3, 7 and at most 12 poll intervals.
+    assert_eq!(attempts_of_a, [5.0, 10.0, 15.0, 30.0, 65.0]);
+    let registry = inv.registry_update().unwrap();
+    assert_eq!(registry.services[0].instances[0].attributes["AWS_INSTANCE_IPV4"], "10.0.0.1", "a kept");
+    assert_eq!(registry.services[1].instances[0].attributes["AWS_INSTANCE_IPV4"], "10.0.0.2", "b moved on");
+    let status = &inv.statuses()[&key("a")];
+    assert!(status.last_error.as_deref().unwrap().starts_with("DiscoverInstancesRevision: boom"));
+    assert_eq!(status.api_calls, 1 + attempts_of_a.len() as u64);
+    assert!(inv.last_error().unwrap().0.starts_with("shop/a: DiscoverInstancesRevision"));
+}
+
+#[test]
+fn a_mass_removal_is_held_until_the_next_listing_confirms_it() {
+    let clock = Clock::new();
+    let names = ["a", "b", "c", "d", "e", "f"];
+    let mut inv = synced(&clock, &names);
+    // Four of six vanish at once: held, still served, and the next poll lists again.
+    let report = inv.apply_listing(Ok(listing(&["a", "b"])), clock.at(60.0));
+    assert_eq!(report.held.len(), 4);
+    assert!(report.removed.is_empty());
+    assert_eq!(served(&inv).len(), 6);
+    assert!(inv.listing_due(clock.at(65.0).instant));
+    // Confirmed by the next successful listing: removed.
+    let report = inv.apply_listing(Ok(listing(&["a", "b"])), clock.at(65.0));
+    assert_eq!(report.removed, vec![key("c"), key("d"), key("e"), key("f")]);
+    assert_eq!(served(&inv), ["shop/a:1", "shop/b:1"]);
+    assert!(!inv.listing_due(clock.at(70.0).instant));
+}
+
+#[test]
+fn a_held_removal_is_released_when_the_services_come_back() {
+    let clock = Clock::new();
+    let names = ["a", "b", "c", "d"];
+    let mut inv = synced(&clock, &names);
+    let report = inv.apply_listing(Ok(listing(&[])), clock.at(60.0));
+    assert_eq!(report.held.len(), 4);
+    // A listing failure in between confirms nothing.
+    assert!(inv.apply_listing(Err(err(ErrorKind::Timeout)), clock.at(65.0)).failed);
+    assert_eq!(served(&inv).len(), 4);
+    let report = inv.apply_listing(Ok(listing(&names)), clock.at(70.0));
+    assert!(report.removed.is_empty() && report.held.is_empty());
+    assert_eq!(served(&inv).len(), 4);
+}
+
+#[test]
+fn small_removals_and_additions_apply_at_once() {
+    let clock = Clock::new();
+    let mut inv = synced(&clock, &["a", "b", "c"]);
+    let report = inv.apply_listing(Ok(listing(&["a", "b", "d"])), clock.at(20.0));
+    assert_eq!(report.removed, vec![key("c")]);
+    assert_eq!(report.added, vec![key("d")]);
+    let registry = inv.registry_update().unwrap();
+    assert_eq!(registry.services.len(), 2, "d appears once it is read");
+    let plan = inv.plan_next_poll(clock.at(20.0).instant);
+    assert_eq!(keys(&plan.discover), ["shop/d"]);
+}
+
+#[test]
+fn a_failed_listing_or_namespace_keeps_what_was_listed() {
+    let clock = Clock::new();
+    let mut inv = Inventory::new(config(), clock.start, 1);
+    inv.apply_listing(Ok(listing_of(&[("ns-1", "shop", &["a"]), ("ns-2", "blog", &["b"])])), clock.at(0.0));
+    for t in inv.plan_next_poll(clock.at(0.0).instant).discover {
+        inv.apply_instances(&t.key, Ok(discovered(&["10.0.0.1"], 1)), clock.at(0.0));
+    }
+    assert!(inv.finish_poll(clock.at(0.0)).initial_sync);
+    // ListNamespaces fails: nothing changes, and the listing backs off.
+    let report = inv.apply_listing(Err(err(ErrorKind::Throttled)), clock.at(60.0));
+    assert!(report.failed);
+    assert_eq!(inv.service_count(), 2);
+    assert!(inv.listing_due(clock.at(60.0).instant), "first retry at the next poll");
+    // ListServices fails for one namespace only: its services stay, the other's update.
+    let mut partial = listing_of(&[("ns-1", "shop", &[]), ("ns-2", "blog", &["b"])]);
+    partial.services.insert("ns-1".into(), NamespaceListing { result: Err(err(ErrorKind::Other)), calls: 3 });
+    partial.services.get_mut("ns-2").unwrap().result = Ok(vec![svc(Some("ns-2"), "c")]);
+    let report = inv.apply_listing(Ok(partial), clock.at(65.0));
+    assert_eq!(report.failed_namespaces, 1);
+    assert_eq!(report.removed, vec![("blog".to_owned(), "b".to_owned())]);
+    assert!(inv.services.contains_key(&key("a")));
+    let statuses = inv.statuses();
+    let shop = &statuses[&("shop".to_owned(), String::new())];
+    assert_eq!(shop.api_calls, 4);
+    assert!(shop.last_error.is_some());
+    assert!(statuses[&("blog".to_owned(), String::new())].last_error.is_none());
+}
+
+#[test]
+fn services_of_another_namespace_are_filtered_client_side() {
+    // moto returns every service for every NAMESPACE_ID filter.
+    let clock = Clock::new();
+    let mut inv = Inventory::new(config(), clock.start, 1);
+    let all = || Ok(vec![svc(Some("ns-1"), "a"), svc(Some("ns-2"), "b"), svc(None, "c")]);
+    let l = Listing {
+        namespaces: vec![ns("ns-1", "shop"), ns("ns-2", "blog")],
+        services: BTreeMap::from([
+            ("ns-1".to_owned(), NamespaceListing { result: all(), calls: 1 }),
+            ("ns-2".to_owned(), NamespaceListing { result: all(), calls: 1 }),
+        ]),
+    };
+    let report = inv.apply_listing(Ok(l), clock.at(0.0));
+    let added: Vec<String> = report.added.iter().map(|(n, s)| format!("{n}/{s}")).collect();
+    // A summary without a namespace ID (AWS, HTTP service) trusts the server-side filter.
+    assert_eq!(added, ["blog/b", "blog/c", "shop/a", "shop/c"]);
+}
+
+#[test]
+fn include_and_exclude_filters_apply_to_listings() {
+    let clock = Clock::new();
+    let (inc_ns, exc_svc) = (vec!["sh*".to_owned()], vec!["*-canary".to_owned()]);
+    let filter = NameFilter::new(Patterns {
+        include_namespaces: &inc_ns,
+        exclude_services: &exc_svc,
+        ..Patterns::default()
+    })
+    .unwrap();
+    let mut inv = Inventory::new(Config { filter, ..config() }, clock.start, 1);
+    let report = inv.apply_listing(
+        Ok(listing_of(&[("ns-1", "shop", &["a", "a-canary"]), ("ns-2", "blog", &["b"])])),
+        clock.at(0.0),
+    );
+    assert_eq!(report.added, vec![key("a")]);
+    assert_eq!(inv.statuses().len(), 2, "one namespace and one service");
+}
+
+#[test]
+fn random_order_and_duplicates_do_not_count_as_changes() {
+    let clock = Clock::new();
+    let mut inv = synced(&clock, &["a"]);
+    let now = clock.at(5.0);
+    let two = |order: [(&str, &str); 3]| Discovered {
+        instances: order.iter().map(|(id, ip)| instance(id, ip, Health::Healthy)).collect(),
+        revision: Some(3),
+    };
+    inv.plan_next_poll(now.instant);
+    inv.apply_revision(&key("a"), Ok(3), now);
+    // moto appends a duplicate on re-registration; the last registration wins.
+    assert!(inv.apply_instances(
+        &key("a"),
+        Ok(two([("i-1", "10.0.0.1"), ("i-2", "10.0.0.2"), ("i-1", "10.0.0.3")])),
+        now
+    ));
+    assert!(!inv.apply_instances(
+        &key("a"),
+        Ok(two([("i-2", "10.0.0.2"), ("i-1", "10.0.0.1"), ("i-1", "10.0.0.3")])),
+        now
+    ));
+    let registry = inv.registry_update().unwrap();
+    let ips: Vec<&str> =
+        registry.services[0].instances.iter().map(|i| i.attributes["AWS_INSTANCE_IPV4"].as_str()).collect();
+    assert_eq!(ips, ["10.0.0.3", "10.0.0.2"]);
+    assert_eq!(inv.statuses()[&key("a")].instances, 2);
+}
+
+#[test]
+fn services_without_health_checks_serve_every_instance() {
+    let clock = Clock::new();
+    let mut inv = Inventory::new(config(), clock.start, 1);
+    let mut l = listing(&[]);
+    let mut unchecked = svc(Some("ns-1"), "a");
+    unchecked.health_checked = false;
+    l.services.get_mut("ns-1").unwrap().result = Ok(vec![unchecked]);
+    inv.apply_listing(Ok(l), clock.at(0.0));
+    inv.plan_next_poll(clock.at(0.0).instant);
+    let d = Discovered { instances: vec![instance("i-1", "10.0.0.1", Health::Unknown)], revision: Some(1) };
+    inv.apply_instances(&key("a"), Ok(d), clock.at(0.0));
+    inv.finish_poll(clock.at(0.0));
+    assert_eq!(inv.registry_update().unwrap().services[0].instances[0].health, Health::Healthy);
+}
+
+#[test]
+fn a_recreated_service_is_read_again_and_its_create_date_published() {
+    let clock = Clock::new();
+    let mut inv = synced(&clock, &["a"]);
+    let mut l = listing(&[]);
+    let mut recreated = svc(Some("ns-1"), "a");
+    recreated.id = "srv-new".into();
+    recreated.created += Duration::from_secs(3600);
+    l.services.get_mut("ns-1").unwrap().result = Ok(vec![recreated]);
+    inv.apply_listing(Ok(l), clock.at(60.0));
+    let registry = inv.registry_update().unwrap();
+    assert_eq!(registry.services[0].created, SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_003_600));
+    assert_eq!(keys(&inv.plan_next_poll(clock.at(60.0).instant).discover), ["shop/a"]);
+}
+
+#[test]
+fn throttled_polls_back_off_exponentially_and_recover() {
+    let clock = Clock::new();
+    let mut inv = Inventory::new(config(), clock.start, 3);
+    let within = |d: Duration, base: f64| (d.as_secs_f64() - base).abs() <= base * JITTER + 1e-9;
+    assert!(within(inv.next_poll_delay(false), 5.0));
+    assert!(within(inv.next_poll_delay(true), 10.0));
+    assert!(within(inv.next_poll_delay(true), 20.0));
+    assert!(within(inv.next_poll_delay(true), 40.0));
+    assert!(within(inv.next_poll_delay(true), 60.0), "capped");
+    assert!(within(inv.next_poll_delay(false), 5.0));
+}
+
+#[test]
+fn schedules_are_jittered() {
+    let clock = Clock::new();
+    let mut inv = Inventory::new(config(), clock.start, 3);
+    let delays: std::collections::BTreeSet<Duration> = (0..20).map(|_| inv.next_poll_delay(false)).collect();
+    assert!(delays.len() > 10, "{delays:?}");
+    assert!(delays.iter().all(|d| *d >= POLL.mul_f64(0.9) && *d <= POLL.mul_f64(1.1)));
+}

@@ -1,0 +1,328 @@
+//! The async loop against an in-memory Cloud Map (paged lists, per-service
+//! faults, hanging calls), in real time with short intervals.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use super::*;
+use crate::metrics::Metrics;
+use crate::model::{Health, Instance, Registry};
+use crate::source::cloudmap::api::{NamespaceKind, Page};
+use crate::source::cloudmap::{CloudMapArgs, start_with_api};
+
+const PAGE: usize = 2;
+
+#[derive(Default)]
+struct State {
+    namespaces: Vec<NamespaceInfo>,
+    /// By namespace ID.
+    services: BTreeMap<String, Vec<ServiceInfo>>,
+    /// By (http name, service): instances and revision.
+    instances: BTreeMap<(String, String), (Vec<Instance>, i64)>,
+    failing: BTreeSet<String>,
+    hanging: BTreeSet<String>,
+}
+
+#[derive(Default)]
+struct FakeCloudMap {
+    state: Mutex<State>,
+    calls: Mutex<BTreeMap<Api, u64>>,
+}
+
+impl FakeCloudMap {
+    fn with(namespaces: &[(&str, &[&str])]) -> Self {
+        let fake = FakeCloudMap::default();
+        {
+            let mut s = fake.state.lock().unwrap();
+            for (n, (name, services)) in namespaces.iter().enumerate() {
+                let id = format!("ns-{n}");
+                s.namespaces.push(NamespaceInfo {
+                    id: id.clone(),
+                    name: (*name).into(),
+                    http_name: (*name).into(),
+                    kind: NamespaceKind::Http,
+                });
+                let infos = services
+                    .iter()
+                    .map(|svc| ServiceInfo {
+                        id: format!("srv-{name}-{svc}"),
+                        name: (*svc).into(),
+                        // Like moto: every summary says where it lives.
+                        namespace_id: Some(id.clone()),
+                        created: SystemTime::UNIX_EPOCH,
+                        health_checked: true,
+                    })
+                    .collect();
+                s.services.insert(id, infos);
+                for svc in *services {
+                    s.instances
+                        .insert(((*name).into(), (*svc).into()), (vec![instance("i-1", "10.0.0.1")], 1));
+                }
+            }
+        }
+        fake
+    }
+
+    fn count(&self, api: Api) {
+        *self.calls.lock().unwrap().entry(api).or_default() += 1;
+    }
+
+    fn calls(&self) -> BTreeMap<Api, u64> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    fn set_instances(&self, ns: &str, svc: &str, ips: &[&str]) {
+        let mut s = self.state.lock().unwrap();
+        let entry = s.instances.entry((ns.into(), svc.into())).or_default();
+        entry.0 = ips.iter().enumerate().map(|(i, ip)| instance(&format!("i-{i}"), ip)).collect();
+        entry.1 += 1;
+    }
+
+    /// What happens to a call for `service`, decided before any await.
+    fn fault(&self, service: &str) -> Option<bool> {
+        let s = self.state.lock().unwrap();
+        if s.hanging.contains(service) {
+            Some(true)
+        } else if s.failing.contains(service) {
+            Some(false)
+        } else {
+            None
+        }
+    }
+}
+
+fn instance(id: &str, ip: &str) -> Instance {
+    Instance {
+        id: id.into(),
+        health: Health::Healthy,
+        attributes: BTreeMap::from([("AWS_INSTANCE_IPV4".to_owned(), ip.to_owned())]),
+    }
+}
+
+fn page<T: Clone>(items: &[T], token: Option<String>) -> Page<T> {
+    let start: usize = token.and_then(|t| t.parse().ok()).unwrap_or(0);
+    let end = (start + PAGE).min(items.len());
+    Page { items: items[start..end].to_vec(), next_token: (end < items.len()).then(|| end.to_string()) }
+}
+
+impl CloudMapApi for FakeCloudMap {
+    async fn list_namespaces(&self, next_token: Option<String>) -> Result<Page<NamespaceInfo>, ApiError> {
+        self.count(Api::ListNamespaces);
+        let s = self.state.lock().unwrap();
+        Ok(page(&s.namespaces, next_token))
+    }
+
+    async fn list_services(
+        &self,
+        namespace_id: &str,
+        next_token: Option<String>,
+    ) -> Result<Page<ServiceInfo>, ApiError> {
+        self.count(Api::ListServices);
+        let s = self.state.lock().unwrap();
+        Ok(page(s.services.get(namespace_id).map(Vec::as_slice).unwrap_or(&[]), next_token))
+    }
+
+    async fn discover_instances(&self, ns: &str, service: &str) -> Result<Discovered, ApiError> {
+        self.count(Api::DiscoverInstances);
+        match self.fault(service) {
+            Some(true) => std::future::pending().await,
+            Some(false) => {
+                return Err(ApiError::new(ErrorKind::Throttled, "RequestLimitExceeded: slow down"));
+            }
+            None => {}
+        }
+        let s = self.state.lock().unwrap();
+        let (instances, revision) = s
+            .instances
+            .get(&(ns.to_owned(), service.to_owned()))
+            .cloned()
+            .ok_or_else(|| ApiError::new(ErrorKind::NotFound, "ServiceNotFound"))?;
+        Ok(Discovered { instances, revision: Some(revision) })
+    }
+
+    async fn discover_instances_revision(&self, ns: &str, service: &str) -> Result<i64, ApiError> {
+        self.count(Api::DiscoverInstancesRevision);
+        match self.fault(service) {
+            Some(true) => std::future::pending().await,
+            Some(false) => return Err(ApiError::new(ErrorKind::Other, "InternalFailure")),
+            None => {}
+        }
+        let s = self.state.lock().unwrap();
+        s.instances
+            .get(&(ns.to_owned(), service.to_owned()))
+            .map(|(_, r)| *r)
+            .ok_or_else(|| ApiError::new(ErrorKind::NotFound, "ServiceNotFound"))
+    }
+}
+
+const POLL: Duration = Duration::from_millis(20);
+const WAIT: Duration = Duration::from_secs(5);
+
+fn args() -> CloudMapArgs {
+    CloudMapArgs {
+        poll_interval: POLL,
+        list_interval: Duration::from_secs(3600),
+        full_refresh_interval: Duration::from_secs(3600),
+        rate_list: 1e6,
+        rate_discover: 1e6,
+        rate_revision: 1e6,
+        ..CloudMapArgs::new("test")
+    }
+}
+
+struct Running {
+    fake: Arc<FakeCloudMap>,
+    view: crate::source::SourceView,
+    metrics: Metrics,
+    _shutdown: watch::Sender<bool>,
+}
+
+fn run(fake: FakeCloudMap, args: &CloudMapArgs) -> Running {
+    let fake = Arc::new(fake);
+    let metrics = Metrics::unregistered();
+    let (shutdown, rx) = watch::channel(false);
+    let view = start_with_api(
+        fake.clone(),
+        "fake".into(),
+        args,
+        NameFilter::default(),
+        &metrics,
+        Duration::from_millis(200),
+        rx,
+    );
+    Running { fake, view, metrics, _shutdown: shutdown }
+}
+
+/// Waits until the published registry satisfies `check`.
+async fn registry_where(r: &mut Running, what: &str, check: impl Fn(&Registry) -> bool) -> Arc<Registry> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(reg) = r.view.registry.borrow_and_update().clone()
+            && check(&reg)
+        {
+            return reg;
+        }
+        if tokio::time::timeout_at(deadline, r.view.registry.changed()).await.is_err() {
+            panic!("timed out waiting for {what}; status {:?}", r.view.status());
+        }
+    }
+}
+
+async fn condition(what: &str, check: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn ips(reg: &Registry, ns: &str, svc: &str) -> Vec<String> {
+    reg.services
+        .iter()
+        .find(|s| s.namespace == ns && s.name == svc)
+        .map(|s| s.instances.iter().map(|i| i.attributes["AWS_INSTANCE_IPV4"].clone()).collect())
+        .unwrap_or_default()
+}
+
+fn aws_calls(metrics: &Metrics, api: Api, outcome: &'static str) -> u64 {
+    metrics.source.aws_calls.get_or_create(&ApiLabels { api: api.as_str(), outcome }).get()
+}
+
+#[tokio::test]
+async fn pages_everything_then_polls_revisions_only() {
+    let fake = FakeCloudMap::with(&[("shop", &["a", "b", "c", "d", "e"]), ("blog", &["x"]), ("wiki", &[])]);
+    let mut r = run(fake, &args());
+    let reg = registry_where(&mut r, "the first sync", |_| true).await;
+    let names: Vec<String> = reg.services.iter().map(|s| format!("{}/{}", s.namespace, s.name)).collect();
+    assert_eq!(names, ["blog/x", "shop/a", "shop/b", "shop/c", "shop/d", "shop/e"]);
+    let calls = r.fake.calls();
+    assert_eq!(calls[&Api::ListNamespaces], 2, "3 namespaces in pages of 2");
+    assert_eq!(calls[&Api::ListServices], 3 + 1 + 1, "shop: 3 pages, blog and wiki: 1 each");
+    assert_eq!(calls[&Api::DiscoverInstances], 6);
+    assert_eq!(aws_calls(&r.metrics, Api::ListServices, "success"), 5);
+    let status = r.view.status();
+    assert!(status.synced && status.last_full_sync.is_some());
+    assert_eq!(status.services.len(), 3 + 6, "three namespaces and six services");
+    assert_eq!(status.services[&("shop".to_owned(), "a".to_owned())].api_calls, 1);
+
+    // Idle: revision calls only, one per service per poll.
+    let before = r.fake.calls();
+    let polls_before = r.metrics.source.loads.get_or_create(&OutcomeLabels { outcome: "unchanged" }).get();
+    condition("five idle polls", || {
+        r.metrics.source.loads.get_or_create(&OutcomeLabels { outcome: "unchanged" }).get()
+            >= polls_before + 5
+    })
+    .await;
+    let after = r.fake.calls();
+    let polls =
+        r.metrics.source.loads.get_or_create(&OutcomeLabels { outcome: "unchanged" }).get() - polls_before;
+    let revisions =
+        after[&Api::DiscoverInstancesRevision] - before.get(&Api::DiscoverInstancesRevision).unwrap_or(&0);
+    assert_eq!(after[&Api::DiscoverInstances], before[&Api::DiscoverInstances]);
+    assert_eq!(after[&Api::ListServices], before[&Api::ListServices]);
+    // Polls are counted after their calls; allow the poll in progress.
+    assert!(
+        revisions >= 6 * polls && revisions <= 6 * (polls + 1),
+        "{revisions} revision calls in {polls} polls"
+    );
+
+    // A change is read and published.
+    r.fake.set_instances("shop", "c", &["10.0.0.7", "10.0.0.8"]);
+    let reg = registry_where(&mut r, "the change", |reg| ips(reg, "shop", "c").len() == 2).await;
+    assert_eq!(ips(&reg, "shop", "a"), ["10.0.0.1"]);
+}
+
+#[tokio::test]
+async fn a_failing_or_hanging_service_keeps_its_state_and_blocks_nobody() {
+    let fake = FakeCloudMap::with(&[("shop", &["a", "b", "c"])]);
+    let mut r = run(fake, &args());
+    registry_where(&mut r, "the first sync", |_| true).await;
+    {
+        let mut s = r.fake.state.lock().unwrap();
+        s.failing.insert("a".into());
+        s.hanging.insert("b".into());
+    }
+    r.fake.set_instances("shop", "a", &["10.0.0.66"]);
+    r.fake.set_instances("shop", "c", &["10.0.0.3"]);
+    let reg = registry_where(&mut r, "c's change", |reg| ips(reg, "shop", "c") == ["10.0.0.3"]).await;
+    assert_eq!(ips(&reg, "shop", "a"), ["10.0.0.1"], "a keeps its last good state");
+    assert_eq!(ips(&reg, "shop", "b"), ["10.0.0.1"], "b keeps its last good state");
+    condition("b's timeout", || aws_calls(&r.metrics, Api::DiscoverInstancesRevision, "timeout") > 0).await;
+    condition("c moving on while b hangs", || {
+        r.view.status().services[&("shop".to_owned(), "c".to_owned())].api_calls >= 5
+    })
+    .await;
+    let status = r.view.status();
+    let a = &status.services[&("shop".to_owned(), "a".to_owned())];
+    assert!(a.last_error.as_deref().unwrap().contains("InternalFailure"), "{a:?}");
+    let b = &status.services[&("shop".to_owned(), "b".to_owned())];
+    assert!(b.last_error.as_deref().unwrap().contains("no answer within"), "{b:?}");
+    assert!(status.last_error.is_some());
+
+    // Healed: the change that waited comes through.
+    r.fake.state.lock().unwrap().failing.clear();
+    let reg = registry_where(&mut r, "a's change", |reg| ips(reg, "shop", "a") == ["10.0.0.66"]).await;
+    assert_eq!(ips(&reg, "shop", "c"), ["10.0.0.3"]);
+}
+
+#[tokio::test]
+async fn throttled_reads_are_counted_as_throttled() {
+    let fake = FakeCloudMap::with(&[("shop", &["a", "b"])]);
+    fake.state.lock().unwrap().failing.insert("a".into());
+    let r = run(fake, &CloudMapArgs { initial_sync_timeout: Some(Duration::from_millis(300)), ..args() });
+    condition("a throttled read", || aws_calls(&r.metrics, Api::DiscoverInstances, "throttled") > 0).await;
+    assert!(r.view.registry.borrow().is_none(), "a failed first read holds the first publication");
+}
+
+#[tokio::test]
+async fn the_initial_sync_timeout_publishes_what_was_read() {
+    let fake = FakeCloudMap::with(&[("shop", &["a", "b"])]);
+    fake.state.lock().unwrap().failing.insert("a".into());
+    let mut r = run(fake, &CloudMapArgs { initial_sync_timeout: Some(Duration::from_millis(300)), ..args() });
+    let reg = registry_where(&mut r, "the forced publication", |_| true).await;
+    let names: Vec<&str> = reg.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["b"]);
+    r.fake.state.lock().unwrap().failing.clear();
+    registry_where(&mut r, "a, once readable", |reg| reg.services.len() == 2).await;
+}
