@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use cloudmap_xds::model::{Health, HealthFilter, Instance, Registry, Service};
-use cloudmap_xds::snapshot::Snapshot;
+use cloudmap_xds::snapshot::{Builder, Snapshot};
 use cloudmap_xds::source::registry_file;
 use cloudmap_xds::translate::{Options, translate};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
@@ -62,6 +62,18 @@ fn bench(c: &mut Criterion) {
             snapshot.resources.len(),
             snapshot.encoded_len()
         );
+        // One service changed: the incremental builder re-translates and re-encodes only it.
+        let mut changed = registry.clone();
+        changed.services[services / 2].instances.pop();
+        let mut builder = Builder::new(options());
+        builder.build(&registry);
+        let mut flip = false;
+        group.bench_function(BenchmarkId::new("one_service_changed", format!("{services}x{instances}")), |b| {
+            b.iter(|| {
+                flip = !flip;
+                builder.build(if flip { &changed } else { &registry })
+            })
+        });
         group.bench_with_input(
             BenchmarkId::new("response_assembly", format!("{services}x{instances}")),
             &snapshot,

@@ -23,7 +23,7 @@ use crate::proto::cloudmap_xds::debug::v1::debug_server::DebugServer;
 use crate::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use crate::snapshot::{self, Publisher, Snapshot};
 use crate::source::{self, SourceView, registry_file};
-use crate::translate::{self, Options, Skipped, SkippedLabel};
+use crate::translate::{Options, Skipped, SkippedLabel};
 use crate::xds::{AdsServer, Clients};
 
 /// istiod's ADS client pings every 30 s and waits 10 s; we detect dead peers the same way.
@@ -165,24 +165,18 @@ async fn build_snapshots(
     metrics: Metrics,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut builder = snapshot::Builder::new(options);
     let mut logged_skips = BTreeSet::new();
     let mut logged_labels = BTreeSet::new();
     loop {
         let registry = registries.borrow_and_update().clone();
         if let Some(registry) = registry {
             let started = Instant::now();
-            let translation = translate::translate(&registry, &options);
-            log_new_skips(
-                &translation.skipped,
-                &mut logged_skips,
-                &translation.skipped_labels,
-                &mut logged_labels,
-            );
-            let snapshot = Snapshot::build(translation);
+            let snapshot = builder.build(&registry);
             metrics.snapshot.build_duration.observe(started.elapsed().as_secs_f64());
+            log_new_skips(&snapshot.skipped, &mut logged_skips, builder.skipped_labels(), &mut logged_labels);
             record_snapshot_metrics(&metrics, &snapshot, registry.services.len());
-            let (version, entries, endpoints) =
-                (snapshot.version.clone(), snapshot.resources.len(), snapshot.endpoints);
+            let (version, entries, endpoints) = (snapshot.version.clone(), snapshot.resources.len(), snapshot.endpoints);
             if publisher.publish(snapshot) {
                 metrics.snapshot.published.inc();
                 info!(%version, service_entries = entries, endpoints, "snapshot published");
@@ -196,20 +190,21 @@ async fn build_snapshots(
 }
 
 /// Logs each skipped instance and label once, not on every rebuild.
-fn log_new_skips(
+fn log_new_skips<'a>(
     skipped: &[Skipped],
     logged: &mut BTreeSet<Skipped>,
-    labels: &[SkippedLabel],
+    labels: impl Iterator<Item = &'a SkippedLabel>,
     logged_labels: &mut BTreeSet<SkippedLabel>,
 ) {
     for s in skipped.iter().filter(|s| !logged.contains(*s)) {
         warn!(namespace = %s.namespace, service = %s.service, instance = s.instance.as_deref().unwrap_or("-"), reason = %s.reason, "instance skipped");
     }
     *logged = skipped.iter().cloned().collect();
-    for l in labels.iter().filter(|l| !logged_labels.contains(*l)) {
+    let labels: BTreeSet<SkippedLabel> = labels.cloned().collect();
+    for l in labels.difference(logged_labels) {
         warn!(namespace = %l.namespace, service = %l.service, key = %l.key, "custom attribute is not a valid label key/value; not used as a label");
     }
-    *logged_labels = labels.iter().cloned().collect();
+    *logged_labels = labels;
 }
 
 fn record_snapshot_metrics(metrics: &Metrics, snapshot: &Snapshot, services: usize) {

@@ -5,6 +5,7 @@
 //! Snapshots travel on a `tokio::sync::watch`, so a burst of changes reaches a
 //! slow stream as its latest state, and an unchanged snapshot wakes nobody.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -14,7 +15,8 @@ use tokio::sync::watch;
 
 use crate::proto::istio::mcp::v1alpha1::{Metadata, Resource as McpResource};
 use crate::proto::istio::networking::v1alpha3::ServiceEntry;
-use crate::translate::{Skipped, Translation};
+use crate::model::{Registry, Service};
+use crate::translate::{self, Options, Skipped, SkippedLabel, Translation};
 
 /// `Any` type of every resource in a ServiceEntry response.
 pub const MCP_RESOURCE_TYPE_URL: &str = "type.googleapis.com/istio.mcp.v1alpha1.Resource";
@@ -43,8 +45,8 @@ pub struct Snapshot {
     /// False until the source completed its first full load: ServiceEntries are
     /// then withheld, so istiod keeps what it had instead of deleting it all.
     pub synced: bool,
-    /// Sorted by name.
-    pub resources: Vec<Resource>,
+    /// Sorted by name; shared with the next snapshot when unchanged.
+    pub resources: Vec<Arc<Resource>>,
     pub endpoints: usize,
     pub skipped: Vec<Skipped>,
     pub skipped_labels: usize,
@@ -67,12 +69,15 @@ impl Snapshot {
 
     /// Encodes a translation. Deterministic: the same translation gives the same bytes and versions.
     pub fn build(translation: Translation) -> Self {
-        let endpoints = translation.entries.iter().map(|e| e.spec.endpoints.len()).sum();
-        let resources: Vec<Resource> = translation
-            .entries
-            .into_iter()
-            .map(|entry| encode(format!("{}/{}", entry.namespace, entry.name), entry.create_time, entry.spec))
-            .collect();
+        let resources = translation.entries.into_iter().map(|e| Arc::new(encode_entry(e))).collect();
+        Self::assemble(resources, translation.skipped, translation.skipped_labels.len())
+    }
+
+    fn assemble(mut resources: Vec<Arc<Resource>>, mut skipped: Vec<Skipped>, skipped_labels: usize) -> Self {
+        resources.sort_by(|a, b| a.name.cmp(&b.name));
+        resources.dedup_by(|a, b| a.name == b.name);
+        skipped.sort();
+        let endpoints = resources.iter().map(|r| r.spec.endpoints.len()).sum();
         let mut hasher = Sha256::new();
         for r in &resources {
             hasher.update(r.name.as_bytes());
@@ -85,8 +90,8 @@ impl Snapshot {
             synced: true,
             resources,
             endpoints,
-            skipped: translation.skipped,
-            skipped_labels: translation.skipped_labels.len(),
+            skipped,
+            skipped_labels,
             built_at: SystemTime::now(),
         }
     }
@@ -100,6 +105,10 @@ impl Snapshot {
     pub fn encoded_len(&self) -> usize {
         self.resources.iter().map(|r| r.encoded.value.len()).sum()
     }
+}
+
+fn encode_entry(entry: translate::Entry) -> Resource {
+    encode(format!("{}/{}", entry.namespace, entry.name), entry.create_time, entry.spec)
 }
 
 fn encode(name: String, create_time: SystemTime, spec: ServiceEntry) -> Resource {
@@ -122,9 +131,61 @@ fn encode(name: String, create_time: SystemTime, spec: ServiceEntry) -> Resource
         }),
         body: Some(prost_types::Any { type_url: SERVICE_ENTRY_BODY_TYPE_URL.into(), value: body }),
     };
-    let encoded =
-        prost_types::Any { type_url: MCP_RESOURCE_TYPE_URL.into(), value: resource.encode_to_vec() };
+    let encoded = prost_types::Any { type_url: MCP_RESOURCE_TYPE_URL.into(), value: resource.encode_to_vec() };
     Resource { name, version, create_time, spec, encoded }
+}
+
+/// Builds snapshots incrementally: a service equal to the one seen last time
+/// reuses its translation and encoded resource, so one changed service costs one
+/// translation and one encode, not a rebuild of everything.
+#[derive(Debug)]
+pub struct Builder {
+    options: Options,
+    cache: HashMap<(String, String), Cached>,
+}
+
+#[derive(Debug)]
+struct Cached {
+    service: Service,
+    resource: Option<Arc<Resource>>,
+    skipped: Vec<Skipped>,
+    skipped_labels: Vec<SkippedLabel>,
+}
+
+impl Builder {
+    pub fn new(options: Options) -> Self {
+        Builder { options, cache: HashMap::new() }
+    }
+
+    pub fn build(&mut self, registry: &Registry) -> Snapshot {
+        let mut next = HashMap::with_capacity(registry.services.len());
+        for service in &registry.services {
+            let key = (service.namespace.clone(), service.name.clone());
+            let cached = match self.cache.remove(&key) {
+                Some(cached) if cached.service == *service => cached,
+                _ => {
+                    let t = translate::translate_service(service, &self.options);
+                    Cached {
+                        service: service.clone(),
+                        resource: t.entries.into_iter().next().map(|e| Arc::new(encode_entry(e))),
+                        skipped: t.skipped,
+                        skipped_labels: t.skipped_labels,
+                    }
+                }
+            };
+            next.insert(key, cached);
+        }
+        self.cache = next;
+        let resources = self.cache.values().filter_map(|c| c.resource.clone()).collect();
+        let skipped = self.cache.values().flat_map(|c| c.skipped.iter().cloned()).collect();
+        let skipped_labels = self.cache.values().map(|c| c.skipped_labels.len()).sum();
+        Snapshot::assemble(resources, skipped, skipped_labels)
+    }
+
+    /// Skipped custom attributes of the last build, for logging.
+    pub fn skipped_labels(&self) -> impl Iterator<Item = &SkippedLabel> {
+        self.cache.values().flat_map(|c| c.skipped_labels.iter())
+    }
 }
 
 fn hex_prefix(digest: &[u8]) -> String {
@@ -244,6 +305,23 @@ mod tests {
         let body = decoded.body.unwrap();
         assert_eq!(body.type_url, SERVICE_ENTRY_BODY_TYPE_URL);
         assert_eq!(ServiceEntry::decode(body.value.as_slice()).unwrap(), r.spec);
+    }
+
+    #[test]
+    fn the_incremental_builder_matches_a_full_build() {
+        let options = Options { publish_namespace: "istio-system".into(), health_filter: HealthFilter::All };
+        let mut builder = Builder::new(options);
+        let first = builder.build(&registry(&[0, 1, 2, 3]));
+        assert_eq!(first.version, build(&registry(&[0, 1, 2, 3])).version);
+        let mut changed = registry(&[3, 2, 1]);
+        changed.services[1].instances.pop();
+        let second = builder.build(&changed);
+        let full = build(&changed);
+        assert_eq!(second.version, full.version);
+        assert_eq!(second.encoded_resources(), full.encoded_resources());
+        // Unchanged services share the previous snapshot's encoding.
+        let reused = first.resources.iter().find(|r| r.name.ends_with("svc-1.ns")).unwrap();
+        assert!(second.resources.iter().any(|r| Arc::ptr_eq(r, reused)));
     }
 
     #[test]

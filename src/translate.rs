@@ -115,22 +115,35 @@ pub struct Translation {
 pub fn translate(registry: &Registry, options: &Options) -> Translation {
     let mut out = Translation::default();
     for service in &registry.services {
-        if let Some(entry) = translate_service(service, options, &mut out) {
-            out.entries.push(entry);
-        }
+        out.merge(translate_service(service, options));
     }
-    out.entries.sort_by(|a, b| a.name.cmp(&b.name));
-    // The same name twice can only come from the same (namespace, service) listed twice.
-    out.entries.dedup_by(|a, b| a.name == b.name);
-    out.skipped.sort();
-    out.skipped.dedup();
-    out.skipped_labels.sort();
-    out.skipped_labels.dedup();
+    out.normalize();
     out
 }
 
-/// Translates one service; `None` when it cannot be expressed (recorded in `out.skipped`).
-fn translate_service(service: &Service, options: &Options, out: &mut Translation) -> Option<Entry> {
+impl Translation {
+    pub fn merge(&mut self, other: Translation) {
+        self.entries.extend(other.entries);
+        self.skipped.extend(other.skipped);
+        self.skipped_labels.extend(other.skipped_labels);
+    }
+
+    /// Sorts everything; keeps one entry per name.
+    pub fn normalize(&mut self) {
+        self.entries.sort_by(|a, b| a.name.cmp(&b.name));
+        // The same name twice can only come from the same (namespace, service) listed twice.
+        self.entries.dedup_by(|a, b| a.name == b.name);
+        self.skipped.sort();
+        self.skipped.dedup();
+        self.skipped_labels.sort();
+        self.skipped_labels.dedup();
+    }
+}
+
+/// Translates one service: at most one entry, plus what was skipped. When the
+/// service cannot be expressed at all, `entries` is empty and `skipped` says why.
+pub fn translate_service(service: &Service, options: &Options) -> Translation {
+    let mut out = Translation::default();
     let raw_host = format!("{}.{}", service.name, service.namespace);
     let Some(host) = to_host(&raw_host) else {
         out.skipped.push(Skipped {
@@ -139,7 +152,7 @@ fn translate_service(service: &Service, options: &Options, out: &mut Translation
             instance: None,
             reason: SkipReason::InvalidHost(raw_host),
         });
-        return None;
+        return out;
     };
     let name = entry_name(&raw_host, &host);
 
@@ -167,13 +180,14 @@ fn translate_service(service: &Service, options: &Options, out: &mut Translation
         }
     }
 
-    Some(Entry {
+    out.entries.push(Entry {
         name,
         namespace: options.publish_namespace.clone(),
         create_time: service.created,
         spec: build_spec(host, endpoints),
         origin: (service.namespace.clone(), service.name.clone()),
-    })
+    });
+    out
 }
 
 /// An instance reduced to what the ServiceEntry needs.
