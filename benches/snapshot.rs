@@ -68,12 +68,15 @@ fn bench(c: &mut Criterion) {
         let mut builder = Builder::new(options());
         builder.build(&registry);
         let mut flip = false;
-        group.bench_function(BenchmarkId::new("one_service_changed", format!("{services}x{instances}")), |b| {
-            b.iter(|| {
-                flip = !flip;
-                builder.build(if flip { &changed } else { &registry })
-            })
-        });
+        group.bench_function(
+            BenchmarkId::new("one_service_changed", format!("{services}x{instances}")),
+            |b| {
+                b.iter(|| {
+                    flip = !flip;
+                    builder.build(if flip { &changed } else { &registry })
+                })
+            },
+        );
         group.bench_with_input(
             BenchmarkId::new("response_assembly", format!("{services}x{instances}")),
             &snapshot,

@@ -176,7 +176,8 @@ async fn build_snapshots(
             metrics.snapshot.build_duration.observe(started.elapsed().as_secs_f64());
             log_new_skips(&snapshot.skipped, &mut logged_skips, builder.skipped_labels(), &mut logged_labels);
             record_snapshot_metrics(&metrics, &snapshot, registry.services.len());
-            let (version, entries, endpoints) = (snapshot.version.clone(), snapshot.resources.len(), snapshot.endpoints);
+            let (version, entries, endpoints) =
+                (snapshot.version.clone(), snapshot.resources.len(), snapshot.endpoints);
             if publisher.publish(snapshot) {
                 metrics.snapshot.published.inc();
                 info!(%version, service_entries = entries, endpoints, "snapshot published");

@@ -13,9 +13,9 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
+use crate::model::{Registry, Service};
 use crate::proto::istio::mcp::v1alpha1::{Metadata, Resource as McpResource};
 use crate::proto::istio::networking::v1alpha3::ServiceEntry;
-use crate::model::{Registry, Service};
 use crate::translate::{self, Options, Skipped, SkippedLabel, Translation};
 
 /// `Any` type of every resource in a ServiceEntry response.
@@ -131,7 +131,8 @@ fn encode(name: String, create_time: SystemTime, spec: ServiceEntry) -> Resource
         }),
         body: Some(prost_types::Any { type_url: SERVICE_ENTRY_BODY_TYPE_URL.into(), value: body }),
     };
-    let encoded = prost_types::Any { type_url: MCP_RESOURCE_TYPE_URL.into(), value: resource.encode_to_vec() };
+    let encoded =
+        prost_types::Any { type_url: MCP_RESOURCE_TYPE_URL.into(), value: resource.encode_to_vec() };
     Resource { name, version, create_time, spec, encoded }
 }
 

@@ -370,15 +370,24 @@ pub fn to_host(raw: &str) -> Option<String> {
     (valid && host.len() <= MAX_DNS_NAME).then_some(host)
 }
 
-/// `cloudmap-<host>`; when the host had to be rewritten, a hash of the original
-/// keeps names unique (`My_Svc` and `my-svc` both exist in Cloud Map).
+/// `cloudmap-<host>`. When the host had to be rewritten, or the name would pass
+/// Kubernetes' 253 characters, the name is shortened as needed and ends in a hash
+/// of the original, so `My_Svc` and `my-svc` (and long look-alikes) stay distinct.
 fn entry_name(raw_host: &str, host: &str) -> String {
-    if raw_host == host {
-        return format!("{NAME_PREFIX}{host}");
+    let plain = format!("{NAME_PREFIX}{host}");
+    if raw_host == host && is_dns_subdomain(&plain) {
+        return plain;
     }
     let digest = Sha256::digest(raw_host.as_bytes());
     let suffix: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
-    format!("{NAME_PREFIX}{host}-{suffix}")
+    let mut labels: Vec<&str> = plain.split('.').map(|l| &l[..l.len().min(MAX_DNS_LABEL)]).collect();
+    if let Some(last) = labels.last_mut() {
+        // The suffix joins the last label.
+        *last = &last[..last.len().min(MAX_DNS_LABEL - 1 - suffix.len())];
+    }
+    let mut base = labels.iter().map(|l| l.trim_end_matches('-')).collect::<Vec<_>>().join(".");
+    base.truncate(MAX_DNS_NAME - 1 - suffix.len());
+    format!("{}-{suffix}", base.trim_end_matches(['-', '.']))
 }
 
 /// A CNAME or alias target as a lower-case DNS name without the trailing dot.

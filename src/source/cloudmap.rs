@@ -61,7 +61,7 @@ pub struct CloudMapArgs {
     #[serde(with = "crate::config::humantime_serde_shim")]
     pub poll_interval: Duration,
 
-    /// How often every service is read in full (DiscoverInstances); health changes are seen at this pace.
+    /// How often each service is read in full (DiscoverInstances), spread evenly; health changes are seen at this pace.
     #[arg(long, env = "CLOUDMAP_XDS_FULL_REFRESH_INTERVAL", default_value = DEFAULT_FULL_REFRESH_INTERVAL, value_parser = humantime::parse_duration)]
     #[serde(with = "crate::config::humantime_serde_shim")]
     pub full_refresh_interval: Duration,

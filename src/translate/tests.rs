@@ -329,3 +329,27 @@ fn labels_follow_kubernetes_rules() {
     assert!(!valid_label(&"k".repeat(64), "v"));
     assert!(!valid_label("app", &"v".repeat(64)));
 }
+
+#[test]
+fn names_stay_valid_kubernetes_names_however_long_the_host() {
+    let long_service = "s".repeat(63);
+    let long_namespace = format!("{}.{}.{}", "a".repeat(63), "b".repeat(63), "c".repeat(52));
+    let t = translate(
+        &Registry {
+            services: vec![
+                service(&long_namespace, &long_service, vec![]),
+                service(&long_namespace.to_uppercase(), &long_service, vec![]),
+                service(&"N".repeat(60), "svc", vec![]),
+            ],
+        },
+        &options(),
+    );
+    assert_eq!(t.entries.len(), 3, "{:?}", t.skipped);
+    let names: BTreeSet<_> = t.entries.iter().map(|e| e.name.clone()).collect();
+    assert_eq!(names.len(), 3, "names stay unique");
+    for name in &names {
+        assert!(name.len() <= 253, "{name} has {} characters", name.len());
+        assert!(is_dns_subdomain(name), "{name} is not a DNS subdomain");
+    }
+    assert_eq!(t.entries[0].spec.hosts[0].len(), 63 + 1 + 63 + 1 + 63 + 1 + 52);
+}

@@ -130,7 +130,9 @@ pub async fn connect(settings: &Settings) -> Result<(SdkCloudMap, String), Error
     match tokio::time::timeout(CREDENTIALS_TIMEOUT, provider.provide_credentials()).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => {
-            return Err(Error::NoCredentials { region, detail: DisplayErrorContext(&e).to_string() });
+            // The chain's error lists every provider on its own line; one line is easier to read in pod logs.
+            let detail = DisplayErrorContext(&e).to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+            return Err(Error::NoCredentials { region, detail });
         }
         Err(_) => return Err(Error::CredentialsTimeout { region, timeout: CREDENTIALS_TIMEOUT }),
     }

@@ -13,7 +13,8 @@
 //!   and a listing that would remove more than `mass_removal_threshold` of all
 //!   services at once is held until the next successful listing confirms it;
 //! - `DiscoverInstancesRevision` skips unchanged services ("changed if different",
-//!   never "newer if greater"), and a periodic full sweep of `DiscoverInstances`
+//!   never "newer if greater"), and every service is also read in full once per
+//!   `full_refresh_interval` (phases spread evenly, so there is no burst), which
 //!   catches health changes, which do not move the revision;
 //! - nothing is published before the first complete sync (every namespace listed,
 //!   every service read) unless [`Inventory::force_publish`] is called.
@@ -73,7 +74,7 @@ pub struct Target {
 pub struct PollPlan {
     /// Services whose revision is checked; a changed one is then read.
     pub revision: Vec<Target>,
-    /// Services read right away: new, changed, failed or due in the sweep.
+    /// Services read right away: new, changed, failed or due for their full refresh.
     pub discover: Vec<Target>,
 }
 
@@ -105,7 +106,7 @@ pub struct ListingReport {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PollSummary {
-    /// A sweep in which every service was read successfully just finished.
+    /// A cycle in which every service was read successfully just finished.
     pub full_sync: bool,
     /// ...and it was the first one.
     pub initial_sync: bool,
@@ -135,10 +136,14 @@ struct ServiceState {
     pending_revision: Option<i64>,
     /// The revision moved (or the service was re-created); read it.
     changed: bool,
-    /// When DiscoverInstances last succeeded.
-    last_read: Option<Instant>,
+    /// The full-sync cycle of the last successful DiscoverInstances.
+    read_in_cycle: Option<u64>,
+    /// When the next full read is due whatever the revision says (health changes).
+    next_full: Option<Instant>,
     failures: u32,
     retry_at: Option<Instant>,
+    /// A call for this service is in flight; later plans skip it.
+    busy: bool,
     status: ServiceStatus,
 }
 
@@ -147,10 +152,8 @@ impl ServiceState {
         Target { key: key.clone(), namespace_http_name: self.http_name.clone(), service: key.1.clone() }
     }
 
-    fn needs_read(&self, sweep: Option<Instant>) -> bool {
-        self.instances.is_none()
-            || self.changed
-            || sweep.is_some_and(|s| self.last_read.is_none_or(|r| r < s))
+    fn needs_read(&self, now: Instant) -> bool {
+        self.instances.is_none() || self.changed || self.next_full.is_some_and(|t| t <= now)
     }
 }
 
@@ -165,9 +168,10 @@ pub struct Inventory {
     listed_once: bool,
     listing_failures: u32,
     next_listing: Instant,
-    sweep_started: Option<Instant>,
-    next_sweep: Instant,
+    /// The current full-sync cycle; it ends when every service was read in it.
+    cycle: u64,
     throttled_polls: u32,
+    last_throttled: Option<Instant>,
     initial_synced: bool,
     forced: bool,
     /// Content changed since the last [`Inventory::registry_update`].
@@ -188,9 +192,9 @@ impl Inventory {
             listed_once: false,
             listing_failures: 0,
             next_listing: now,
-            sweep_started: None,
-            next_sweep: now,
+            cycle: 0,
             throttled_polls: 0,
+            last_throttled: None,
             initial_synced: false,
             forced: false,
             dirty: false,
@@ -335,6 +339,15 @@ impl Inventory {
                 first = ?fresh.first(),
                 "listing would remove too many services at once; holding the removal until the next listing confirms it"
             );
+            self.last_error = Some((
+                format!(
+                    "a listing would remove {} of {known_before} services at once (more than --mass-removal-threshold {}); \
+                     held until the next listing confirms it",
+                    fresh.len(),
+                    self.config.mass_removal_threshold
+                ),
+                now.wall,
+            ));
             self.held = fresh.iter().cloned().collect();
             report.held = fresh;
         } else {
@@ -394,9 +407,11 @@ impl Inventory {
                         revision: None,
                         pending_revision: None,
                         changed: false,
-                        last_read: None,
+                        read_in_cycle: None,
+                        next_full: None,
                         failures: 0,
                         retry_at: None,
+                        busy: false,
                         status,
                     },
                 );
@@ -405,24 +420,53 @@ impl Inventory {
         }
     }
 
-    /// What to call in this poll (after the listing, if one was due). Starts a
-    /// full sweep when one is due: every service is then read, not just checked.
+    /// What to call in this poll: a read for services that are new, changed or
+    /// due for their full refresh, a revision check for the others. Services with
+    /// a call in flight or in backoff are left out; the planned ones are marked in
+    /// flight until their answer is applied (or [`Inventory::abandon`]ed).
     pub fn plan_next_poll(&mut self, now: Instant) -> PollPlan {
-        if self.sweep_started.is_none() && now >= self.next_sweep {
-            self.sweep_started = Some(now);
-        }
+        self.plan(now, true)
+    }
+
+    /// Only the reads due now (new, changed or swept services), e.g. right after a
+    /// listing added services, without waiting for the next poll.
+    pub fn plan_reads(&mut self, now: Instant) -> Vec<Target> {
+        self.plan(now, false).discover
+    }
+
+    fn plan(&mut self, now: Instant, revisions: bool) -> PollPlan {
         let mut plan = PollPlan::default();
-        for (key, s) in &self.services {
-            if s.retry_at.is_some_and(|t| t > now) {
+        for (key, s) in &mut self.services {
+            if s.busy || s.retry_at.is_some_and(|t| t > now) {
                 continue;
             }
-            if s.needs_read(self.sweep_started) {
+            if s.needs_read(now) {
                 plan.discover.push(s.target(key));
-            } else {
+            } else if revisions {
                 plan.revision.push(s.target(key));
+            } else {
+                continue;
             }
+            s.busy = true;
         }
         plan
+    }
+
+    /// The call for `key` ended without an answer to apply (its task died).
+    pub fn abandon(&mut self, key: &ServiceKey) {
+        if let Some(s) = self.services.get_mut(key) {
+            s.busy = false;
+        }
+    }
+
+    /// The first complete sync is still under way.
+    pub fn syncing(&self) -> bool {
+        !self.initial_synced
+    }
+
+    /// Whether there is content not yet returned by [`Inventory::registry_update`].
+    pub fn has_update(&self) -> bool {
+        self.dirty && self.synced()
     }
 
     /// Applies a DiscoverInstancesRevision answer; returns whether the service
@@ -432,10 +476,12 @@ impl Inventory {
         s.status.api_calls += 1;
         match result {
             Ok(revision) if s.revision == Some(revision) && !s.changed => {
+                s.busy = false;
                 Self::succeeded(s, key, now);
                 false
             }
             Ok(revision) => {
+                // Stays in flight: the caller reads it now.
                 s.changed = true;
                 s.pending_revision = Some(revision);
                 true
@@ -454,8 +500,17 @@ impl Inventory {
         result: Result<Discovered, ApiError>,
         now: Now,
     ) -> bool {
+        let full = self.config.full_refresh_interval;
+        // The first full refresh comes at a random point of the interval, so the
+        // services' refreshes spread evenly instead of bursting together.
+        let next_full = match self.services.get(key) {
+            Some(s) if s.next_full.is_none() => full.mul_f64(self.rng.f64()),
+            Some(_) => self.jitter(full),
+            None => return false,
+        };
         let Some(s) = self.services.get_mut(key) else { return false };
         s.status.api_calls += 1;
+        s.busy = false;
         let discovered = match result {
             Ok(d) => d,
             Err(err) => {
@@ -479,7 +534,8 @@ impl Inventory {
         s.instances = Some(instances);
         s.revision = s.pending_revision.take().or(discovered.revision);
         s.changed = false;
-        s.last_read = Some(now.instant);
+        s.read_in_cycle = Some(self.cycle);
+        s.next_full = Some(now.instant + next_full);
         Self::succeeded(s, key, now);
         if changed {
             self.dirty = true;
@@ -502,6 +558,7 @@ impl Inventory {
             self.backoff(s.failures + 1)
         };
         let Some(s) = self.services.get_mut(key) else { return };
+        s.busy = false;
         s.failures += 1;
         s.retry_at = Some(now.instant + delay);
         s.status.last_error = Some(format!("{api}: {err}"));
@@ -514,17 +571,17 @@ impl Inventory {
         self.last_error = Some((format!("{}/{}: {api}: {err}", key.0, key.1), now.wall));
     }
 
-    /// Closes a poll: finishes the sweep when every service was read since it
-    /// started (and every namespace was listed once).
+    /// Ends the full-sync cycle when every service was read since it began (and
+    /// every namespace was listed once); the next cycle begins. Call it after
+    /// applying a batch of answers.
     pub fn finish_poll(&mut self, now: Now) -> PollSummary {
         let mut summary = PollSummary::default();
-        let Some(started) = self.sweep_started else { return summary };
+        let cycle = self.cycle;
         let complete = self.listed_once
             && self.namespaces.values().all(|n| n.listed)
-            && self.services.values().all(|s| s.last_read.is_some_and(|r| r >= started));
+            && self.services.values().all(|s| s.read_in_cycle == Some(cycle));
         if complete {
-            self.sweep_started = None;
-            self.next_sweep = now.instant + self.jitter(self.config.full_refresh_interval);
+            self.cycle += 1;
             self.last_full_sync = Some(now.wall);
             summary.full_sync = true;
             if !self.initial_synced {
@@ -574,10 +631,20 @@ impl Inventory {
         namespaces.chain(services).collect()
     }
 
-    /// How long to wait before the next poll: the poll interval with jitter, or,
-    /// after polls that were throttled, an exponential backoff.
-    pub fn next_poll_delay(&mut self, throttled: bool) -> Duration {
-        self.throttled_polls = if throttled { self.throttled_polls.saturating_add(1) } else { 0 };
+    /// How long to wait before the next poll: the poll interval with jitter or,
+    /// while Cloud Map throttles (the quotas are per account, so every service
+    /// slows down), an exponential backoff that doubles with each poll that saw
+    /// throttling and ends after a quiet [`MAX_BACKOFF`] (at most 12 polls).
+    /// `throttled`: a call answered since the last poll was throttled.
+    pub fn next_poll_delay(&mut self, now: Instant, throttled: bool) -> Duration {
+        if throttled {
+            self.throttled_polls = self.throttled_polls.saturating_add(1);
+            self.last_throttled = Some(now);
+        } else if self.last_throttled.is_some_and(|t| now.saturating_duration_since(t) >= self.max_backoff())
+        {
+            self.throttled_polls = 0;
+            self.last_throttled = None;
+        }
         let base = if self.throttled_polls == 0 {
             self.config.poll_interval
         } else {

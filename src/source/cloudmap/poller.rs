@@ -1,16 +1,17 @@
-//! The thin async loop around [`Inventory`]: each poll lists when due, checks
-//! revisions, reads what changed, publishes the registry when its content
-//! changed, and copies the status out. Calls run concurrently, each behind its
-//! API's token bucket and a timeout, and every one is counted in
-//! `cloudmap_xds_aws_calls{api,outcome}` and in its service's status.
+//! The thin async loop around [`Inventory`]: each poll tick starts the listing
+//! when due and one call per service (revision check or read); answers are
+//! applied as they arrive; the registry is published when its content changed,
+//! and the status is copied out. Calls run concurrently as tasks, each behind
+//! its API's token bucket, a bound on calls in flight and a timeout, and every
+//! one is counted in `cloudmap_xds_aws_calls{api,outcome}` and in its service's status.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, watch};
-use tokio::task::JoinSet;
+use tokio::task::{self, JoinSet};
 use tracing::{debug, error, info, warn};
 
 use super::api::{Api, ApiError, CloudMapApi, Discovered, ErrorKind, NamespaceInfo, ServiceInfo};
@@ -24,6 +25,9 @@ use crate::source::SourceSink;
 pub const MAX_IN_FLIGHT: usize = 32;
 /// A List call that pages on beyond this is treated as failed rather than trusted.
 pub const MAX_PAGES: usize = 10_000;
+/// Answers are published at most this long after the first change among them,
+/// even while other calls of the same poll are still out.
+pub const PUBLISH_DELAY: Duration = Duration::from_millis(50);
 /// While waiting for the first complete sync, progress is logged at most this often.
 const WAIT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -145,20 +149,20 @@ impl<A: CloudMapApi> Caller<A> {
 }
 
 enum Done {
+    Listing(Result<Listing, ApiError>),
     Revision(Target, Result<i64, ApiError>),
     Instances(ServiceKey, Result<Discovered, ApiError>),
 }
 
-/// What one poll did, for logs and metrics.
+/// What happened since the last poll tick, for `cloudmap_xds_source_loads`.
 #[derive(Debug, Default)]
-struct PollStats {
+struct Window {
     errors: usize,
     throttled: bool,
-    revision_calls: usize,
-    discover_calls: usize,
+    published: bool,
 }
 
-impl PollStats {
+impl Window {
     fn note<T>(&mut self, result: &Result<T, ApiError>) {
         if let Err(e) = result {
             self.errors += 1;
@@ -175,6 +179,13 @@ pub struct Poller<A> {
     initial_sync_timeout: Option<Duration>,
     started: Instant,
     last_wait_log: Option<Instant>,
+    tasks: JoinSet<Done>,
+    /// Which service each running task is for (`None`: the listing).
+    owners: HashMap<task::Id, Option<ServiceKey>>,
+    listing_in_flight: bool,
+    window: Window,
+    /// When the last tick that spawned calls started, until they all finished.
+    wave_started: Option<Instant>,
 }
 
 impl<A: CloudMapApi> Poller<A> {
@@ -200,115 +211,181 @@ impl<A: CloudMapApi> Poller<A> {
             initial_sync_timeout,
             started: Instant::now(),
             last_wait_log: None,
+            tasks: JoinSet::new(),
+            owners: HashMap::new(),
+            listing_in_flight: false,
+            window: Window::default(),
+            wave_started: None,
         }
     }
 
     /// Polls until `shutdown` turns true (or its sender goes away).
+    ///
+    /// Every poll interval (jittered, longer after throttling) a tick starts the
+    /// listing when due and one call per service not already in flight. Answers
+    /// are applied as they arrive, so a slow or hanging call delays only its own
+    /// service. Answers are settled (full-sync bookkeeping, publication, status)
+    /// when every call out has answered, [`PUBLISH_DELAY`] after the first change
+    /// (or any answer before the first complete sync), and at every tick,
+    /// whichever comes first.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut next_tick = tokio::time::Instant::now();
+        let mut publish_at: Option<tokio::time::Instant> = None;
         loop {
-            let throttled = tokio::select! {
-                throttled = self.poll() => throttled,
-                _ = shutdown.wait_for(|d| *d) => return,
-            };
-            let delay = self.inventory.next_poll_delay(throttled);
-            if throttled {
-                warn!(next_poll_in = ?delay, "Cloud Map is throttling; slowing down");
-            }
             tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
                 _ = shutdown.wait_for(|d| *d) => return,
-            }
-        }
-    }
-
-    /// One poll; returns whether any call was throttled.
-    async fn poll(&mut self) -> bool {
-        let started = Instant::now();
-        let mut stats = PollStats::default();
-        if self.inventory.listing_due(Instant::now()) {
-            let listing = self.caller.list(self.inventory.filter()).await;
-            match &listing {
-                Err(e) => stats.note::<()>(&Err(e.clone())),
-                Ok(l) => l.services.values().for_each(|n| stats.note(&n.result)),
-            }
-            let report = self.inventory.apply_listing(listing, Now::current());
-            if !report.added.is_empty() || !report.removed.is_empty() {
-                info!(
-                    added = report.added.len(),
-                    removed = report.removed.len(),
-                    services = self.inventory.service_count(),
-                    "Cloud Map listing changed"
-                );
-            }
-        }
-
-        let plan = self.inventory.plan_next_poll(Instant::now());
-        let mut tasks = JoinSet::new();
-        for target in plan.revision {
-            stats.revision_calls += 1;
-            self.spawn_revision(&mut tasks, target);
-        }
-        for target in plan.discover {
-            stats.discover_calls += 1;
-            self.spawn_discover(&mut tasks, target);
-        }
-        while let Some(joined) = tasks.join_next().await {
-            let done = match joined {
-                Ok(done) => done,
-                Err(e) => {
-                    // The service whose task died is planned again next poll.
-                    error!(error = %e, "a Cloud Map call task failed");
-                    continue;
+                () = tokio::time::sleep_until(next_tick) => {
+                    // Calls may never all be answered at once (a large registry, a hanging call): settle anyway.
+                    self.settle();
+                    publish_at = None;
+                    let throttled = self.tick();
+                    let delay = self.inventory.next_poll_delay(Instant::now(), throttled);
+                    if throttled {
+                        warn!(next_poll_in = ?delay, "Cloud Map is throttling; slowing down");
+                    }
+                    next_tick = tokio::time::Instant::now() + delay;
                 }
-            };
-            match done {
-                Done::Revision(target, result) => {
-                    stats.note(&result);
-                    if self.inventory.apply_revision(&target.key, result, Now::current()) {
-                        stats.discover_calls += 1;
-                        self.spawn_discover(&mut tasks, target);
+                Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
+                    self.on_done(joined);
+                    if self.tasks.is_empty() {
+                        self.settle();
+                        publish_at = None;
+                    } else if publish_at.is_none() && (self.inventory.has_update() || self.inventory.syncing()) {
+                        publish_at = Some(tokio::time::Instant::now() + PUBLISH_DELAY);
                     }
                 }
-                Done::Instances(key, result) => {
-                    stats.note(&result);
-                    self.inventory.apply_instances(&key, result, Now::current());
+                () = sleep_until_some(publish_at) => {
+                    self.settle();
+                    publish_at = None;
                 }
             }
         }
-        let summary = self.inventory.finish_poll(Now::current());
-        self.after_poll(started, &stats, summary);
-        stats.throttled
     }
 
-    fn spawn_revision(&self, tasks: &mut JoinSet<Done>, target: Target) {
+    /// Starts one poll; returns whether the window since the last one saw throttling.
+    fn tick(&mut self) -> bool {
+        let window = std::mem::take(&mut self.window);
+        let outcome = if window.errors > 0 {
+            "error"
+        } else if window.published {
+            "success"
+        } else {
+            "unchanged"
+        };
+        self.caller.metrics.loads.get_or_create(&OutcomeLabels { outcome }).inc();
+
+        if !self.inventory.synced() {
+            self.initial_sync_progress();
+        }
+        let now = Instant::now();
+        if !self.listing_in_flight && self.inventory.listing_due(now) {
+            self.spawn_listing();
+        }
+        let plan = self.inventory.plan_next_poll(now);
+        for target in plan.revision {
+            self.spawn_revision(target);
+        }
+        for target in plan.discover {
+            self.spawn_discover(target);
+        }
+        if !self.tasks.is_empty() && self.wave_started.is_none() {
+            self.wave_started = Some(now);
+        }
+        window.throttled
+    }
+
+    fn on_done(&mut self, joined: Result<(task::Id, Done), task::JoinError>) {
+        let done = match joined {
+            Ok((id, done)) => {
+                self.owners.remove(&id);
+                done
+            }
+            Err(e) => {
+                // Only a panic gets here (tasks are aborted only on shutdown): free the service for the next poll.
+                error!(error = %e, "a Cloud Map call task died");
+                match self.owners.remove(&e.id()) {
+                    Some(Some(key)) => self.inventory.abandon(&key),
+                    Some(None) => self.listing_in_flight = false,
+                    None => {}
+                }
+                return;
+            }
+        };
+        match done {
+            Done::Listing(listing) => {
+                self.listing_in_flight = false;
+                match &listing {
+                    Err(e) => self.window.note::<()>(&Err(e.clone())),
+                    Ok(l) => l.services.values().for_each(|n| self.window.note(&n.result)),
+                }
+                let report = self.inventory.apply_listing(listing, Now::current());
+                if !report.added.is_empty() || !report.removed.is_empty() {
+                    info!(
+                        added = report.added.len(),
+                        removed = report.removed.len(),
+                        services = self.inventory.service_count(),
+                        "Cloud Map listing changed"
+                    );
+                }
+                // New services are read now, not at the next poll.
+                for target in self.inventory.plan_reads(Instant::now()) {
+                    self.spawn_discover(target);
+                }
+            }
+            Done::Revision(target, result) => {
+                self.window.note(&result);
+                if self.inventory.apply_revision(&target.key, result, Now::current()) {
+                    self.spawn_discover(target);
+                }
+            }
+            Done::Instances(key, result) => {
+                self.window.note(&result);
+                self.inventory.apply_instances(&key, result, Now::current());
+            }
+        }
+    }
+
+    fn spawn_listing(&mut self) {
         let caller = self.caller.clone();
-        tasks.spawn(async move {
+        let filter = self.inventory.filter().clone();
+        let handle = self.tasks.spawn(async move { Done::Listing(caller.list(&filter).await) });
+        self.owners.insert(handle.id(), None);
+        self.listing_in_flight = true;
+    }
+
+    fn spawn_revision(&mut self, target: Target) {
+        let caller = self.caller.clone();
+        let key = target.key.clone();
+        let handle = self.tasks.spawn(async move {
             let request =
                 caller.api.discover_instances_revision(&target.namespace_http_name, &target.service);
             let result = caller.call(Api::DiscoverInstancesRevision, request).await;
             Done::Revision(target, result)
         });
+        self.owners.insert(handle.id(), Some(key));
     }
 
-    fn spawn_discover(&self, tasks: &mut JoinSet<Done>, target: Target) {
+    fn spawn_discover(&mut self, target: Target) {
         let caller = self.caller.clone();
-        tasks.spawn(async move {
+        let key = target.key.clone();
+        let handle = self.tasks.spawn(async move {
             let request = caller.api.discover_instances(&target.namespace_http_name, &target.service);
             let result = caller.call(Api::DiscoverInstances, request).await;
             Done::Instances(target.key, result)
         });
+        self.owners.insert(handle.id(), Some(key));
     }
 
-    fn after_poll(&mut self, started: Instant, stats: &PollStats, summary: inventory::PollSummary) {
+    /// Closes a batch of answers: sweep bookkeeping, publication, status.
+    fn settle(&mut self) {
         let metrics = self.caller.metrics.clone();
+        let summary = self.inventory.finish_poll(Now::current());
         if summary.initial_sync {
             info!(
                 services = self.inventory.service_count(),
                 took = ?self.started.elapsed(),
                 "first complete Cloud Map sync; serving ServiceEntries"
             );
-        } else if !self.inventory.synced() {
-            self.initial_sync_progress();
         }
         if summary.full_sync {
             debug!(services = self.inventory.service_count(), "full Cloud Map sync finished");
@@ -320,17 +397,13 @@ impl<A: CloudMapApi> Poller<A> {
                 metrics.last_full_sync.set(secs);
             }
         }
-        let published = match self.inventory.registry_update() {
-            Some(registry) => {
-                let services = registry.services.len();
-                let changed = self.sink.publish(registry);
-                if changed {
-                    debug!(services, "Cloud Map registry published");
-                }
-                changed
+        if let Some(registry) = self.inventory.registry_update() {
+            let services = registry.services.len();
+            if self.sink.publish(registry) {
+                self.window.published = true;
+                debug!(services, "Cloud Map registry published");
             }
-            None => false,
-        };
+        }
         let (statuses, last_full_sync, last_error) = (
             self.inventory.statuses(),
             self.inventory.last_full_sync(),
@@ -344,22 +417,11 @@ impl<A: CloudMapApi> Poller<A> {
                 s.last_error_time = Some(at);
             }
         });
-        let outcome = if stats.errors > 0 {
-            "error"
-        } else if published {
-            "success"
-        } else {
-            "unchanged"
-        };
-        metrics.loads.get_or_create(&OutcomeLabels { outcome }).inc();
-        metrics.load_duration.observe(started.elapsed().as_secs_f64());
-        debug!(
-            revision_calls = stats.revision_calls,
-            discover_calls = stats.discover_calls,
-            errors = stats.errors,
-            took = ?started.elapsed(),
-            "Cloud Map poll"
-        );
+        if self.tasks.is_empty()
+            && let Some(started) = self.wave_started.take()
+        {
+            metrics.load_duration.observe(started.elapsed().as_secs_f64());
+        }
     }
 
     fn initial_sync_progress(&mut self) {
@@ -375,6 +437,7 @@ impl<A: CloudMapApi> Poller<A> {
                  istiod will delete ServiceEntries of services not read yet until they are"
             );
             self.inventory.force_publish();
+            self.settle();
             return;
         }
         if self.last_wait_log.is_none_or(|t| now.duration_since(t) >= WAIT_LOG_INTERVAL) {
@@ -385,6 +448,13 @@ impl<A: CloudMapApi> Poller<A> {
                 "waiting for the first complete Cloud Map sync; ServiceEntries are not served yet"
             );
         }
+    }
+}
+
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

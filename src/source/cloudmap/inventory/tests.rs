@@ -6,7 +6,8 @@ use crate::source::cloudmap::api::{Discovered, ErrorKind, NamespaceKind};
 use crate::source::cloudmap::filter::Patterns;
 
 const POLL: Duration = Duration::from_secs(5);
-const FULL: Duration = Duration::from_secs(30);
+/// Out of the way unless a test is about the full refresh.
+const FULL: Duration = Duration::from_secs(3600);
 const LIST: Duration = Duration::from_secs(60);
 
 struct Clock {
@@ -212,45 +213,131 @@ fn a_changed_revision_whose_read_fails_is_read_again() {
 }
 
 #[test]
-fn full_sweeps_read_every_service_and_record_the_sync() {
+fn every_service_is_read_in_full_once_per_interval_spread_evenly() {
+    const REFRESH: f64 = 30.0;
+    let clock = Clock::new();
+    let config = Config { full_refresh_interval: Duration::from_secs_f64(REFRESH), ..config() };
+    let mut inv = Inventory::new(config, clock.start, 11);
+    let names: Vec<String> = (0..60).map(|n| format!("s{n:02}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    inv.apply_listing(Ok(listing(&refs)), clock.at(0.0));
+    for t in inv.plan_next_poll(clock.at(0.0).instant).discover {
+        inv.apply_instances(&t.key, Ok(discovered(&["10.0.0.1"], 1)), clock.at(0.0));
+    }
+    assert!(inv.finish_poll(clock.at(0.0)).initial_sync);
+    let first_sync = inv.last_full_sync().unwrap();
+    let mut reads_per_poll = Vec::new();
+    let mut reads_of: BTreeMap<String, usize> = BTreeMap::new();
+    let mut syncs = Vec::new();
+    for poll in 1..=12 {
+        let now = clock.at(f64::from(poll) * 5.0);
+        let plan = inv.plan_next_poll(now.instant);
+        assert_eq!(plan.revision.len() + plan.discover.len(), 60, "every service, one call each");
+        reads_per_poll.push(plan.discover.len());
+        for t in &plan.revision {
+            assert!(!inv.apply_revision(&t.key, Ok(1), now), "health changes do not move the revision");
+        }
+        for t in &plan.discover {
+            *reads_of.entry(t.key.1.clone()).or_default() += 1;
+            inv.apply_instances(&t.key, Ok(discovered(&["10.0.0.1"], 1)), now);
+        }
+        if inv.finish_poll(now).full_sync {
+            syncs.push(f64::from(poll) * 5.0);
+        }
+    }
+    // Over 60 s every service was re-read about twice, never more than once per ~30 s...
+    assert!(reads_of.values().all(|&n| (1..=2).contains(&n)), "{reads_of:?}");
+    assert_eq!(reads_of.len(), 60);
+    // ...and the reads are spread: no poll reads more than a third of the registry.
+    assert!(reads_per_poll.iter().all(|&n| n <= 20), "{reads_per_poll:?}");
+    // A cycle in which every service was read ends about every interval and is recorded.
+    assert!(!syncs.is_empty() && syncs[0] <= REFRESH + 5.0, "{syncs:?}");
+    assert!(inv.last_full_sync().unwrap() > first_sync);
+}
+
+#[test]
+fn the_full_refresh_sees_health_flips_and_waits_for_failed_reads() {
+    let clock = Clock::new();
+    let config = Config { full_refresh_interval: Duration::from_secs(30), ..config() };
+    let mut inv = Inventory::new(config, clock.start, 5);
+    inv.apply_listing(Ok(listing(&["a", "b"])), clock.at(0.0));
+    for t in inv.plan_next_poll(clock.at(0.0).instant).discover {
+        inv.apply_instances(&t.key, Ok(discovered(&["10.0.0.1"], 1)), clock.at(0.0));
+    }
+    assert!(inv.finish_poll(clock.at(0.0)).initial_sync);
+    let first_sync = inv.last_full_sync();
+    // Within one interval (plus a poll and the jitter) each service is read again.
+    let mut t = 5.0;
+    let mut flipped = false;
+    while t <= 40.0 {
+        let now = clock.at(t);
+        let plan = inv.plan_next_poll(now.instant);
+        for x in &plan.revision {
+            inv.apply_revision(&x.key, Ok(1), now);
+        }
+        for x in &plan.discover {
+            let mut d = discovered(&["10.0.0.1"], 1);
+            if x.key == key("a") {
+                d.instances[0].health = Health::Unhealthy;
+                flipped = true;
+                inv.apply_instances(&x.key, Ok(d), now);
+            } else {
+                // b's full read fails: the cycle is not complete.
+                inv.apply_instances(&x.key, Err(err(ErrorKind::Throttled)), now);
+            }
+        }
+        assert!(!inv.finish_poll(now).full_sync, "b was not read");
+        t += 5.0;
+    }
+    assert!(flipped, "a was read in full within the interval");
+    assert_eq!(inv.registry_update().unwrap().services[0].instances[0].health, Health::Unhealthy);
+    assert_eq!(inv.last_full_sync(), first_sync);
+    // b's read is retried (backoff) and then completes the cycle.
+    let mut t = 45.0;
+    loop {
+        let now = clock.at(t);
+        let plan = inv.plan_next_poll(now.instant);
+        for x in &plan.revision {
+            inv.apply_revision(&x.key, Ok(1), now);
+        }
+        for x in &plan.discover {
+            inv.apply_instances(&x.key, Ok(discovered(&["10.0.0.1"], 1)), now);
+        }
+        if inv.finish_poll(now).full_sync {
+            assert_eq!(inv.last_full_sync(), Some(now.wall));
+            break;
+        }
+        assert!(t < 200.0, "never completed");
+        t += 5.0;
+    }
+}
+
+#[test]
+fn services_with_a_call_in_flight_are_not_planned_again() {
     let clock = Clock::new();
     let mut inv = synced(&clock, &["a", "b"]);
-    let first_sync = inv.last_full_sync().unwrap();
-    // Before the sweep is due (30 s ± 10 %): revisions only.
-    let plan = inv.plan_next_poll(clock.at(25.0).instant);
-    assert!(plan.discover.is_empty());
-    for t in &plan.revision {
-        inv.apply_revision(&t.key, Ok(1), clock.at(25.0));
-    }
-    assert!(!inv.finish_poll(clock.at(25.0)).full_sync);
-    // Due: every service is read, none just checked.
-    let now = clock.at(35.0);
-    let plan = inv.plan_next_poll(now.instant);
-    assert!(plan.revision.is_empty());
-    assert_eq!(plan.discover.len(), 2);
-    // A health flip does not move the revision; the sweep sees it.
-    let mut flipped = discovered(&["10.0.0.1"], 1);
-    flipped.instances[0].health = Health::Unhealthy;
-    assert!(inv.apply_instances(&key("a"), Ok(flipped), now));
-    inv.apply_instances(&key("b"), Err(err(ErrorKind::Throttled)), now);
-    assert!(!inv.finish_poll(now).full_sync, "b failed: the sweep is not complete");
-    assert_eq!(inv.last_full_sync(), Some(first_sync));
-    let registry = inv.registry_update().unwrap();
-    assert_eq!(registry.services[0].instances[0].health, Health::Unhealthy);
-    assert_eq!(registry.services[1].instances.len(), 1, "b keeps its last good state");
-    // The next poll reads only what the sweep still lacks.
-    let now = clock.at(40.0);
-    let plan = inv.plan_next_poll(now.instant);
-    assert_eq!(keys(&plan.discover), ["shop/b"]);
-    assert_eq!(keys(&plan.revision), ["shop/a"]);
-    inv.apply_revision(&key("a"), Ok(1), now);
-    inv.apply_instances(&key("b"), Ok(discovered(&["10.0.0.1"], 1)), now);
-    let summary = inv.finish_poll(now);
-    assert!(summary.full_sync && !summary.initial_sync);
-    assert_eq!(inv.last_full_sync(), Some(now.wall));
-    // The next sweep is a full-refresh interval (± jitter) later.
-    assert!(inv.plan_next_poll(clock.at(45.0).instant).discover.is_empty());
-    assert_eq!(inv.plan_next_poll(clock.at(40.0 + 34.0).instant).discover.len(), 2);
+    let plan = inv.plan_next_poll(clock.at(5.0).instant);
+    assert_eq!(plan.revision.len(), 2);
+    // a answers, b hangs: the next poll only checks a.
+    inv.apply_revision(&key("a"), Ok(1), clock.at(5.1));
+    assert_eq!(keys(&inv.plan_next_poll(clock.at(10.0).instant).revision), ["shop/a"]);
+    inv.apply_revision(&key("a"), Ok(1), clock.at(10.1));
+    // A changed revision keeps the service in flight for its read.
+    assert!(inv.apply_revision(&key("b"), Ok(2), clock.at(11.0)));
+    assert_eq!(keys(&inv.plan_next_poll(clock.at(15.0).instant).revision), ["shop/a"]);
+    // A dead task releases it.
+    inv.abandon(&key("b"));
+    assert_eq!(inv.plan_reads(clock.at(15.1).instant).len(), 1, "b still needs its read");
+}
+
+#[test]
+fn plan_reads_reads_new_services_without_checking_the_others() {
+    let clock = Clock::new();
+    let mut inv = synced(&clock, &["a"]);
+    inv.apply_listing(Ok(listing(&["a", "b"])), clock.at(3.0));
+    let reads = inv.plan_reads(clock.at(3.0).instant);
+    assert_eq!(keys(&reads), ["shop/b"]);
+    assert_eq!(keys(&inv.plan_next_poll(clock.at(5.0).instant).revision), ["shop/a"]);
 }
 
 #[test]
@@ -293,6 +380,7 @@ fn a_mass_removal_is_held_until_the_next_listing_confirms_it() {
     assert_eq!(report.held.len(), 4);
     assert!(report.removed.is_empty());
     assert_eq!(served(&inv).len(), 6);
+    assert!(inv.last_error().unwrap().0.starts_with("a listing would remove 4 of 6 services at once"));
     assert!(inv.listing_due(clock.at(65.0).instant));
     // Confirmed by the next successful listing: removed.
     let report = inv.apply_listing(Ok(listing(&["a", "b"])), clock.at(65.0));
@@ -457,23 +545,28 @@ fn a_recreated_service_is_read_again_and_its_create_date_published() {
 }
 
 #[test]
-fn throttled_polls_back_off_exponentially_and_recover() {
+fn throttled_polls_back_off_exponentially_and_recover_after_a_quiet_spell() {
     let clock = Clock::new();
     let mut inv = Inventory::new(config(), clock.start, 3);
     let within = |d: Duration, base: f64| (d.as_secs_f64() - base).abs() <= base * JITTER + 1e-9;
-    assert!(within(inv.next_poll_delay(false), 5.0));
-    assert!(within(inv.next_poll_delay(true), 10.0));
-    assert!(within(inv.next_poll_delay(true), 20.0));
-    assert!(within(inv.next_poll_delay(true), 40.0));
-    assert!(within(inv.next_poll_delay(true), 60.0), "capped");
-    assert!(within(inv.next_poll_delay(false), 5.0));
+    assert!(within(inv.next_poll_delay(clock.at(0.0).instant, false), 5.0));
+    assert!(within(inv.next_poll_delay(clock.at(5.0).instant, true), 10.0));
+    assert!(within(inv.next_poll_delay(clock.at(15.0).instant, true), 20.0));
+    // A poll without throttled answers keeps the pace: slow calls answer late.
+    assert!(within(inv.next_poll_delay(clock.at(35.0).instant, false), 20.0));
+    assert!(within(inv.next_poll_delay(clock.at(55.0).instant, true), 40.0));
+    assert!(within(inv.next_poll_delay(clock.at(95.0).instant, true), 60.0), "capped");
+    // A minute (12 polls at most) without throttling: back to the poll interval.
+    assert!(within(inv.next_poll_delay(clock.at(154.0).instant, false), 60.0));
+    assert!(within(inv.next_poll_delay(clock.at(156.0).instant, false), 5.0));
 }
 
 #[test]
 fn schedules_are_jittered() {
     let clock = Clock::new();
     let mut inv = Inventory::new(config(), clock.start, 3);
-    let delays: std::collections::BTreeSet<Duration> = (0..20).map(|_| inv.next_poll_delay(false)).collect();
+    let delays: std::collections::BTreeSet<Duration> =
+        (0..20).map(|_| inv.next_poll_delay(clock.at(0.0).instant, false)).collect();
     assert!(delays.len() > 10, "{delays:?}");
     assert!(delays.iter().all(|d| *d >= POLL.mul_f64(0.9) && *d <= POLL.mul_f64(1.1)));
 }

@@ -22,6 +22,8 @@ struct State {
     instances: BTreeMap<(String, String), (Vec<Instance>, i64)>,
     failing: BTreeSet<String>,
     hanging: BTreeSet<String>,
+    /// Added to every Discover call.
+    latency: Duration,
 }
 
 #[derive(Default)]
@@ -79,8 +81,12 @@ impl FakeCloudMap {
         entry.1 += 1;
     }
 
-    /// What happens to a call for `service`, decided before any await.
-    fn fault(&self, service: &str) -> Option<bool> {
+    /// Answers after the configured latency; then `Some(true)`: hang, `Some(false)`: fail.
+    async fn fault(&self, service: &str) -> Option<bool> {
+        let latency = self.state.lock().unwrap().latency;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
         let s = self.state.lock().unwrap();
         if s.hanging.contains(service) {
             Some(true)
@@ -125,7 +131,7 @@ impl CloudMapApi for FakeCloudMap {
 
     async fn discover_instances(&self, ns: &str, service: &str) -> Result<Discovered, ApiError> {
         self.count(Api::DiscoverInstances);
-        match self.fault(service) {
+        match self.fault(service).await {
             Some(true) => std::future::pending().await,
             Some(false) => {
                 return Err(ApiError::new(ErrorKind::Throttled, "RequestLimitExceeded: slow down"));
@@ -143,7 +149,7 @@ impl CloudMapApi for FakeCloudMap {
 
     async fn discover_instances_revision(&self, ns: &str, service: &str) -> Result<i64, ApiError> {
         self.count(Api::DiscoverInstancesRevision);
-        match self.fault(service) {
+        match self.fault(service).await {
             Some(true) => std::future::pending().await,
             Some(false) => return Err(ApiError::new(ErrorKind::Other, "InternalFailure")),
             None => {}
@@ -179,18 +185,15 @@ struct Running {
 }
 
 fn run(fake: FakeCloudMap, args: &CloudMapArgs) -> Running {
+    run_with_timeout(fake, args, Duration::from_millis(200))
+}
+
+fn run_with_timeout(fake: FakeCloudMap, args: &CloudMapArgs, call_timeout: Duration) -> Running {
     let fake = Arc::new(fake);
     let metrics = Metrics::unregistered();
     let (shutdown, rx) = watch::channel(false);
-    let view = start_with_api(
-        fake.clone(),
-        "fake".into(),
-        args,
-        NameFilter::default(),
-        &metrics,
-        Duration::from_millis(200),
-        rx,
-    );
+    let view =
+        start_with_api(fake.clone(), "fake".into(), args, NameFilter::default(), &metrics, call_timeout, rx);
     Running { fake, view, metrics, _shutdown: shutdown }
 }
 
@@ -325,4 +328,31 @@ async fn the_initial_sync_timeout_publishes_what_was_read() {
     assert_eq!(names, ["b"]);
     r.fake.state.lock().unwrap().failing.clear();
     registry_where(&mut r, "a, once readable", |reg| reg.services.len() == 2).await;
+}
+
+#[tokio::test]
+async fn changes_are_published_while_a_call_hangs() {
+    let fake = FakeCloudMap::with(&[("shop", &["a", "b"])]);
+    let mut r = run_with_timeout(fake, &args(), Duration::from_secs(3600));
+    registry_where(&mut r, "the first sync", |_| true).await;
+    r.fake.state.lock().unwrap().hanging.insert("a".into());
+    // Let a's call start and hang, then change b.
+    let revisions = || r.fake.calls().get(&Api::DiscoverInstancesRevision).copied().unwrap_or(0);
+    let before = revisions();
+    condition("a few polls", || revisions() >= before + 4).await;
+    r.fake.set_instances("shop", "b", &["10.0.0.2"]);
+    registry_where(&mut r, "b's change with a's call still out", |reg| ips(reg, "shop", "b") == ["10.0.0.2"])
+        .await;
+}
+
+#[tokio::test]
+async fn the_first_sync_completes_while_calls_keep_overlapping() {
+    // More services than calls in flight, answered slowly: some call is always out.
+    let names: Vec<String> = (0..100).map(|n| format!("s{n:03}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let fake = FakeCloudMap::with(&[("shop", &refs)]);
+    fake.state.lock().unwrap().latency = Duration::from_millis(15);
+    let mut r = run(fake, &CloudMapArgs { rate_discover: 500.0, rate_revision: 500.0, ..args() });
+    let reg = registry_where(&mut r, "the first sync", |_| true).await;
+    assert_eq!(reg.services.len(), 100);
 }

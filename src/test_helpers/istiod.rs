@@ -1,0 +1,568 @@
+//! A real istiod (`pilot-discovery`) on loopback without Kubernetes, started with
+//! `scripts/run-istiod.sh` (the invocation of `tests/e2e/ISTIOD_NOTES.md`), and our
+//! own binary as a child process next to it. Both are killed on drop; when the
+//! test is failing (the thread is panicking) each prints the tail of its log.
+//!
+//! `$ISTIOD_BIN` / `$ISTIOD_OLD_BIN` (exported by `scripts/install-peers.sh`) name
+//! the binaries; tests fail, never skip, without them.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use serde_json::{Value, json};
+
+use crate::proto::cloudmap_xds::debug::v1::debug_client::DebugClient;
+use crate::proto::cloudmap_xds::debug::v1::{
+    Client as DebugClientInfo, GetStatusRequest, GetStatusResponse, ListClientsRequest,
+    ListServiceEntriesRequest, ServiceEntryResource,
+};
+use crate::proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use crate::proto::envoy::service::discovery::v3::{DiscoveryRequest, Node};
+use crate::proto::istio::networking::v1alpha3::ServiceEntry;
+use crate::proto::istio::networking::v1alpha3::service_entry::{Location, Resolution};
+
+const RUN_ISTIOD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/run-istiod.sh");
+/// istiod's log line once every config source answered every type it asked for.
+pub const SYNCED_LINE: &str = "All controller caches have been synced up";
+/// Logged every 5 s while some requested type is still unanswered.
+pub const WAITING_LINE: &str = "waiting for sync";
+/// How long istiod may take from spawn to an open gRPC port (0.2 s measured; a busy CI box is slower).
+pub const ISTIOD_SYNC_DEADLINE: Duration = Duration::from_secs(60);
+/// Lines of each log printed when a test fails.
+const TAIL_LINES: usize = 60;
+pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+/// The node a sidecar in namespace `default` would send.
+pub const SIDECAR_NODE_ID: &str = "sidecar~10.0.0.9~probe.default~default.svc.cluster.local";
+
+/// Known istiod pins (`scripts/install-peers.sh`) → the Istio version a sidecar of that release reports.
+const KNOWN_ISTIO_VERSIONS: [(&str, &str); 3] = [
+    ("v0.0.0-20250506181944-c2e9871f340c", "1.26.0"),
+    ("v0.0.0-20240218163812-d80ef7b19049", "1.22.0"),
+    ("v0.0.0-20260827124520-eed52ebb66ad", "1.30.0"),
+];
+
+/// One istiod binary and what it speaks.
+#[derive(Debug, Clone)]
+pub struct IstiodBin {
+    pub path: PathBuf,
+    /// The Go pseudo-version it was built from.
+    pub pseudo_version: String,
+    /// The Istio release it is (what its sidecars report as `ISTIO_VERSION`).
+    pub istio_version: String,
+    /// The ServiceEntry type URL it asks for.
+    pub se_type_url: String,
+}
+
+impl IstiodBin {
+    /// `$ISTIOD_BIN`: Istio 1.26.0, asks for `networking.istio.io/v1/ServiceEntry`.
+    pub fn current() -> IstiodBin {
+        Self::from_env("ISTIOD_BIN", "ISTIOD_VERSION", "ISTIOD_SE_TYPE_URL")
+    }
+
+    /// `$ISTIOD_OLD_BIN`: a 2024 master (1.22 dev), asks for `networking.istio.io/v1alpha3/ServiceEntry`.
+    pub fn old() -> IstiodBin {
+        Self::from_env("ISTIOD_OLD_BIN", "ISTIOD_OLD_VERSION", "ISTIOD_OLD_SE_TYPE_URL")
+    }
+
+    fn from_env(bin: &str, version: &str, type_url: &str) -> IstiodBin {
+        let var = |name: &str| {
+            let value = std::env::var(name).unwrap_or_default();
+            assert!(
+                !value.is_empty(),
+                "{name} is not set: the istiod tests need real pilot-discovery binaries \
+                 (run `eval \"$(scripts/install-peers.sh)\"` first, or use scripts/test)"
+            );
+            value
+        };
+        let path = PathBuf::from(var(bin));
+        assert!(path.is_file(), "{bin}={} is not a file (re-run scripts/install-peers.sh)", path.display());
+        let pseudo_version = var(version);
+        let istio_version = KNOWN_ISTIO_VERSIONS
+            .iter()
+            .find(|(pin, _)| *pin == pseudo_version)
+            .map_or("65536.65536.65536", |(_, v)| v) // what istiod's own adsc client reports
+            .to_owned();
+        IstiodBin { path, pseudo_version, istio_version, se_type_url: var(type_url) }
+    }
+}
+
+impl std::fmt::Display for IstiodBin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "istiod {} ({})", self.istio_version, self.pseudo_version)
+    }
+}
+
+/// Opens `path` for the child's stdout and stderr (appending, so restarts keep the history).
+fn log_file(path: &Path) -> (Stdio, Stdio) {
+    let file = File::options().create(true).append(true).open(path).unwrap();
+    let err = file.try_clone().unwrap();
+    (Stdio::from(file), Stdio::from(err))
+}
+
+fn kill(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// The last `n` lines of a log file.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| format!("(cannot read {}: {e})", path.display()));
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn print_tail_if_failing(what: &str, path: &Path) {
+    if std::thread::panicking() {
+        eprintln!(
+            "\n======== last {TAIL_LINES} lines of {what} ({}) ========\n{}\n======== end of {what} ========",
+            path.display(),
+            tail(path, TAIL_LINES)
+        );
+    }
+}
+
+async fn accepts_tcp(addr: SocketAddr) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await,
+        Ok(Ok(_))
+    )
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A running istiod whose only config sources are `xds://` addresses of ours.
+pub struct Istiod {
+    pub bin: IstiodBin,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub monitoring: SocketAddr,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl Istiod {
+    /// Spawns istiod in `work_dir` (its log is `work_dir/istiod.log`). The sources must
+    /// already listen: istiod exits at once (255) when a source refuses the connection.
+    pub fn spawn(bin: &IstiodBin, work_dir: &Path, sources: &[SocketAddr]) -> Istiod {
+        let (grpc, http, monitoring) = (super::free_port(), super::free_port(), super::free_port());
+        let log_path = work_dir.join("istiod.log");
+        let (stdout, stderr) = log_file(&log_path);
+        let sources: Vec<String> = sources.iter().map(ToString::to_string).collect();
+        let child = Command::new(RUN_ISTIOD)
+            .arg(&bin.path)
+            .arg(work_dir.join("istiod"))
+            .arg(sources.join(","))
+            .args([grpc, http, monitoring].map(|p| p.to_string()))
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {RUN_ISTIOD}: {e}"));
+        Istiod {
+            bin: bin.clone(),
+            grpc: loopback(grpc),
+            http: loopback(http),
+            monitoring: loopback(monitoring),
+            log_path,
+            child: Some(child),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// `Some(status)` once istiod has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    fn assert_running(&mut self, waiting_for: &str) {
+        if let Some(status) = self.exited() {
+            panic!("{} exited with {status} while waiting for {waiting_for}", self.bin);
+        }
+    }
+
+    pub async fn grpc_port_open(&self) -> bool {
+        accepts_tcp(self.grpc).await
+    }
+
+    /// Waits until the gRPC port accepts connections (istiod opens it only once every
+    /// requested type was answered), then checks the log says the caches synced.
+    pub async fn wait_synced(&mut self, deadline: Duration) {
+        let until = Instant::now() + deadline;
+        loop {
+            self.assert_running("its gRPC port");
+            if self.grpc_port_open().await {
+                break;
+            }
+            assert!(
+                Instant::now() < until,
+                "{}: gRPC port {} still closed after {deadline:?} (a `{WAITING_LINE}` in its log means a type went unanswered)",
+                self.bin,
+                self.grpc
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(
+            self.log().contains(SYNCED_LINE),
+            "{}: gRPC port open but no `{SYNCED_LINE}` in its log",
+            self.bin
+        );
+    }
+
+    /// Waits until the log contains `needle`.
+    pub async fn wait_log(&mut self, needle: &str, deadline: Duration) {
+        let until = Instant::now() + deadline;
+        while !self.log().contains(needle) {
+            self.assert_running(needle);
+            assert!(Instant::now() < until, "{}: no `{needle}` in its log after {deadline:?}", self.bin);
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// `GET /debug/configz` on the monitoring port: the ServiceEntries in istiod's store.
+    pub async fn try_configz(&self) -> Result<Vec<Value>, String> {
+        Ok(self.try_configz_all().await?.into_iter().filter(|c| c["kind"] == "ServiceEntry").collect())
+    }
+
+    /// `GET /debug/configz`: every config in istiod's store, of any kind.
+    pub async fn try_configz_all(&self) -> Result<Vec<Value>, String> {
+        let (status, body) = super::http_get(self.monitoring, "/debug/configz")
+            .await
+            .map_err(|e| format!("GET /debug/configz: {e}"))?;
+        if status != 200 {
+            return Err(format!("GET /debug/configz: status {status}: {body}"));
+        }
+        serde_json::from_str(&body).map_err(|e| format!("configz is not a JSON array: {e}"))
+    }
+
+    pub async fn configz(&self) -> Vec<Value> {
+        self.try_configz().await.unwrap()
+    }
+
+    /// `GET /debug/registryz`: every service in istiod's registry.
+    pub async fn registryz(&self) -> Vec<Value> {
+        let (status, body) = super::http_get(self.monitoring, "/debug/registryz").await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// The hostnames of [`Istiod::registryz`], sorted and deduplicated (istiod lists a
+    /// host once per ServiceEntry that claims it).
+    pub async fn registryz_hostnames(&self) -> Vec<String> {
+        let services = self.registryz().await;
+        let mut hosts: Vec<String> =
+            services.iter().map(|s| s["hostname"].as_str().expect("hostname").to_owned()).collect();
+        hosts.sort();
+        hosts.dedup();
+        hosts
+    }
+
+    /// Log lines in which istiod refused or failed to store something it received.
+    pub fn rejections(&self) -> Vec<String> {
+        rejections(&self.log())
+    }
+
+    /// Asks istiod for clusters as a sidecar in namespace `default` would, and returns their names.
+    pub async fn sidecar_clusters(&self) -> Result<Vec<String>, String> {
+        sidecar_clusters(self.grpc, &self.bin.istio_version).await
+    }
+}
+
+impl Drop for Istiod {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+        print_tail_if_failing(&format!("the log of {}", self.bin), &self.log_path);
+    }
+}
+
+/// The lines of an istiod log in which it refused or failed to store a resource from a
+/// config source: its MCP client (`adsc`) logs those as warnings or errors, e.g.
+/// `warn adsc Invalid data: invalid name …` and
+/// `warn adsc Error adding a new resource to the store invalid host *`.
+pub fn rejections(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|line| {
+            let lower = line.to_ascii_lowercase();
+            lower.contains("invalid data")
+                || lower.contains("error adding")
+                || lower.contains("rejected")
+                || (lower.contains("\tadsc\t") && (lower.contains("\twarn\t") || lower.contains("\terror\t")))
+                || (lower.contains("serviceentry") && lower.contains("invalid"))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `envoy.config.cluster.v3.Cluster`, its name only.
+#[derive(Clone, PartialEq, Message)]
+struct ClusterName {
+    #[prost(string, tag = "1")]
+    name: String,
+}
+
+/// A sidecar's CDS request over ADS; the names of the clusters istiod answers with.
+pub async fn sidecar_clusters(istiod_grpc: SocketAddr, istio_version: &str) -> Result<Vec<String>, String> {
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{istiod_grpc}"))
+        .await
+        .map_err(|e| format!("connect {istiod_grpc}: {e}"))?
+        .max_decoding_message_size(usize::MAX);
+    let string =
+        |s: &str| prost_types::Value { kind: Some(prost_types::value::Kind::StringValue(s.to_owned())) };
+    let metadata = prost_types::Struct {
+        fields: [
+            ("ISTIO_VERSION".to_owned(), string(istio_version)),
+            ("NAMESPACE".to_owned(), string("default")),
+            ("CLUSTER_ID".to_owned(), string("Kubernetes")),
+        ]
+        .into(),
+    };
+    let request = DiscoveryRequest {
+        type_url: CLUSTER_TYPE.to_owned(),
+        node: Some(Node { id: SIDECAR_NODE_ID.to_owned(), metadata: Some(metadata), ..Default::default() }),
+        ..Default::default()
+    };
+    // Keep the request stream open until the answer arrived (a half-close ends the stream).
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(request).await.map_err(|e| e.to_string())?;
+    let mut responses = client
+        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|e| format!("StreamAggregatedResources: {e}"))?
+        .into_inner();
+    let response = tokio::time::timeout(Duration::from_secs(20), responses.message())
+        .await
+        .map_err(|_| "no CDS response within 20 s".to_owned())?
+        .map_err(|e| format!("CDS stream: {e}"))?
+        .ok_or("CDS stream ended without a response")?;
+    drop(tx);
+    if response.type_url != CLUSTER_TYPE {
+        return Err(format!("answered {} instead of {CLUSTER_TYPE}", response.type_url));
+    }
+    response
+        .resources
+        .iter()
+        .map(|any| ClusterName::decode(any.value.as_slice()).map(|c| c.name).map_err(|e| e.to_string()))
+        .collect()
+}
+
+/// Our own binary (`cloudmap-xds serve`) as a child process on fixed loopback ports,
+/// so that it can be killed and started again on the same ports.
+pub struct ServerProcess {
+    bin: PathBuf,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl ServerProcess {
+    /// `bin serve --grpc-addr … --admin-addr … --log-format json <args>`, with `envs` set on the
+    /// child only; waits until the gRPC port listens. The log goes to `log_path`.
+    pub async fn start(bin: &str, log_path: PathBuf, args: &[&str], envs: &[(&str, &str)]) -> ServerProcess {
+        let (grpc, admin) = (loopback(super::free_port()), loopback(super::free_port()));
+        let mut all = vec!["serve".to_owned(), "--grpc-addr".into(), grpc.to_string()];
+        all.extend(["--admin-addr".into(), admin.to_string(), "--log-format".into(), "json".into()]);
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        let mut server = ServerProcess {
+            bin: bin.into(),
+            args: all,
+            envs: envs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            grpc,
+            admin,
+            log_path,
+            child: None,
+        };
+        server.spawn().await;
+        server
+    }
+
+    async fn spawn(&mut self) {
+        let (stdout, stderr) = log_file(&self.log_path);
+        let child = Command::new(&self.bin)
+            .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
+            .env_remove("POD_NAMESPACE")
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin.display()));
+        self.child = Some(child);
+        let until = Instant::now() + Duration::from_secs(20);
+        while !accepts_tcp(self.grpc).await {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("cloudmap-xds exited with {status} before listening on {}", self.grpc);
+            }
+            assert!(Instant::now() < until, "cloudmap-xds did not listen on {} within 20 s", self.grpc);
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// SIGKILL: no drain, connections die as in a crash.
+    pub fn kill(&mut self) {
+        kill(&mut self.child);
+    }
+
+    /// Starts the same command again on the same ports (after [`ServerProcess::kill`]).
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    async fn debug(&self) -> DebugClient<tonic::transport::Channel> {
+        DebugClient::connect(format!("http://{}", self.grpc))
+            .await
+            .unwrap()
+            .max_decoding_message_size(usize::MAX)
+    }
+
+    /// The ServiceEntries we serve, sorted by name, from the debug service.
+    pub async fn service_entries(&self) -> Vec<ServiceEntryResource> {
+        let mut entries = self
+            .debug()
+            .await
+            .list_service_entries(ListServiceEntriesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .service_entries;
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        entries
+    }
+
+    pub async fn status(&self) -> GetStatusResponse {
+        self.debug().await.get_status(GetStatusRequest {}).await.unwrap().into_inner()
+    }
+
+    pub async fn clients(&self) -> Vec<DebugClientInfo> {
+        self.debug().await.list_clients(ListClientsRequest {}).await.unwrap().into_inner().clients
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+        print_tail_if_failing("the log of cloudmap-xds", &self.log_path);
+    }
+}
+
+/// A configz entry's `namespace/name`.
+pub fn configz_name(config: &Value) -> String {
+    format!(
+        "{}/{}",
+        config["metadata"]["namespace"].as_str().unwrap_or("?"),
+        config["metadata"]["name"].as_str().unwrap_or("?")
+    )
+}
+
+/// The spec as istiod's `/debug/configz` prints it (protojson: camelCase, defaults
+/// left out, enums by name).
+pub fn configz_spec(spec: &ServiceEntry) -> Value {
+    let mut out = serde_json::Map::new();
+    let mut put = |key: &str, value: Value| {
+        let empty = match &value {
+            Value::Array(a) => a.is_empty(),
+            Value::Object(o) => o.is_empty(),
+            Value::String(s) => s.is_empty(),
+            Value::Number(n) => n.as_u64() == Some(0),
+            Value::Null => true,
+            Value::Bool(b) => !b,
+        };
+        if !empty {
+            out.insert(key.to_owned(), value);
+        }
+    };
+    put("hosts", json!(spec.hosts));
+    put("addresses", json!(spec.addresses));
+    let ports: Vec<Value> = spec
+        .ports
+        .iter()
+        .map(|p| {
+            let mut port = json!({"number": p.number, "protocol": p.protocol, "name": p.name});
+            if p.target_port != 0 {
+                port["targetPort"] = json!(p.target_port);
+            }
+            port
+        })
+        .collect();
+    put("ports", json!(ports));
+    if spec.location() != Location::MeshExternal {
+        put("location", json!(spec.location().as_str_name()));
+    }
+    if spec.resolution() != Resolution::None {
+        put("resolution", json!(spec.resolution().as_str_name()));
+    }
+    let endpoints: Vec<Value> = spec
+        .endpoints
+        .iter()
+        .map(|e| {
+            let mut endpoint = serde_json::Map::new();
+            endpoint.insert("address".into(), json!(e.address));
+            for (key, value) in [
+                ("ports", json!(e.ports.iter().collect::<BTreeMap<_, _>>())),
+                ("labels", json!(e.labels.iter().collect::<BTreeMap<_, _>>())),
+                ("network", json!(e.network)),
+                ("locality", json!(e.locality)),
+                ("serviceAccount", json!(e.service_account)),
+            ] {
+                if value != json!({}) && value != json!("") {
+                    endpoint.insert(key.into(), value);
+                }
+            }
+            if e.weight != 0 {
+                endpoint.insert("weight".into(), json!(e.weight));
+            }
+            Value::Object(endpoint)
+        })
+        .collect();
+    put("endpoints", json!(endpoints));
+    put("exportTo", json!(spec.export_to));
+    put("subjectAltNames", json!(spec.subject_alt_names));
+    assert!(spec.workload_selector.is_none(), "configz_spec does not render workloadSelector");
+    Value::Object(out)
+}
+
+/// Asserts that istiod's ServiceEntries are exactly ours: the same names, and for
+/// each the same `resourceVersion` (our content hash), `creationTimestamp` and spec.
+pub fn assert_configz_is(configz: &[Value], served: &[ServiceEntryResource]) {
+    let ours: BTreeMap<String, &ServiceEntryResource> = served.iter().map(|e| (e.name.clone(), e)).collect();
+    let theirs: BTreeMap<String, &Value> = configz.iter().map(|c| (configz_name(c), c)).collect();
+    assert_eq!(
+        theirs.keys().collect::<Vec<_>>(),
+        ours.keys().collect::<Vec<_>>(),
+        "istiod's ServiceEntries (left) are not the ones we serve (right)"
+    );
+    assert_eq!(configz.len(), served.len(), "duplicate names in configz");
+    for (name, entry) in ours {
+        let config = theirs[&name];
+        assert_eq!(config["metadata"]["resourceVersion"], json!(entry.version), "{name}: resourceVersion");
+        let created = config["metadata"]["creationTimestamp"].as_str().unwrap_or_default();
+        let created = humantime::parse_rfc3339(created)
+            .unwrap_or_else(|e| panic!("{name}: creationTimestamp {created:?}: {e}"));
+        // configz prints whole seconds (Kubernetes' metav1.Time); our create_time may have a fraction.
+        let want = entry.create_time.unwrap_or_default();
+        let want =
+            std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(want.seconds).unwrap());
+        assert_eq!(created, want, "{name}: creationTimestamp (whole seconds)");
+        let spec = entry.spec.as_ref().expect("spec");
+        assert_eq!(
+            config["spec"],
+            configz_spec(spec),
+            "{name}: istiod's spec (left) differs from ours (right)"
+        );
+    }
+}
