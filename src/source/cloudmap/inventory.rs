@@ -35,6 +35,9 @@ pub const JITTER: f64 = 0.1;
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// ...and at most this many poll intervals.
 pub const MAX_BACKOFF_POLLS: u32 = 12;
+/// Polls stay slowed down at least this long after the last throttled answer
+/// (a throttled call, retried by the SDK, can take seconds to answer).
+pub const MIN_THROTTLE_QUIET: Duration = Duration::from_secs(10);
 
 /// `(Cloud Map namespace name, service name)`: the identity of a ServiceEntry.
 pub type ServiceKey = (String, String);
@@ -634,13 +637,16 @@ impl Inventory {
     /// How long to wait before the next poll: the poll interval with jitter or,
     /// while Cloud Map throttles (the quotas are per account, so every service
     /// slows down), an exponential backoff that doubles with each poll that saw
-    /// throttling and ends after a quiet [`MAX_BACKOFF`] (at most 12 polls).
+    /// throttling, capped at [`MAX_BACKOFF`] or 12 polls, and ends after that long
+    /// (at least [`MIN_THROTTLE_QUIET`]) without a throttled answer.
     /// `throttled`: a call answered since the last poll was throttled.
     pub fn next_poll_delay(&mut self, now: Instant, throttled: bool) -> Duration {
         if throttled {
             self.throttled_polls = self.throttled_polls.saturating_add(1);
             self.last_throttled = Some(now);
-        } else if self.last_throttled.is_some_and(|t| now.saturating_duration_since(t) >= self.max_backoff())
+        } else if self
+            .last_throttled
+            .is_some_and(|t| now.saturating_duration_since(t) >= self.max_backoff().max(MIN_THROTTLE_QUIET))
         {
             self.throttled_polls = 0;
             self.last_throttled = None;

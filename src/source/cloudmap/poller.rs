@@ -21,7 +21,9 @@ use super::rate::RateLimiter;
 use crate::metrics::{ApiLabels, OutcomeLabels, SourceMetrics};
 use crate::source::SourceSink;
 
-/// Calls in flight at once, whatever the rates allow: bounds sockets when Cloud Map hangs.
+/// Calls in flight at once per API family, whatever the rates allow: bounds
+/// sockets when Cloud Map hangs. Per family, so a read triggered by a changed
+/// revision never queues behind the rest of the poll's revision checks.
 pub const MAX_IN_FLIGHT: usize = 32;
 /// A List call that pages on beyond this is treated as failed rather than trusted.
 pub const MAX_PAGES: usize = 10_000;
@@ -31,25 +33,34 @@ pub const PUBLISH_DELAY: Duration = Duration::from_millis(50);
 /// While waiting for the first complete sync, progress is logged at most this often.
 const WAIT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
-/// One token bucket per API family.
+/// A token bucket and [`MAX_IN_FLIGHT`] slots for one API family.
+#[derive(Debug, Clone)]
+pub struct Family {
+    pub rate: RateLimiter,
+    slots: Arc<Semaphore>,
+}
+
+impl Family {
+    fn new(rate: f64) -> Self {
+        Family { rate: RateLimiter::new(rate), slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)) }
+    }
+}
+
+/// The budgets of the three API families.
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// ListNamespaces and ListServices (control plane).
-    pub list: RateLimiter,
-    pub discover: RateLimiter,
-    pub revision: RateLimiter,
+    pub list: Family,
+    pub discover: Family,
+    pub revision: Family,
 }
 
 impl Limits {
     pub fn new(list: f64, discover: f64, revision: f64) -> Self {
-        Limits {
-            list: RateLimiter::new(list),
-            discover: RateLimiter::new(discover),
-            revision: RateLimiter::new(revision),
-        }
+        Limits { list: Family::new(list), discover: Family::new(discover), revision: Family::new(revision) }
     }
 
-    fn for_api(&self, api: Api) -> &RateLimiter {
+    fn for_api(&self, api: Api) -> &Family {
         match api {
             Api::ListNamespaces | Api::ListServices => &self.list,
             Api::DiscoverInstances => &self.discover,
@@ -64,7 +75,6 @@ struct Caller<A> {
     limits: Limits,
     metrics: SourceMetrics,
     timeout: Duration,
-    in_flight: Arc<Semaphore>,
 }
 
 impl<A> Clone for Caller<A> {
@@ -74,7 +84,6 @@ impl<A> Clone for Caller<A> {
             limits: self.limits.clone(),
             metrics: self.metrics.clone(),
             timeout: self.timeout,
-            in_flight: self.in_flight.clone(),
         }
     }
 }
@@ -86,9 +95,10 @@ impl<A: CloudMapApi> Caller<A> {
         api: Api,
         request: impl Future<Output = Result<T, ApiError>>,
     ) -> Result<T, ApiError> {
+        let family = self.limits.for_api(api);
         // The semaphore is never closed, so acquiring cannot fail.
-        let _slot = self.in_flight.acquire().await.ok();
-        self.limits.for_api(api).acquire().await;
+        let _slot = family.slots.acquire().await.ok();
+        family.rate.acquire().await;
         let result = match tokio::time::timeout(self.timeout, request).await {
             Ok(result) => result,
             Err(_) => Err(ApiError::new(ErrorKind::Timeout, format!("no answer within {:?}", self.timeout))),
@@ -199,13 +209,7 @@ impl<A: CloudMapApi> Poller<A> {
         initial_sync_timeout: Option<Duration>,
     ) -> Self {
         Poller {
-            caller: Caller {
-                api,
-                limits,
-                metrics,
-                timeout: call_timeout,
-                in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
-            },
+            caller: Caller { api, limits, metrics, timeout: call_timeout },
             inventory,
             sink,
             initial_sync_timeout,
