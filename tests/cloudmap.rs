@@ -609,3 +609,39 @@ async fn moto_deviations_do_not_leak_into_the_mesh() {
     .await;
     assert_eq!(by_host(&push).len(), 3);
 }
+
+#[tokio::test]
+async fn readiness_waits_for_the_first_complete_sync() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let moto = Moto::start().await;
+    moto.seeder().await.seed_tutorial().await;
+    moto.pause();
+    let server = serve(&moto.endpoint(), &[]).await;
+    let health = || async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.grpc_addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let request = HealthCheckRequest { service: String::new() };
+        HealthClient::new(channel).check(request).await.unwrap().into_inner().status()
+    };
+    // Cloud Map has answered nothing yet: not ready, on both signals, even once a call has failed.
+    eventually("a failed Cloud Map call to be recorded", Duration::from_secs(30), || async {
+        let (_, body) = http_get(server.admin_addr, "/debug/snapshot").await.ok()?;
+        let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+        json["source"]["last_error"].as_str().map(str::to_owned)
+    })
+    .await;
+    assert_eq!(http_get(server.admin_addr, "/ready").await.unwrap().0, 503);
+    assert_eq!(health().await, ServingStatus::NotServing);
+
+    moto.resume();
+    eventually("ready after the first sync", Duration::from_secs(30), || async {
+        (http_get(server.admin_addr, "/ready").await.ok()?.0 == 200).then_some(())
+    })
+    .await;
+    assert_eq!(health().await, ServingStatus::Serving);
+}

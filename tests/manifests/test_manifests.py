@@ -35,7 +35,6 @@ NONROOT_UID = 65532
 READ_ACTIONS = {
     "servicediscovery:ListNamespaces",
     "servicediscovery:ListServices",
-    "servicediscovery:GetNamespace",
     "servicediscovery:DiscoverInstances",
     "servicediscovery:DiscoverInstancesRevision",
 }
