@@ -15,6 +15,38 @@ use std::time::{Duration, Instant};
 pub use ads_client::{AdsClient, ISTIO_PILOT_TYPES, MESH_CONFIG_TYPE, SERVICE_ENTRY_V1, service_entries};
 pub use server::TestServer;
 
+/// The seed tutorial's registry: service `getmesh-external-service` in namespace
+/// `my-namespace`, one instance with `AWS_INSTANCE_IPV4=52.192.72.89` and no port.
+pub const GOLDEN_REGISTRY: &str = "namespaces:
+- name: my-namespace
+  services:
+  - name: getmesh-external-service
+    created: 2024-05-01T12:00:00Z
+    instances:
+    - id: i-1
+      attributes:
+        AWS_INSTANCE_IPV4: 52.192.72.89
+";
+
+/// The MCP name of the golden ServiceEntry under the `istio-system` publish namespace.
+pub const GOLDEN_NAME: &str = "istio-system/cloudmap-getmesh-external-service.my-namespace";
+
+/// Asserts the golden ServiceEntry field by field (design.md's translation case).
+pub fn assert_golden(name: &str, spec: &crate::proto::istio::networking::v1alpha3::ServiceEntry) {
+    use crate::proto::istio::networking::v1alpha3::service_entry::{Location, Resolution};
+    assert_eq!(name, GOLDEN_NAME);
+    assert_eq!(spec.hosts, ["getmesh-external-service.my-namespace"]);
+    assert_eq!(spec.addresses, ["52.192.72.89"]);
+    assert_eq!(spec.resolution(), Resolution::Static);
+    assert_eq!(spec.location(), Location::MeshExternal);
+    let ports: Vec<_> = spec.ports.iter().map(|p| (p.name.as_str(), p.number, p.protocol.as_str())).collect();
+    assert_eq!(ports, [("http", 80, "HTTP"), ("https", 443, "HTTPS")]);
+    assert_eq!(spec.endpoints.len(), 1);
+    assert_eq!(spec.endpoints[0].address, "52.192.72.89");
+    let endpoint_ports: Vec<_> = spec.endpoints[0].ports.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    assert_eq!(endpoint_ports, [("http", 80), ("https", 443)]);
+}
+
 /// Default deadline for a condition in tests.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 

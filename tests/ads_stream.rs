@@ -4,37 +4,18 @@
 use std::time::Duration;
 
 use cloudmap_xds::proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use cloudmap_xds::proto::istio::networking::v1alpha3::ServiceEntry;
-use cloudmap_xds::proto::istio::networking::v1alpha3::service_entry::{Location, Resolution};
 use cloudmap_xds::test_helpers::{
-    AdsClient, DEADLINE, ISTIO_PILOT_TYPES, MESH_CONFIG_TYPE, SERVICE_ENTRY_V1, TestServer, eventually,
-    http_get, service_entries,
+    AdsClient, DEADLINE, GOLDEN_REGISTRY, ISTIO_PILOT_TYPES, MESH_CONFIG_TYPE, SERVICE_ENTRY_V1, TestServer,
+    assert_golden, eventually, http_get, service_entries,
 };
 
-const GOLDEN: &str = "namespaces:
-- name: my-namespace
-  services:
-  - name: getmesh-external-service
-    created: 2024-05-01T12:00:00Z
-    instances:
-    - id: i-1
-      attributes:
-        AWS_INSTANCE_IPV4: 52.192.72.89
-";
+const GOLDEN: &str = GOLDEN_REGISTRY;
 
-const GOLDEN_PLUS_ORDERS: &str = "namespaces:
-- name: my-namespace
-  services:
-  - name: getmesh-external-service
-    created: 2024-05-01T12:00:00Z
-    instances:
-    - id: i-1
-      attributes:
-        AWS_INSTANCE_IPV4: 52.192.72.89
-  - name: orders
-    instances:
-    - attributes: {AWS_INSTANCE_IPV4: 10.0.0.1, AWS_INSTANCE_PORT: 8080}
-";
+fn golden_plus_orders() -> String {
+    format!(
+        "{GOLDEN_REGISTRY}  - name: orders\n    instances:\n    - attributes: {{AWS_INSTANCE_IPV4: 10.0.0.1, AWS_INSTANCE_PORT: 8080}}\n"
+    )
+}
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -57,20 +38,6 @@ impl Fixture {
         std::fs::write(&tmp, content).unwrap();
         std::fs::rename(&tmp, &self.path).unwrap();
     }
-}
-
-fn assert_golden(name: &str, spec: &ServiceEntry) {
-    assert_eq!(name, "istio-system/cloudmap-getmesh-external-service.my-namespace");
-    assert_eq!(spec.hosts, ["getmesh-external-service.my-namespace"]);
-    assert_eq!(spec.addresses, ["52.192.72.89"]);
-    assert_eq!(spec.resolution(), Resolution::Static);
-    assert_eq!(spec.location(), Location::MeshExternal);
-    let ports: Vec<_> = spec.ports.iter().map(|p| (p.name.as_str(), p.number, p.protocol.as_str())).collect();
-    assert_eq!(ports, [("http", 80, "HTTP"), ("https", 443, "HTTPS")]);
-    assert_eq!(spec.endpoints.len(), 1);
-    assert_eq!(spec.endpoints[0].address, "52.192.72.89");
-    let endpoint_ports: Vec<_> = spec.endpoints[0].ports.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-    assert_eq!(endpoint_ports, [("http", 80), ("https", 443)]);
 }
 
 /// Receives exactly one response per requested type, ACKing each; returns the ServiceEntry one.
@@ -133,7 +100,7 @@ async fn edits_reach_two_clients_and_acks_trigger_no_resend() {
     let v1 = handshake(&mut first).await.version_info;
     assert_eq!(handshake(&mut second).await.version_info, v1);
 
-    f.edit(GOLDEN_PLUS_ORDERS);
+    f.edit(&golden_plus_orders());
     // Both clients ACKed everything: the next message each gets must be the new version,
     // so an ACK caused no resend of the old one.
     for client in [&mut first, &mut second] {
@@ -195,7 +162,7 @@ async fn a_broken_edit_changes_nothing() {
     assert!(status.contains("registry.yaml:4:1: "), "{status}");
 
     // Same content as before, so no push; then a real change: the next message is that change.
-    f.edit(GOLDEN_PLUS_ORDERS);
+    f.edit(&golden_plus_orders());
     let push = client.recv().await;
     assert_ne!(push.version_info, v1);
     assert_eq!(service_entries(&push).len(), 2);

@@ -10,15 +10,13 @@ use cloudmap_xds::config::ServeArgs;
 use cloudmap_xds::proto::envoy::service::discovery::v3::DiscoveryResponse;
 use cloudmap_xds::proto::istio::mcp::v1alpha1::Metadata;
 use cloudmap_xds::proto::istio::networking::v1alpha3::ServiceEntry;
-use cloudmap_xds::proto::istio::networking::v1alpha3::service_entry::{Location, Resolution};
+use cloudmap_xds::proto::istio::networking::v1alpha3::service_entry::Resolution;
 use cloudmap_xds::test_helpers::fault_proxy::{Fault, FaultProxy};
 use cloudmap_xds::test_helpers::moto::{self, Moto};
 use cloudmap_xds::test_helpers::server::serve_args;
 use cloudmap_xds::test_helpers::{
     AdsClient, SERVICE_ENTRY_V1, TestServer, eventually, http_get, service_entries,
 };
-
-const GOLDEN_NAME: &str = "istio-system/cloudmap-getmesh-external-service.my-namespace";
 
 /// `serve` against `endpoint` with test credentials; `extra` flags override the defaults here.
 fn args(endpoint: &str, extra: &[&str]) -> ServeArgs {
@@ -65,16 +63,7 @@ fn addresses(spec: &ServiceEntry) -> Vec<&str> {
 }
 
 fn assert_golden(meta: &Metadata, spec: &ServiceEntry) {
-    assert_eq!(meta.name, GOLDEN_NAME);
-    assert_eq!(spec.hosts, ["getmesh-external-service.my-namespace"]);
-    assert_eq!(spec.addresses, ["52.192.72.89"]);
-    assert_eq!(spec.resolution(), Resolution::Static);
-    assert_eq!(spec.location(), Location::MeshExternal);
-    let ports: Vec<_> = spec.ports.iter().map(|p| (p.name.as_str(), p.number, p.protocol.as_str())).collect();
-    assert_eq!(ports, [("http", 80, "HTTP"), ("https", 443, "HTTPS")]);
-    assert_eq!(addresses(spec), ["52.192.72.89"]);
-    let endpoint_ports: Vec<_> = spec.endpoints[0].ports.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-    assert_eq!(endpoint_ports, [("http", 80), ("https", 443)]);
+    cloudmap_xds::test_helpers::assert_golden(&meta.name, spec);
 }
 
 /// Receives (ACKing) until a ServiceEntry response satisfies `check`; returns it and when it arrived.

@@ -28,16 +28,7 @@ const GOLDEN_HOST: &str = "getmesh-external-service.my-namespace";
 /// How long a change may take from our source to istiod's store.
 const CHANGE_DEADLINE: Duration = Duration::from_secs(10);
 
-const GOLDEN: &str = "namespaces:
-- name: my-namespace
-  services:
-  - name: getmesh-external-service
-    created: 2024-05-01T12:00:00Z
-    instances:
-    - id: i-1
-      attributes:
-        AWS_INSTANCE_IPV4: 52.192.72.89
-";
+const GOLDEN: &str = cloudmap_xds::test_helpers::GOLDEN_REGISTRY;
 
 // ---- fixtures ---------------------------------------------------------------------------------------
 
