@@ -17,7 +17,7 @@ use tracing::{error, info, warn};
 use crate::admin::{self, AdminState};
 use crate::config::ServeArgs;
 use crate::debug::DebugService;
-use crate::metrics::{Metrics, ReasonLabels};
+use crate::metrics::{Metrics, OutcomeLabels, ReasonLabels};
 use crate::model::Registry;
 use crate::proto::cloudmap_xds::debug::v1::debug_server::DebugServer;
 use crate::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
@@ -97,9 +97,8 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .tcp_nodelay(true)
             .add_service(
-                AggregatedDiscoveryServiceServer::new(ads)
-                    .max_encoding_message_size(usize::MAX)
-                    .max_decoding_message_size(usize::MAX),
+                // Responses carry the whole set; requests keep tonic's 4 MiB limit (istiod's are a few KB).
+                AggregatedDiscoveryServiceServer::new(ads).max_encoding_message_size(usize::MAX),
             )
             .add_service(DebugServer::new(debug).max_encoding_message_size(usize::MAX))
             .add_service(health_service)
@@ -146,9 +145,10 @@ async fn start_source(
         Some(path) => {
             let (sink, view) = source::channel(format!("registry-file:{}", path.display()));
             let started = Instant::now();
-            registry_file::start(path, &sink)?;
+            let text = registry_file::start(path, &sink)?;
             metrics.source.load_duration.observe(started.elapsed().as_secs_f64());
-            tokio::spawn(registry_file::watch(path.clone(), sink, shutdown));
+            metrics.source.loads.get_or_create(&OutcomeLabels { outcome: "success" }).inc();
+            tokio::spawn(registry_file::watch(path.clone(), sink, text, metrics.source.clone(), shutdown));
             Ok(view)
         }
         None => source::cloudmap::start(&args.cloudmap, metrics, shutdown)

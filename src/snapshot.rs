@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use crate::model::{Registry, Service};
 use crate::proto::istio::mcp::v1alpha1::{Metadata, Resource as McpResource};
 use crate::proto::istio::networking::v1alpha3::ServiceEntry;
-use crate::translate::{self, Options, Skipped, SkippedLabel, Translation};
+use crate::translate::{self, Options, SkipReason, Skipped, SkippedLabel, Translation};
 
 /// `Any` type of every resource in a ServiceEntry response.
 pub const MCP_RESOURCE_TYPE_URL: &str = "type.googleapis.com/istio.mcp.v1alpha1.Resource";
@@ -36,6 +36,8 @@ pub struct Resource {
     pub spec: ServiceEntry,
     /// `Any{istio.mcp.v1alpha1.Resource}`, ready to go on the wire.
     pub encoded: prost_types::Any,
+    /// The Cloud Map (namespace, service) it came from.
+    pub origin: (String, String),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -74,8 +76,20 @@ impl Snapshot {
     }
 
     fn assemble(mut resources: Vec<Arc<Resource>>, mut skipped: Vec<Skipped>, skipped_labels: usize) -> Self {
-        resources.sort_by(|a, b| a.name.cmp(&b.name));
-        resources.dedup_by(|a, b| a.name == b.name);
+        resources.sort_by(|a, b| (&a.name, &a.origin).cmp(&(&b.name, &b.origin)));
+        let mut kept: Vec<Arc<Resource>> = Vec::with_capacity(resources.len());
+        for resource in resources {
+            match kept.last() {
+                Some(previous) if previous.name == resource.name => skipped.push(Skipped {
+                    namespace: resource.origin.0.clone(),
+                    service: resource.origin.1.clone(),
+                    instance: None,
+                    reason: SkipReason::DuplicateName(resource.name.clone()),
+                }),
+                _ => kept.push(resource),
+            }
+        }
+        let resources = kept;
         skipped.sort();
         let endpoints = resources.iter().map(|r| r.spec.endpoints.len()).sum();
         let mut hasher = Sha256::new();
@@ -108,10 +122,10 @@ impl Snapshot {
 }
 
 fn encode_entry(entry: translate::Entry) -> Resource {
-    encode(format!("{}/{}", entry.namespace, entry.name), entry.create_time, entry.spec)
+    encode(format!("{}/{}", entry.namespace, entry.name), entry.create_time, entry.spec, entry.origin)
 }
 
-fn encode(name: String, create_time: SystemTime, spec: ServiceEntry) -> Resource {
+fn encode(name: String, create_time: SystemTime, spec: ServiceEntry, origin: (String, String)) -> Resource {
     let body = spec.encode_to_vec();
     let timestamp = prost_types::Timestamp::from(create_time);
     let mut hasher = Sha256::new();
@@ -133,7 +147,7 @@ fn encode(name: String, create_time: SystemTime, spec: ServiceEntry) -> Resource
     };
     let encoded =
         prost_types::Any { type_url: MCP_RESOURCE_TYPE_URL.into(), value: resource.encode_to_vec() };
-    Resource { name, version, create_time, spec, encoded }
+    Resource { name, version, create_time, spec, encoded, origin }
 }
 
 /// Builds snapshots incrementally: a service equal to the one seen last time
@@ -323,6 +337,29 @@ mod tests {
         // Unchanged services share the previous snapshot's encoding.
         let reused = first.resources.iter().find(|r| r.name.ends_with("svc-1.ns")).unwrap();
         assert!(second.resources.iter().any(|r| Arc::ptr_eq(r, reused)));
+    }
+
+    #[test]
+    fn the_builder_resolves_name_clashes_the_same_way_every_time() {
+        let options = Options { publish_namespace: "istio-system".into(), health_filter: HealthFilter::All };
+        let mut clash = registry(&[0, 1]);
+        clash.services[0].namespace = "corp.local".into();
+        clash.services[0].name = "api.prod".into();
+        clash.services[1].namespace = "prod.corp.local".into();
+        clash.services[1].name = "api".into();
+        let mut reversed = clash.clone();
+        reversed.services.reverse();
+        let mut builder = Builder::new(options.clone());
+        let first = builder.build(&clash);
+        for _ in 0..5 {
+            let again = Builder::new(options.clone()).build(&reversed);
+            assert_eq!(again.version, first.version);
+            assert_eq!(builder.build(&reversed).version, first.version);
+        }
+        assert_eq!(first.resources.len(), 1);
+        assert_eq!(first.resources[0].origin.0, "corp.local");
+        assert_eq!(first.skipped.len(), 1);
+        assert_eq!(first.skipped[0].reason.kind(), "duplicate_name");
     }
 
     #[test]

@@ -54,6 +54,9 @@ pub enum SkipReason {
     InvalidPort(String),
     /// The service and namespace names cannot form a valid host.
     InvalidHost(String),
+    /// Another service (first in namespace/service order) already gives this ServiceEntry name,
+    /// e.g. `api.prod` in `corp.local` and `api` in `prod.corp.local`.
+    DuplicateName(String),
 }
 
 impl SkipReason {
@@ -64,6 +67,7 @@ impl SkipReason {
             SkipReason::InvalidAddress { .. } => "invalid_address",
             SkipReason::InvalidPort(_) => "invalid_port",
             SkipReason::InvalidHost(_) => "invalid_host",
+            SkipReason::DuplicateName(_) => "duplicate_name",
         }
     }
 }
@@ -82,6 +86,9 @@ impl std::fmt::Display for SkipReason {
                 write!(f, "AWS_INSTANCE_PORT={value:?} is not a port in 1..=65535")
             }
             SkipReason::InvalidHost(host) => write!(f, "{host:?} cannot be made a valid DNS host"),
+            SkipReason::DuplicateName(name) => {
+                write!(f, "ServiceEntry name {name:?} is already given by another Cloud Map service")
+            }
         }
     }
 }
@@ -128,11 +135,22 @@ impl Translation {
         self.skipped_labels.extend(other.skipped_labels);
     }
 
-    /// Sorts everything; keeps one entry per name.
+    /// Sorts everything; keeps one entry per name, the first in (namespace, service) order.
     pub fn normalize(&mut self) {
-        self.entries.sort_by(|a, b| a.name.cmp(&b.name));
-        // The same name twice can only come from the same (namespace, service) listed twice.
-        self.entries.dedup_by(|a, b| a.name == b.name);
+        self.entries.sort_by(|a, b| (&a.name, &a.origin).cmp(&(&b.name, &b.origin)));
+        let mut kept: Vec<Entry> = Vec::with_capacity(self.entries.len());
+        for entry in self.entries.drain(..) {
+            match kept.last() {
+                Some(previous) if previous.name == entry.name => self.skipped.push(Skipped {
+                    namespace: entry.origin.0.clone(),
+                    service: entry.origin.1.clone(),
+                    instance: None,
+                    reason: SkipReason::DuplicateName(entry.name),
+                }),
+                _ => kept.push(entry),
+            }
+        }
+        self.entries = kept;
         self.skipped.sort();
         self.skipped.dedup();
         self.skipped_labels.sort();

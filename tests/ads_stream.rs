@@ -160,6 +160,8 @@ async fn a_broken_edit_changes_nothing() {
     })
     .await;
     assert!(status.contains("registry.yaml:4:1: "), "{status}");
+    let (_, metrics) = http_get(f.server.admin_addr, "/metrics").await.unwrap();
+    assert!(metrics.contains("cloudmap_xds_source_loads_total{outcome=\"error\"} 1\n"), "{metrics}");
 
     // Same content as before, so no push; then a real change: the next message is that change.
     f.edit(&golden_plus_orders());

@@ -3,12 +3,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Deserialize;
 use tokio::sync::watch;
 
 use super::SourceSink;
+use crate::metrics::{OutcomeLabels, SourceMetrics};
 use crate::model::{Health, Instance, Registry, Service};
 
 /// How often the file is re-read; an edit is served within about this long.
@@ -154,22 +155,34 @@ pub fn parse(path: &Path, text: &str) -> Result<Registry, Error> {
 
 /// Reads and parses the file once.
 pub fn load(path: &Path) -> Result<Registry, Error> {
-    let text =
-        std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_owned(), source })?;
-    parse(path, &text)
+    parse(path, &read(path)?)
+}
+
+fn read(path: &Path) -> Result<String, Error> {
+    std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_owned(), source })
 }
 
 /// Loads the file at start-up; a missing or broken file is an error for the caller.
-pub fn start(path: &Path, sink: &SourceSink) -> Result<(), Error> {
-    let registry = load(path)?;
-    sink.publish(registry);
-    Ok(())
+/// Returns the text served, for [`watch`].
+pub fn start(path: &Path, sink: &SourceSink) -> Result<String, Error> {
+    let text = read(path)?;
+    sink.publish(parse(path, &text)?);
+    Ok(text)
 }
 
-/// Re-reads the file until `shutdown` fires. A change that parses is published;
-/// one that does not is logged with file, line and column and changes nothing.
-pub async fn watch(path: PathBuf, sink: SourceSink, mut shutdown: watch::Receiver<bool>) {
-    let mut last_text = std::fs::read_to_string(&path).ok();
+/// Re-reads the file until `shutdown` fires. A change is taken once two reads in a
+/// row agree, so a file caught half-written is never served; a change that parses
+/// is published, one that does not is logged with file, line and column and
+/// changes nothing.
+pub async fn watch(
+    path: PathBuf,
+    sink: SourceSink,
+    mut served_text: String,
+    metrics: SourceMetrics,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut candidate: Option<String> = None;
+    let mut unreadable = false;
     let mut ticker = tokio::time::interval(RELOAD_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -181,31 +194,46 @@ pub async fn watch(path: PathBuf, sink: SourceSink, mut shutdown: watch::Receive
             Ok(text) => text,
             Err(source) => {
                 // Editors that replace the file leave a moment without it; keep serving.
-                if last_text.is_some() {
+                if !unreadable {
                     let err = Error::Read { path: path.clone(), source };
                     tracing::warn!(error = %err, "registry file unreadable; keeping the last good snapshot");
                     sink.record_error(&err);
-                    last_text = None;
+                    metrics.loads.get_or_create(&OutcomeLabels { outcome: "error" }).inc();
+                    unreadable = true;
                 }
                 continue;
             }
         };
-        if last_text.as_deref() == Some(text.as_str()) {
+        unreadable = false;
+        if text == served_text {
+            candidate = None;
             continue;
         }
-        match parse(&path, &text) {
+        if candidate.as_deref() != Some(text.as_str()) {
+            candidate = Some(text);
+            continue;
+        }
+        let started = Instant::now();
+        let outcome = match parse(&path, &text) {
             Ok(registry) => {
                 let services = registry.services.len();
                 if sink.publish(registry) {
                     tracing::info!(path = %path.display(), services, "registry file reloaded");
+                    "success"
+                } else {
+                    "unchanged"
                 }
             }
             Err(err) => {
                 tracing::error!(error = %err, "registry file rejected; keeping the last good snapshot");
                 sink.record_error(&err);
+                "error"
             }
-        }
-        last_text = Some(text);
+        };
+        metrics.loads.get_or_create(&OutcomeLabels { outcome }).inc();
+        metrics.load_duration.observe(started.elapsed().as_secs_f64());
+        served_text = text;
+        candidate = None;
     }
 }
 

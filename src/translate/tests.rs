@@ -353,3 +353,19 @@ fn names_stay_valid_kubernetes_names_however_long_the_host() {
     }
     assert_eq!(t.entries[0].spec.hosts[0].len(), 63 + 1 + 63 + 1 + 63 + 1 + 52);
 }
+
+#[test]
+fn two_services_giving_one_name_keep_the_first_and_report_the_other() {
+    let a = service("corp.local", "api.prod", vec![instance("a", &[("AWS_INSTANCE_IPV4", "10.0.0.1")])]);
+    let b = service("prod.corp.local", "api", vec![instance("b", &[("AWS_INSTANCE_IPV4", "10.0.0.2")])]);
+    for services in [vec![a.clone(), b.clone()], vec![b.clone(), a.clone()]] {
+        let t = translate(&Registry { services }, &options());
+        assert_eq!(t.entries.len(), 1);
+        assert_eq!(t.entries[0].origin, ("corp.local".to_string(), "api.prod".to_string()));
+        assert_eq!(t.skipped.len(), 1);
+        assert_eq!(
+            (t.skipped[0].namespace.as_str(), t.skipped[0].reason.kind()),
+            ("prod.corp.local", "duplicate_name")
+        );
+    }
+}

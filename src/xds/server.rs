@@ -201,6 +201,10 @@ impl Stream {
         self.metrics.responses.get_or_create(&labels).inc();
         self.metrics.sent_bytes.get_or_create(&labels).inc_by(response.encoded_len() as u64);
         debug!(type_url = %response.type_url, version = %response.version_info, nonce = %response.nonce, resources = response.resources.len(), "push");
-        self.responses.send(Ok(response)).await.is_ok()
+        // A client that stopped reading must not hold up a drain.
+        tokio::select! {
+            sent = self.responses.send(Ok(response)) => sent.is_ok(),
+            _ = self.draining.wait_for(|d| *d) => false,
+        }
     }
 }

@@ -322,6 +322,13 @@ impl Inventory {
             .filter(|(key, s)| !present.contains_key(*key) && !failed_namespaces.contains(&s.namespace_id))
             .map(|(key, _)| key.clone())
             .collect();
+        // A same-named service of another namespace must not take over one whose own
+        // namespace failed to list: the failure keeps the last good state.
+        present.retain(|key, (ns, _)| {
+            self.services
+                .get(key)
+                .is_none_or(|s| s.namespace_id == ns.id || !failed_namespaces.contains(&s.namespace_id))
+        });
         for (key, (ns, svc)) in present {
             self.upsert(key, ns, svc, &mut report);
         }

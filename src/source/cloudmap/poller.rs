@@ -111,7 +111,7 @@ impl<A: CloudMapApi> Caller<A> {
         result
     }
 
-    /// Follows NextToken to the end; stops on a repeated token.
+    /// Follows NextToken to the end; a repeated token fails the listing.
     async fn all_pages<T, F, Fut>(&self, api: Api, mut page: F) -> (Result<Vec<T>, ApiError>, u64)
     where
         F: FnMut(Option<String>) -> Fut,
@@ -124,8 +124,14 @@ impl<A: CloudMapApi> Caller<A> {
                 Ok(p) => {
                     items.extend(p.items);
                     match p.next_token {
-                        Some(next) if seen.insert(next.clone()) => token = Some(next),
-                        _ => return (Ok(items), calls),
+                        // A repeated token would end the listing early and make it look complete.
+                        Some(next) if !seen.insert(next.clone()) => {
+                            let error =
+                                ApiError::new(ErrorKind::Other, format!("{api} repeated a NextToken"));
+                            return (Err(error), calls);
+                        }
+                        Some(next) => token = Some(next),
+                        None => return (Ok(items), calls),
                     }
                 }
                 Err(e) => return (Err(e), calls),
