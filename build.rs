@@ -22,6 +22,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         // Deterministic map order makes identical specs encode to identical bytes.
         .btree_map(".")
+        // `Any` with a reference-counted payload: every stream shares the snapshot's bytes.
+        .extern_path(".google.protobuf.Any", "crate::proto::SharedAny")
         .include_file("protos.rs")
         .compile_fds(fds)?;
     Ok(())

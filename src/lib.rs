@@ -25,6 +25,16 @@ pub mod proto {
     #![allow(clippy::all, clippy::pedantic, missing_docs, rust_2018_idioms)]
     include!(concat!(env!("OUT_DIR"), "/protos.rs"));
 
+    /// `google.protobuf.Any` whose payload is `Bytes`, so cloning a resource into a
+    /// response is a reference-count increment, not a copy. Same wire format.
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+    pub struct SharedAny {
+        #[prost(string, tag = "1")]
+        pub type_url: ::prost::alloc::string::String,
+        #[prost(bytes = "bytes", tag = "2")]
+        pub value: ::bytes::Bytes,
+    }
+
     /// Every vendored file with its imports, for gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/file_descriptor_set.bin"));

@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::model::{Registry, Service};
+use crate::proto::SharedAny;
 use crate::proto::istio::mcp::v1alpha1::{Metadata, Resource as McpResource};
 use crate::proto::istio::networking::v1alpha3::ServiceEntry;
 use crate::translate::{self, Options, SkipReason, Skipped, SkippedLabel, Translation};
@@ -35,7 +36,7 @@ pub struct Resource {
     pub create_time: SystemTime,
     pub spec: ServiceEntry,
     /// `Any{istio.mcp.v1alpha1.Resource}`, ready to go on the wire.
-    pub encoded: prost_types::Any,
+    pub encoded: SharedAny,
     /// The Cloud Map (namespace, service) it came from.
     pub origin: (String, String),
 }
@@ -111,7 +112,7 @@ impl Snapshot {
     }
 
     /// The resources as they go into a `DiscoveryResponse`.
-    pub fn encoded_resources(&self) -> Vec<prost_types::Any> {
+    pub fn encoded_resources(&self) -> Vec<SharedAny> {
         self.resources.iter().map(|r| r.encoded.clone()).collect()
     }
 
@@ -143,10 +144,10 @@ fn encode(name: String, create_time: SystemTime, spec: ServiceEntry, origin: (St
             labels: Default::default(),
             annotations: Default::default(),
         }),
-        body: Some(prost_types::Any { type_url: SERVICE_ENTRY_BODY_TYPE_URL.into(), value: body }),
+        body: Some(SharedAny { type_url: SERVICE_ENTRY_BODY_TYPE_URL.into(), value: body.into() }),
     };
     let encoded =
-        prost_types::Any { type_url: MCP_RESOURCE_TYPE_URL.into(), value: resource.encode_to_vec() };
+        SharedAny { type_url: MCP_RESOURCE_TYPE_URL.into(), value: resource.encode_to_vec().into() };
     Resource { name, version, create_time, spec, encoded, origin }
 }
 
@@ -312,14 +313,14 @@ mod tests {
         let snap = build(&registry(&[1]));
         let r = &snap.resources[0];
         assert_eq!(r.encoded.type_url, MCP_RESOURCE_TYPE_URL);
-        let decoded = McpResource::decode(r.encoded.value.as_slice()).unwrap();
+        let decoded = McpResource::decode(&r.encoded.value[..]).unwrap();
         let meta = decoded.metadata.unwrap();
         assert_eq!(meta.name, "istio-system/cloudmap-svc-1.ns");
         assert_eq!(meta.version, r.version);
         assert_eq!(meta.create_time.unwrap(), prost_types::Timestamp { seconds: 1, nanos: 0 });
         let body = decoded.body.unwrap();
         assert_eq!(body.type_url, SERVICE_ENTRY_BODY_TYPE_URL);
-        assert_eq!(ServiceEntry::decode(body.value.as_slice()).unwrap(), r.spec);
+        assert_eq!(ServiceEntry::decode(&body.value[..]).unwrap(), r.spec);
     }
 
     #[test]

@@ -154,12 +154,12 @@ pub fn service_entries(response: &DiscoveryResponse) -> Vec<(Metadata, ServiceEn
         .iter()
         .map(|any| {
             assert_eq!(any.type_url, crate::snapshot::MCP_RESOURCE_TYPE_URL);
-            let resource = Resource::decode(any.value.as_slice()).expect("mcp Resource");
+            let resource = Resource::decode(&any.value[..]).expect("mcp Resource");
             let body = resource.body.expect("body");
             assert_eq!(body.type_url, crate::snapshot::SERVICE_ENTRY_BODY_TYPE_URL);
             (
                 resource.metadata.expect("metadata"),
-                ServiceEntry::decode(body.value.as_slice()).expect("ServiceEntry"),
+                ServiceEntry::decode(&body.value[..]).expect("ServiceEntry"),
             )
         })
         .collect()

@@ -353,7 +353,7 @@ pub async fn sidecar_clusters(istiod_grpc: SocketAddr, istio_version: &str) -> R
     response
         .resources
         .iter()
-        .map(|any| ClusterName::decode(any.value.as_slice()).map(|c| c.name).map_err(|e| e.to_string()))
+        .map(|any| ClusterName::decode(&any.value[..]).map(|c| c.name).map_err(|e| e.to_string()))
         .collect()
 }
 
