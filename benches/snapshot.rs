@@ -39,7 +39,7 @@ fn generated(services: usize, instances: usize) -> Registry {
                 .collect(),
         })
         .collect();
-    Registry { services }
+    Registry::new(services)
 }
 
 fn bench(c: &mut Criterion) {
@@ -64,7 +64,7 @@ fn bench(c: &mut Criterion) {
         );
         // One service changed: the incremental builder re-translates and re-encodes only it.
         let mut changed = registry.clone();
-        changed.services[services / 2].instances.pop();
+        std::sync::Arc::make_mut(&mut changed.services[services / 2]).instances.pop();
         let mut builder = Builder::new(options());
         builder.build(&registry);
         let mut flip = false;

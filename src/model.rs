@@ -2,12 +2,23 @@
 //! translation consumes. No AWS and no protobuf types live here.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 /// Everything one source knows at one moment: every service of every namespace.
+///
+/// Services are shared: a source republishes an unchanged service as the same
+/// `Arc`, so comparing registries (and the snapshot builder's per-service check)
+/// costs a pointer comparison for everything that did not change.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Registry {
-    pub services: Vec<Service>,
+    pub services: Vec<Arc<Service>>,
+}
+
+impl Registry {
+    pub fn new(services: Vec<Service>) -> Self {
+        Registry { services: services.into_iter().map(Arc::new).collect() }
+    }
 }
 
 /// One Cloud Map service (or its registry-file equivalent).

@@ -88,18 +88,16 @@ mod tests {
 
     #[test]
     fn golden_case_renders_like_the_tutorial() {
-        let registry = Registry {
-            services: vec![Service {
-                namespace: "my-namespace".into(),
-                name: "getmesh-external-service".into(),
-                created: SystemTime::UNIX_EPOCH,
-                instances: vec![Instance {
-                    id: "i-1".into(),
-                    health: Health::Healthy,
-                    attributes: [("AWS_INSTANCE_IPV4".to_string(), "52.192.72.89".to_string())].into(),
-                }],
+        let registry = Registry::new(vec![Service {
+            namespace: "my-namespace".into(),
+            name: "getmesh-external-service".into(),
+            created: SystemTime::UNIX_EPOCH,
+            instances: vec![Instance {
+                id: "i-1".into(),
+                health: Health::Healthy,
+                attributes: [("AWS_INSTANCE_IPV4".to_string(), "52.192.72.89".to_string())].into(),
             }],
-        };
+        }]);
         let options = Options { publish_namespace: "istio-system".into(), health_filter: HealthFilter::All };
         let text = yaml(&translate(&registry, &options).entries).unwrap();
         let expected = "---

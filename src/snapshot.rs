@@ -17,7 +17,7 @@ use crate::model::{Registry, Service};
 use crate::proto::SharedAny;
 use crate::proto::istio::mcp::v1alpha1::{Metadata, Resource as McpResource};
 use crate::proto::istio::networking::v1alpha3::ServiceEntry;
-use crate::translate::{self, Options, SkipReason, Skipped, SkippedLabel, Translation};
+use crate::translate::{self, Options, Skipped, SkippedLabel, Translation};
 
 /// `Any` type of every resource in a ServiceEntry response.
 pub const MCP_RESOURCE_TYPE_URL: &str = "type.googleapis.com/istio.mcp.v1alpha1.Resource";
@@ -76,21 +76,8 @@ impl Snapshot {
         Self::assemble(resources, translation.skipped, translation.skipped_labels.len())
     }
 
-    fn assemble(mut resources: Vec<Arc<Resource>>, mut skipped: Vec<Skipped>, skipped_labels: usize) -> Self {
-        resources.sort_by(|a, b| (&a.name, &a.origin).cmp(&(&b.name, &b.origin)));
-        let mut kept: Vec<Arc<Resource>> = Vec::with_capacity(resources.len());
-        for resource in resources {
-            match kept.last() {
-                Some(previous) if previous.name == resource.name => skipped.push(Skipped {
-                    namespace: resource.origin.0.clone(),
-                    service: resource.origin.1.clone(),
-                    instance: None,
-                    reason: SkipReason::DuplicateName(resource.name.clone()),
-                }),
-                _ => kept.push(resource),
-            }
-        }
-        let resources = kept;
+    fn assemble(resources: Vec<Arc<Resource>>, mut skipped: Vec<Skipped>, skipped_labels: usize) -> Self {
+        let resources = translate::first_per_name(resources, |r| (&r.name, &r.origin), &mut skipped);
         skipped.sort();
         let endpoints = resources.iter().map(|r| r.spec.endpoints.len()).sum();
         let mut hasher = Sha256::new();
@@ -162,7 +149,7 @@ pub struct Builder {
 
 #[derive(Debug)]
 struct Cached {
-    service: Service,
+    service: Arc<Service>,
     resource: Option<Arc<Resource>>,
     skipped: Vec<Skipped>,
     skipped_labels: Vec<SkippedLabel>,
@@ -178,6 +165,7 @@ impl Builder {
         for service in &registry.services {
             let key = (service.namespace.clone(), service.name.clone());
             let cached = match self.cache.remove(&key) {
+                // Arc equality compares pointers first: a republished, unchanged service costs nothing.
                 Some(cached) if cached.service == *service => cached,
                 _ => {
                     let t = translate::translate_service(service, &self.options);
@@ -231,14 +219,6 @@ impl Publisher {
             true
         })
     }
-
-    pub fn current(&self) -> Arc<Snapshot> {
-        self.tx.borrow().clone()
-    }
-
-    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
-        self.tx.subscribe()
-    }
 }
 
 #[cfg(test)]
@@ -270,7 +250,7 @@ mod tests {
                     .collect(),
             })
             .collect::<Vec<_>>();
-        Registry { services: order.iter().map(|&i| services[i].clone()).collect() }
+        Registry::new(order.iter().map(|&i| services[i].clone()).collect())
     }
 
     fn build(registry: &Registry) -> Snapshot {
@@ -283,7 +263,7 @@ mod tests {
         let a = build(&registry(&[0, 1, 2, 3]));
         let mut shuffled = registry(&[3, 1, 0, 2]);
         for s in &mut shuffled.services {
-            s.instances.reverse();
+            Arc::make_mut(s).instances.reverse();
         }
         let b = build(&shuffled);
         assert_eq!(a.version, b.version);
@@ -295,7 +275,7 @@ mod tests {
     fn a_change_moves_only_the_changed_resource_version() {
         let a = build(&registry(&[0, 1, 2, 3]));
         let mut changed = registry(&[0, 1, 2, 3]);
-        changed.services[2].instances.pop();
+        Arc::make_mut(&mut changed.services[2]).instances.pop();
         let b = build(&changed);
         assert_ne!(a.version, b.version);
         let moved: Vec<_> = a
@@ -330,7 +310,7 @@ mod tests {
         let first = builder.build(&registry(&[0, 1, 2, 3]));
         assert_eq!(first.version, build(&registry(&[0, 1, 2, 3])).version);
         let mut changed = registry(&[3, 2, 1]);
-        changed.services[1].instances.pop();
+        Arc::make_mut(&mut changed.services[1]).instances.pop();
         let second = builder.build(&changed);
         let full = build(&changed);
         assert_eq!(second.version, full.version);
@@ -344,10 +324,10 @@ mod tests {
     fn the_builder_resolves_name_clashes_the_same_way_every_time() {
         let options = Options { publish_namespace: "istio-system".into(), health_filter: HealthFilter::All };
         let mut clash = registry(&[0, 1]);
-        clash.services[0].namespace = "corp.local".into();
-        clash.services[0].name = "api.prod".into();
-        clash.services[1].namespace = "prod.corp.local".into();
-        clash.services[1].name = "api".into();
+        let first = Arc::make_mut(&mut clash.services[0]);
+        (first.namespace, first.name) = ("corp.local".into(), "api.prod".into());
+        let second = Arc::make_mut(&mut clash.services[1]);
+        (second.namespace, second.name) = ("prod.corp.local".into(), "api".into());
         let mut reversed = clash.clone();
         reversed.services.reverse();
         let mut builder = Builder::new(options.clone());

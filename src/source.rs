@@ -123,10 +123,6 @@ impl SourceSink {
         let mut status = self.status.write().unwrap_or_else(|e| e.into_inner());
         update(&mut status);
     }
-
-    pub fn current(&self) -> Option<Arc<Registry>> {
-        self.registry.borrow().clone()
-    }
 }
 
 impl SourceView {

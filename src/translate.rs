@@ -137,25 +137,39 @@ impl Translation {
 
     /// Sorts everything; keeps one entry per name, the first in (namespace, service) order.
     pub fn normalize(&mut self) {
-        self.entries.sort_by(|a, b| (&a.name, &a.origin).cmp(&(&b.name, &b.origin)));
-        let mut kept: Vec<Entry> = Vec::with_capacity(self.entries.len());
-        for entry in self.entries.drain(..) {
-            match kept.last() {
-                Some(previous) if previous.name == entry.name => self.skipped.push(Skipped {
-                    namespace: entry.origin.0.clone(),
-                    service: entry.origin.1.clone(),
-                    instance: None,
-                    reason: SkipReason::DuplicateName(entry.name),
-                }),
-                _ => kept.push(entry),
-            }
-        }
-        self.entries = kept;
+        let entries = std::mem::take(&mut self.entries);
+        self.entries = first_per_name(entries, |e| (&e.name, &e.origin), &mut self.skipped);
         self.skipped.sort();
         self.skipped.dedup();
         self.skipped_labels.sort();
         self.skipped_labels.dedup();
     }
+}
+
+/// Sorts by name, keeping for each name only the first in (namespace, service)
+/// order; the others are reported as [`SkipReason::DuplicateName`]. Two Cloud Map
+/// services can give one name (`api.prod` in `corp.local`, `api` in `prod.corp.local`).
+pub fn first_per_name<T>(
+    mut items: Vec<T>,
+    key: impl Fn(&T) -> (&String, &(String, String)),
+    skipped: &mut Vec<Skipped>,
+) -> Vec<T> {
+    items.sort_by(|a, b| key(a).cmp(&key(b)));
+    let mut kept: Vec<T> = Vec::with_capacity(items.len());
+    for item in items {
+        let (name, origin) = key(&item);
+        if kept.last().is_some_and(|previous| key(previous).0 == name) {
+            skipped.push(Skipped {
+                namespace: origin.0.clone(),
+                service: origin.1.clone(),
+                instance: None,
+                reason: SkipReason::DuplicateName(name.clone()),
+            });
+        } else {
+            kept.push(item);
+        }
+    }
+    kept
 }
 
 /// Translates one service: at most one entry, plus what was skipped. When the

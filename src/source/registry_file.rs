@@ -150,7 +150,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Registry, Error> {
             });
         }
     }
-    Ok(Registry { services })
+    Ok(Registry::new(services))
 }
 
 /// Reads and parses the file once.

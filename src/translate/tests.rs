@@ -26,7 +26,7 @@ fn service(ns: &str, name: &str, instances: Vec<Instance>) -> Service {
 }
 
 fn one(svc: Service) -> (Entry, Translation) {
-    let t = translate(&Registry { services: vec![svc] }, &options());
+    let t = translate(&Registry::new(vec![svc]), &options());
     assert_eq!(t.entries.len(), 1, "{t:?}");
     (t.entries[0].clone(), t)
 }
@@ -216,10 +216,7 @@ fn health_filter_applies() {
     sick.health = Health::Unhealthy;
     let svc = service("ns", "s", vec![instance("well", &[("AWS_INSTANCE_IPV4", "10.0.0.1")]), sick]);
     let count = |filter| {
-        let t = translate(
-            &Registry { services: vec![svc.clone()] },
-            &Options { health_filter: filter, ..options() },
-        );
+        let t = translate(&Registry::new(vec![svc.clone()]), &Options { health_filter: filter, ..options() });
         t.entries[0].spec.endpoints.len()
     };
     assert_eq!(count(HealthFilter::Healthy), 1);
@@ -277,13 +274,11 @@ fn ecs_region_and_zone_become_locality() {
 #[test]
 fn awkward_names_are_sanitised_and_stay_unique() {
     let t = translate(
-        &Registry {
-            services: vec![
-                service("Prod_NS", "My_Service", vec![]),
-                service("prod-ns", "my-service", vec![]),
-                service("ns", "-", vec![]),
-            ],
-        },
+        &Registry::new(vec![
+            service("Prod_NS", "My_Service", vec![]),
+            service("prod-ns", "my-service", vec![]),
+            service("ns", "-", vec![]),
+        ]),
         &options(),
     );
     let names: Vec<_> = t.entries.iter().map(|e| (e.name.as_str(), e.spec.hosts[0].as_str())).collect();
@@ -304,17 +299,14 @@ fn translation_ignores_input_order() {
         instance("b", &[("AWS_INSTANCE_IPV4", "10.0.0.2"), ("AWS_INSTANCE_PORT", "8081")]),
         instance("c", &[("AWS_INSTANCE_CNAME", "c.example.com")]),
     ];
-    let forward = Registry {
-        services: vec![service("ns", "one", instances.clone()), service("ns", "two", instances.clone())],
-    };
+    let forward =
+        Registry::new(vec![service("ns", "one", instances.clone()), service("ns", "two", instances.clone())]);
     let mut reversed_instances = instances;
     reversed_instances.reverse();
-    let backward = Registry {
-        services: vec![
-            service("ns", "two", reversed_instances.clone()),
-            service("ns", "one", reversed_instances),
-        ],
-    };
+    let backward = Registry::new(vec![
+        service("ns", "two", reversed_instances.clone()),
+        service("ns", "one", reversed_instances),
+    ]);
     assert_eq!(translate(&forward, &options()), translate(&backward, &options()));
 }
 
@@ -335,13 +327,11 @@ fn names_stay_valid_kubernetes_names_however_long_the_host() {
     let long_service = "s".repeat(63);
     let long_namespace = format!("{}.{}.{}", "a".repeat(63), "b".repeat(63), "c".repeat(52));
     let t = translate(
-        &Registry {
-            services: vec![
-                service(&long_namespace, &long_service, vec![]),
-                service(&long_namespace.to_uppercase(), &long_service, vec![]),
-                service(&"N".repeat(60), "svc", vec![]),
-            ],
-        },
+        &Registry::new(vec![
+            service(&long_namespace, &long_service, vec![]),
+            service(&long_namespace.to_uppercase(), &long_service, vec![]),
+            service(&"N".repeat(60), "svc", vec![]),
+        ]),
         &options(),
     );
     assert_eq!(t.entries.len(), 3, "{:?}", t.skipped);
@@ -359,7 +349,7 @@ fn two_services_giving_one_name_keep_the_first_and_report_the_other() {
     let a = service("corp.local", "api.prod", vec![instance("a", &[("AWS_INSTANCE_IPV4", "10.0.0.1")])]);
     let b = service("prod.corp.local", "api", vec![instance("b", &[("AWS_INSTANCE_IPV4", "10.0.0.2")])]);
     for services in [vec![a.clone(), b.clone()], vec![b.clone(), a.clone()]] {
-        let t = translate(&Registry { services }, &options());
+        let t = translate(&Registry::new(services), &options());
         assert_eq!(t.entries.len(), 1);
         assert_eq!(t.entries[0].origin, ("corp.local".to_string(), "api.prod".to_string()));
         assert_eq!(t.skipped.len(), 1);

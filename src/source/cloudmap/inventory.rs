@@ -20,6 +20,7 @@
 //!   every service read) unless [`Inventory::force_publish`] is called.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{debug, info, warn};
@@ -133,6 +134,8 @@ struct ServiceState {
     health_checked: bool,
     /// The last good read, sorted by instance ID; `None` until the first.
     instances: Option<Vec<Instance>>,
+    /// `instances` as published, shared until the service changes again.
+    published: Option<Arc<Service>>,
     /// The revision that goes with `instances`; compared for equality only.
     revision: Option<i64>,
     /// A revision call saw this value and the read it triggered is pending.
@@ -395,6 +398,9 @@ impl Inventory {
                 s.namespace_id.clone_from(&ns.id);
                 s.http_name.clone_from(&ns.http_name);
                 s.service_id = svc.id;
+                if s.created != svc.created {
+                    s.published = None;
+                }
                 s.created = svc.created;
                 s.health_checked = svc.health_checked;
             }
@@ -414,6 +420,7 @@ impl Inventory {
                         created: svc.created,
                         health_checked: svc.health_checked,
                         instances: None,
+                        published: None,
                         revision: None,
                         pending_revision: None,
                         changed: false,
@@ -541,6 +548,9 @@ impl Inventory {
         let instances: Vec<Instance> = by_id.into_values().collect();
         let changed = s.instances.as_ref() != Some(&instances);
         s.status.instances = u32::try_from(instances.len()).unwrap_or(u32::MAX);
+        if changed {
+            s.published = None;
+        }
         s.instances = Some(instances);
         s.revision = s.pending_revision.take().or(discovered.revision);
         s.changed = false;
@@ -620,14 +630,18 @@ impl Inventory {
         self.dirty = false;
         let services = self
             .services
-            .iter()
+            .iter_mut()
             .filter_map(|(key, s)| {
-                Some(Service {
-                    namespace: key.0.clone(),
-                    name: key.1.clone(),
-                    created: s.created,
-                    instances: s.instances.clone()?,
-                })
+                let instances = s.instances.as_ref()?;
+                let service = s.published.get_or_insert_with(|| {
+                    Arc::new(Service {
+                        namespace: key.0.clone(),
+                        name: key.1.clone(),
+                        created: s.created,
+                        instances: instances.clone(),
+                    })
+                });
+                Some(service.clone())
             })
             .collect();
         Some(Registry { services })

@@ -11,21 +11,19 @@ const SE_V1ALPHA3: &str = "networking.istio.io/v1alpha3/ServiceEntry";
 const VS: &str = "networking.istio.io/v1/VirtualService";
 
 fn snapshot(ips: &[&str]) -> Snapshot {
-    let registry = Registry {
-        services: vec![Service {
-            namespace: "my-namespace".into(),
-            name: "getmesh-external-service".into(),
-            created: SystemTime::UNIX_EPOCH,
-            instances: ips
-                .iter()
-                .map(|ip| Instance {
-                    id: ip.to_string(),
-                    health: Health::Healthy,
-                    attributes: [("AWS_INSTANCE_IPV4".to_string(), ip.to_string())].into(),
-                })
-                .collect(),
-        }],
-    };
+    let registry = Registry::new(vec![Service {
+        namespace: "my-namespace".into(),
+        name: "getmesh-external-service".into(),
+        created: SystemTime::UNIX_EPOCH,
+        instances: ips
+            .iter()
+            .map(|ip| Instance {
+                id: ip.to_string(),
+                health: Health::Healthy,
+                attributes: [("AWS_INSTANCE_IPV4".to_string(), ip.to_string())].into(),
+            })
+            .collect(),
+    }]);
     let options = Options { publish_namespace: "istio-system".into(), health_filter: HealthFilter::All };
     Snapshot::build(translate(&registry, &options))
 }

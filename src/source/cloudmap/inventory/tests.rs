@@ -570,3 +570,16 @@ fn schedules_are_jittered() {
     assert!(delays.len() > 10, "{delays:?}");
     assert!(delays.iter().all(|d| *d >= POLL.mul_f64(0.9) && *d <= POLL.mul_f64(1.1)));
 }
+
+#[test]
+fn unchanged_services_are_republished_as_the_same_shared_value() {
+    let clock = Clock::new();
+    let mut inv = synced(&clock, &["a", "b"]);
+    inv.dirty = true;
+    let first = inv.registry_update().unwrap();
+    inv.apply_instances(&key("b"), Ok(discovered(&["10.0.0.1", "10.0.0.2"], 2)), clock.at(1.0));
+    let second = inv.registry_update().unwrap();
+    assert!(std::sync::Arc::ptr_eq(&first.services[0], &second.services[0]), "a is shared, not copied");
+    assert!(!std::sync::Arc::ptr_eq(&first.services[1], &second.services[1]), "b changed");
+    assert_eq!(second.services[1].instances.len(), 2);
+}
