@@ -34,6 +34,15 @@ async fn scrape(server: &TestServer) -> BTreeMap<String, f64> {
         .collect()
 }
 
+/// Scrapes until `key` has `value` (counters move after the request that moves them returns).
+async fn scrape_until(server: &TestServer, key: &str, value: f64) -> BTreeMap<String, f64> {
+    eventually(&format!("{key} = {value}"), DEADLINE, || async {
+        let m = scrape(server).await;
+        (m.get(key) == Some(&value)).then_some(m)
+    })
+    .await
+}
+
 fn metric(m: &BTreeMap<String, f64>, key: &str) -> f64 {
     *m.get(key).unwrap_or_else(|| panic!("{key} missing from {:#?}", m.keys().collect::<Vec<_>>()))
 }
@@ -63,11 +72,7 @@ async fn metrics_move_with_edits_and_ads_traffic() {
         let r = client.recv().await;
         client.ack(&r).await;
     }
-    let m = eventually("ACKs counted", DEADLINE, || async {
-        let m = scrape(&server).await;
-        (m.get("cloudmap_xds_ads_acks_total{type=\"other\"}") == Some(&1.0)).then_some(m)
-    })
-    .await;
+    let m = scrape_until(&server, "cloudmap_xds_ads_acks_total{type=\"other\"}", 1.0).await;
     assert_eq!(metric(&m, "cloudmap_xds_ads_acks_total{type=\"ServiceEntry\"}"), 1.0);
     assert_eq!(metric(&m, "cloudmap_xds_ads_connected_streams{}"), 1.0);
     assert_eq!(metric(&m, "cloudmap_xds_ads_streams_total{}"), 1.0);
@@ -77,11 +82,7 @@ async fn metrics_move_with_edits_and_ads_traffic() {
     std::fs::write(&path, TWO).unwrap();
     let push = client.recv().await;
     client.ack(&push).await;
-    let m = eventually("the push counted", DEADLINE, || async {
-        let m = scrape(&server).await;
-        (m.get("cloudmap_xds_ads_acks_total{type=\"ServiceEntry\"}") == Some(&2.0)).then_some(m)
-    })
-    .await;
+    let m = scrape_until(&server, "cloudmap_xds_ads_acks_total{type=\"ServiceEntry\"}", 2.0).await;
     assert_eq!(metric(&m, "cloudmap_xds_snapshots_published_total{}"), 2.0);
     assert_eq!(metric(&m, "cloudmap_xds_service_entries{}"), 2.0);
     assert_eq!(metric(&m, "cloudmap_xds_ads_responses_total{type=\"ServiceEntry\"}"), 2.0);

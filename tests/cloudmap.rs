@@ -300,46 +300,46 @@ async fn registrations_reach_a_connected_client_within_two_poll_intervals() {
     )
     .await;
     let (mut client, first) = connect(&server).await;
-    let versions = |r: &BTreeMap<String, (Metadata, ServiceEntry)>| -> BTreeMap<String, String> {
-        r.iter().map(|(k, (m, _))| (k.clone(), m.version.clone())).collect()
-    };
     let mut before = versions(&by_host(&first));
     let web = &services[2];
 
     // Register: moto's revision goes up.
     let t0 = Instant::now();
     seeder.register(&web.id, "i-2", &[("AWS_INSTANCE_IPV4", "10.0.0.2")]).await;
-    let (push, at) = push_where(&mut client, 4 * POLL, "the registration", |e| {
-        addresses(&e["web.shop"].1) == ["10.0.0.1", "10.0.0.2"]
-    })
-    .await;
-    let took = at - t0;
-    assert!(took <= 2 * POLL, "registration reached the client after {took:?}");
-    let after = versions(&by_host(&push));
-    assert_ne!(after["web.shop"], before["web.shop"]);
-    assert_eq!(
-        (after["cart.shop"].as_str(), after["pay.shop"].as_str()),
-        (before["cart.shop"].as_str(), before["pay.shop"].as_str())
-    );
-    before = after;
-    eprintln!("registration to push: {took:?}");
+    before =
+        only_web_changed(&mut client, t0, POLL, "registration", &["10.0.0.1", "10.0.0.2"], &before).await;
 
     // Deregister: moto's revision goes *down* (it is a sum, not a counter); still a change.
     let t0 = Instant::now();
     seeder.deregister(&web.id, "i-1").await;
-    let (push, at) = push_where(&mut client, 4 * POLL, "the deregistration", |e| {
-        addresses(&e["web.shop"].1) == ["10.0.0.2"]
-    })
-    .await;
+    only_web_changed(&mut client, t0, POLL, "deregistration", &["10.0.0.2"], &before).await;
+}
+
+/// Waits for `web.shop` to show `want`, within two poll intervals of `t0`, with no other
+/// entry's version moving; returns the new versions.
+async fn only_web_changed(
+    client: &mut AdsClient,
+    t0: Instant,
+    poll: Duration,
+    what: &str,
+    want: &[&str],
+    before: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let (push, at) = push_where(client, 4 * poll, what, |e| addresses(&e["web.shop"].1) == want).await;
     let took = at - t0;
-    assert!(took <= 2 * POLL, "deregistration reached the client after {took:?}");
+    assert!(took <= 2 * poll, "{what} reached the client after {took:?}");
     let after = versions(&by_host(&push));
     assert_ne!(after["web.shop"], before["web.shop"]);
     assert_eq!(
         (after["cart.shop"].as_str(), after["pay.shop"].as_str()),
         (before["cart.shop"].as_str(), before["pay.shop"].as_str())
     );
-    eprintln!("deregistration to push: {took:?}");
+    eprintln!("{what} to push: {took:?}");
+    after
+}
+
+fn versions(entries: &BTreeMap<String, (Metadata, ServiceEntry)>) -> BTreeMap<String, String> {
+    entries.iter().map(|(k, (m, _))| (k.clone(), m.version.clone())).collect()
 }
 
 #[tokio::test]
