@@ -3,9 +3,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 pub mod ads_client;
-pub mod fault_proxy;
-pub mod istiod;
-pub mod moto;
 pub mod server;
 
 use std::future::Future;

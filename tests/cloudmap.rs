@@ -3,6 +3,8 @@
 //! failing service) come from a small proxy of ours in front of it.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -11,12 +13,12 @@ use cloudmap_xds::proto::envoy::service::discovery::v3::DiscoveryResponse;
 use cloudmap_xds::proto::istio::mcp::v1alpha1::Metadata;
 use cloudmap_xds::proto::istio::networking::v1alpha3::ServiceEntry;
 use cloudmap_xds::proto::istio::networking::v1alpha3::service_entry::Resolution;
-use cloudmap_xds::test_helpers::fault_proxy::{Fault, FaultProxy};
-use cloudmap_xds::test_helpers::moto::{self, Moto};
 use cloudmap_xds::test_helpers::server::serve_args;
 use cloudmap_xds::test_helpers::{
     AdsClient, SERVICE_ENTRY_V1, TestServer, eventually, http_get, service_entries,
 };
+use support::fault_proxy::{Fault, FaultProxy};
+use support::moto::{self, Moto};
 
 /// `serve` against `endpoint` with test credentials; `extra` flags override the defaults here.
 fn args(endpoint: &str, extra: &[&str]) -> ServeArgs {

@@ -8,15 +8,17 @@
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_precision_loss)]
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use cloudmap_xds::test_helpers::fault_proxy::FaultProxy;
-use cloudmap_xds::test_helpers::moto::{self, Moto};
 use cloudmap_xds::test_helpers::server::serve_args;
 use cloudmap_xds::test_helpers::{
     AdsClient, SERVICE_ENTRY_V1, TestServer, eventually, http_get, service_entries,
 };
+use support::fault_proxy::FaultProxy;
+use support::moto::{self, Moto};
 
 async fn polls(server: &TestServer) -> f64 {
     let (_, body) = http_get(server.admin_addr, "/metrics").await.unwrap();

@@ -5,6 +5,8 @@
 //! what it tells a sidecar over ADS. On failure each child's log tail is printed.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -14,12 +16,12 @@ use std::time::{Duration, Instant};
 
 use cloudmap_xds::proto::cloudmap_xds::debug::v1::ServiceEntryResource;
 use cloudmap_xds::test_helpers::eventually;
-use cloudmap_xds::test_helpers::istiod::{
+use serde_json::{Value, json};
+use support::istiod::{
     self, ISTIOD_SYNC_DEADLINE, Istiod, IstiodBin, ServerProcess, WAITING_LINE, assert_configz_is,
     configz_name,
 };
-use cloudmap_xds::test_helpers::moto::{self, Moto, Seeder};
-use serde_json::{Value, json};
+use support::moto::{self, Moto, Seeder};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cloudmap-xds");
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/registry.yaml");

@@ -34,7 +34,7 @@ impl Moto {
             "{MOTO_SERVER_ENV} is not set: the Cloud Map tests need a moto_server binary \
              (run `eval \"$(scripts/install-peers.sh)\"`, or set {MOTO_SERVER_ENV}=/path/to/moto_server)"
         );
-        let mut moto = Moto { bin, port: super::free_port(), child: None };
+        let mut moto = Moto { bin, port: cloudmap_xds::test_helpers::free_port(), child: None };
         moto.spawn().await;
         moto
     }

@@ -16,15 +16,15 @@ use std::time::{Duration, Instant};
 use prost::Message;
 use serde_json::{Value, json};
 
-use crate::proto::cloudmap_xds::debug::v1::debug_client::DebugClient;
-use crate::proto::cloudmap_xds::debug::v1::{
+use cloudmap_xds::proto::cloudmap_xds::debug::v1::debug_client::DebugClient;
+use cloudmap_xds::proto::cloudmap_xds::debug::v1::{
     Client as DebugClientInfo, GetStatusRequest, GetStatusResponse, ListClientsRequest,
     ListServiceEntriesRequest, ServiceEntryResource,
 };
-use crate::proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use crate::proto::envoy::service::discovery::v3::{DiscoveryRequest, Node};
-use crate::proto::istio::networking::v1alpha3::ServiceEntry;
-use crate::proto::istio::networking::v1alpha3::service_entry::{Location, Resolution};
+use cloudmap_xds::proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use cloudmap_xds::proto::envoy::service::discovery::v3::{DiscoveryRequest, Node};
+use cloudmap_xds::proto::istio::networking::v1alpha3::ServiceEntry;
+use cloudmap_xds::proto::istio::networking::v1alpha3::service_entry::{Location, Resolution};
 
 const RUN_ISTIOD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/run-istiod.sh");
 /// istiod's log line once every config source answered every type it asked for.
@@ -154,7 +154,11 @@ impl Istiod {
     /// Spawns istiod in `work_dir` (its log is `work_dir/istiod.log`). The sources must
     /// already listen: istiod exits at once (255) when a source refuses the connection.
     pub fn spawn(bin: &IstiodBin, work_dir: &Path, sources: &[SocketAddr]) -> Istiod {
-        let (grpc, http, monitoring) = (super::free_port(), super::free_port(), super::free_port());
+        let (grpc, http, monitoring) = (
+            cloudmap_xds::test_helpers::free_port(),
+            cloudmap_xds::test_helpers::free_port(),
+            cloudmap_xds::test_helpers::free_port(),
+        );
         let log_path = work_dir.join("istiod.log");
         let (stdout, stderr) = log_file(&log_path);
         let sources: Vec<String> = sources.iter().map(ToString::to_string).collect();
@@ -238,7 +242,7 @@ impl Istiod {
 
     /// `GET /debug/configz`: every config in istiod's store, of any kind.
     pub async fn try_configz_all(&self) -> Result<Vec<Value>, String> {
-        let (status, body) = super::http_get(self.monitoring, "/debug/configz")
+        let (status, body) = cloudmap_xds::test_helpers::http_get(self.monitoring, "/debug/configz")
             .await
             .map_err(|e| format!("GET /debug/configz: {e}"))?;
         if status != 200 {
@@ -253,7 +257,8 @@ impl Istiod {
 
     /// `GET /debug/registryz`: every service in istiod's registry.
     pub async fn registryz(&self) -> Vec<Value> {
-        let (status, body) = super::http_get(self.monitoring, "/debug/registryz").await.unwrap();
+        let (status, body) =
+            cloudmap_xds::test_helpers::http_get(self.monitoring, "/debug/registryz").await.unwrap();
         assert_eq!(status, 200, "{body}");
         serde_json::from_str(&body).unwrap()
     }
@@ -373,7 +378,10 @@ impl ServerProcess {
     /// `bin serve --grpc-addr … --admin-addr … --log-format json <args>`, with `envs` set on the
     /// child only; waits until the gRPC port listens. The log goes to `log_path`.
     pub async fn start(bin: &str, log_path: PathBuf, args: &[&str], envs: &[(&str, &str)]) -> ServerProcess {
-        let (grpc, admin) = (loopback(super::free_port()), loopback(super::free_port()));
+        let (grpc, admin) = (
+            loopback(cloudmap_xds::test_helpers::free_port()),
+            loopback(cloudmap_xds::test_helpers::free_port()),
+        );
         let mut all = vec!["serve".to_owned(), "--grpc-addr".into(), grpc.to_string()];
         all.extend(["--admin-addr".into(), admin.to_string(), "--log-format".into(), "json".into()]);
         all.extend(args.iter().map(|a| (*a).to_owned()));
