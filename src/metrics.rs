@@ -26,6 +26,11 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SettingLabels {
+    pub setting: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TypeLabels {
     pub r#type: &'static str,
 }
@@ -50,6 +55,8 @@ pub struct SnapshotMetrics {
     pub endpoints: Gauge,
     pub skipped_instances: Family<ReasonLabels, Gauge>,
     pub skipped_labels: Gauge,
+    /// Service attributes of ours that could not be used, by setting (`ports`, `location`, ..., `unknown`).
+    pub invalid_settings: Family<SettingLabels, Gauge>,
     pub published: Counter,
     pub build_duration: Histogram,
     pub encoded_bytes: Gauge,
@@ -114,6 +121,7 @@ impl Metrics {
             endpoints: Gauge::default(),
             skipped_instances: Family::default(),
             skipped_labels: Gauge::default(),
+            invalid_settings: Family::default(),
             published: Counter::default(),
             build_duration: seconds_histogram(),
             encoded_bytes: Gauge::default(),
@@ -133,6 +141,11 @@ impl Metrics {
             "skipped_labels",
             "Custom attributes of the current snapshot that are not valid labels",
             snapshot.skipped_labels.clone(),
+        );
+        registry.register(
+            "invalid_service_settings",
+            "Service attributes (cloudmap-xds/...) of the current snapshot that could not be used, by setting",
+            snapshot.invalid_settings.clone(),
         );
         registry.register(
             "snapshots_published",

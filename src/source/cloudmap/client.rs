@@ -61,19 +61,19 @@ pub enum Error {
 
 /// How to reach Cloud Map.
 #[derive(Clone, Default)]
-pub struct Settings {
+pub struct Connection {
     pub region: Option<String>,
     pub endpoint_url: Option<String>,
     /// The longest one attempt may take; a whole call, retries included, is
-    /// bounded by [`Settings::operation_timeout`].
+    /// bounded by [`Connection::operation_timeout`].
     pub request_timeout: Duration,
     /// Static keys instead of the default chain (tests and embedders).
     pub static_credentials: Option<(String, String)>,
 }
 
-impl std::fmt::Debug for Settings {
+impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Settings")
+        f.debug_struct("Connection")
             .field("region", &self.region)
             .field("endpoint_url", &self.endpoint_url)
             .field("request_timeout", &self.request_timeout)
@@ -82,7 +82,7 @@ impl std::fmt::Debug for Settings {
     }
 }
 
-impl Settings {
+impl Connection {
     /// Bound of one call with every retry and the backoff between them.
     pub fn operation_timeout(&self) -> Duration {
         self.request_timeout.saturating_mul(MAX_ATTEMPTS) + RETRY_BACKOFF_BUDGET
@@ -97,7 +97,7 @@ pub struct SdkCloudMap {
 
 /// Builds the client and checks, once, that a region and credentials exist.
 /// Returns the client and the region in use.
-pub async fn connect(settings: &Settings) -> Result<(SdkCloudMap, String), Error> {
+pub async fn connect(settings: &Connection) -> Result<(SdkCloudMap, String), Error> {
     let http_client = aws_smithy_http_client::Builder::new()
         .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
         .build_https();

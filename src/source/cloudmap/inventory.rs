@@ -132,6 +132,8 @@ struct ServiceState {
     service_id: String,
     created: SystemTime,
     health_checked: bool,
+    /// The service attributes of the last good read (empty until read).
+    attributes: BTreeMap<String, String>,
     /// The last good read, sorted by instance ID; `None` until the first.
     instances: Option<Vec<Instance>>,
     /// `instances` as published, shared until the service changes again.
@@ -419,6 +421,7 @@ impl Inventory {
                         service_id: svc.id,
                         created: svc.created,
                         health_checked: svc.health_checked,
+                        attributes: BTreeMap::new(),
                         instances: None,
                         published: None,
                         revision: None,
@@ -638,6 +641,7 @@ impl Inventory {
                         namespace: key.0.clone(),
                         name: key.1.clone(),
                         created: s.created,
+                        attributes: s.attributes.clone(),
                         instances: instances.clone(),
                     })
                 });

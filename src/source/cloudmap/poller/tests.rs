@@ -9,7 +9,7 @@ use super::*;
 use crate::metrics::Metrics;
 use crate::model::{Health, Instance, Registry};
 use crate::source::cloudmap::api::{NamespaceKind, Page};
-use crate::source::cloudmap::{CloudMapArgs, start_with_api};
+use crate::source::cloudmap::{Settings, start_with_api};
 
 const PAGE: usize = 2;
 
@@ -165,15 +165,15 @@ impl CloudMapApi for FakeCloudMap {
 const POLL: Duration = Duration::from_millis(20);
 const WAIT: Duration = Duration::from_secs(5);
 
-fn args() -> CloudMapArgs {
-    CloudMapArgs {
+fn args() -> Settings {
+    Settings {
         poll_interval: POLL,
         list_interval: Duration::from_secs(3600),
         full_refresh_interval: Duration::from_secs(3600),
         rate_list: 1e6,
         rate_discover: 1e6,
         rate_revision: 1e6,
-        ..CloudMapArgs::new("test")
+        ..Settings::new("test")
     }
 }
 
@@ -184,11 +184,11 @@ struct Running {
     _shutdown: watch::Sender<bool>,
 }
 
-fn run(fake: FakeCloudMap, args: &CloudMapArgs) -> Running {
+fn run(fake: FakeCloudMap, args: &Settings) -> Running {
     run_with_timeout(fake, args, Duration::from_millis(200))
 }
 
-fn run_with_timeout(fake: FakeCloudMap, args: &CloudMapArgs, call_timeout: Duration) -> Running {
+fn run_with_timeout(fake: FakeCloudMap, args: &Settings, call_timeout: Duration) -> Running {
     let fake = Arc::new(fake);
     let metrics = Metrics::unregistered();
     let (shutdown, rx) = watch::channel(false);
@@ -313,7 +313,7 @@ async fn a_failing_or_hanging_service_keeps_its_state_and_blocks_nobody() {
 async fn throttled_reads_are_counted_as_throttled() {
     let fake = FakeCloudMap::with(&[("shop", &["a", "b"])]);
     fake.state.lock().unwrap().failing.insert("a".into());
-    let r = run(fake, &CloudMapArgs { initial_sync_timeout: Some(Duration::from_millis(300)), ..args() });
+    let r = run(fake, &Settings { initial_sync_timeout: Some(Duration::from_millis(300)), ..args() });
     condition("a throttled read", || aws_calls(&r.metrics, Api::DiscoverInstances, "throttled") > 0).await;
     assert!(r.view.registry.borrow().is_none(), "a failed first read holds the first publication");
 }
@@ -322,7 +322,7 @@ async fn throttled_reads_are_counted_as_throttled() {
 async fn the_initial_sync_timeout_publishes_what_was_read() {
     let fake = FakeCloudMap::with(&[("shop", &["a", "b"])]);
     fake.state.lock().unwrap().failing.insert("a".into());
-    let mut r = run(fake, &CloudMapArgs { initial_sync_timeout: Some(Duration::from_millis(300)), ..args() });
+    let mut r = run(fake, &Settings { initial_sync_timeout: Some(Duration::from_millis(300)), ..args() });
     let reg = registry_where(&mut r, "the forced publication", |_| true).await;
     let names: Vec<&str> = reg.services.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["b"]);
@@ -352,7 +352,7 @@ async fn the_first_sync_completes_while_calls_keep_overlapping() {
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let fake = FakeCloudMap::with(&[("shop", &refs)]);
     fake.state.lock().unwrap().latency = Duration::from_millis(15);
-    let mut r = run(fake, &CloudMapArgs { rate_discover: 500.0, rate_revision: 500.0, ..args() });
+    let mut r = run(fake, &Settings { rate_discover: 500.0, rate_revision: 500.0, ..args() });
     let reg = registry_where(&mut r, "the first sync", |_| true).await;
     assert_eq!(reg.services.len(), 100);
 }
