@@ -12,6 +12,7 @@ import copy
 import difflib
 import json
 import re
+import shlex
 import tomllib
 
 import pytest
@@ -383,3 +384,60 @@ def test_one_replica_without_pdb_renders():
     docs = helm_docs("--set", "replicaCount=1", "--set", "pdb.enabled=false")
     assert deployment(docs)["spec"]["replicas"] == 1
     assert not [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+
+
+# ---------------------------------------------------------------------------------------------- READMEs
+
+
+PLACEHOLDERS = {"<account>": "111122223333", "<region>": "eu-west-1", "<registry>": "registry.example",
+                "<arn>": ROLE_ARN}
+
+
+def readme_helm_installs() -> list[tuple[str, list[str]]]:
+    """Every `helm upgrade --install ... deploy/helm/cloudmap-xds ...` command of the READMEs, as argv."""
+    found = []
+    for readme in (REPO / "README.md", DEPLOY / "README.md"):
+        text = readme.read_text()
+        for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+            joined = re.sub(r"\\\n\s*", " ", block)
+            for line in joined.splitlines():
+                if "helm upgrade --install" in line and "deploy/helm/cloudmap-xds" in line:
+                    for placeholder, value in PLACEHOLDERS.items():
+                        line = line.replace(placeholder, value)
+                    found.append((readme.relative_to(REPO).as_posix(), shlex.split(line.strip())))
+    return found
+
+
+def test_readme_helm_install_commands_render():
+    """The install commands users copy render valid objects with what they set (placeholders filled in)."""
+    commands = readme_helm_installs()
+    assert sorted(name for name, _ in commands) == ["README.md", "deploy/README.md"], "one in each README"
+    for name, argv in commands:
+        assert argv[:5] == ["helm", "upgrade", "--install", NAME, "deploy/helm/cloudmap-xds"], (name, argv)
+        rest = argv[5:]
+        assert rest[:2] == ["-n", NAMESPACE], (name, rest)
+        docs = helm_docs(*rest[2:])
+        deploy = deployment(docs)
+        image = container(deploy)["image"]
+        assert image.endswith("/cloudmap-xds:0.1.0") and image.split("/")[0] in ("registry.example",
+                                                                               "111122223333.dkr.ecr.eu-west-1.amazonaws.com"), image
+        assert one(docs, "ConfigMap", "aws-config")["data"]["aws-region"] == "eu-west-1"
+        assert one(docs, "ServiceAccount", NAME)["metadata"]["annotations"]["eks.amazonaws.com/role-arn"] == ROLE_ARN
+        for doc in docs:
+            validate_strict(doc, K8S_VERSIONS[-1])
+
+
+def test_every_config_sources_example_keeps_k8s():
+    """Wherever the docs show istiod's configSources, k8s:// is listed before our xds:// address."""
+    texts = {p.relative_to(REPO).as_posix(): p.read_text()
+             for p in (REPO / "README.md", DEPLOY / "README.md", CHART / "templates" / "NOTES.txt",
+                       CHART / "values.yaml")}
+    checked = 0
+    for name, text in texts.items():
+        for m in re.finditer(r"configSources:\n((?:\s*- address: \S+\n?)+)", text):
+            addresses = re.findall(r"- address: (\S+)", m.group(1))
+            assert addresses[0] == "k8s://" and any(a.startswith("xds://") for a in addresses[1:]), (name, addresses)
+            checked += 1
+        if "configSources" in text:
+            assert "k8s://" in text, f"{name} mentions configSources without the k8s:// warning"
+    assert checked >= 3
