@@ -189,10 +189,12 @@ fn sidecar() -> Sidecar {
     Sidecar::new(&IstiodBin::current().istio_version)
 }
 
-/// The listeners named `*_PORT`, by name.
+/// The listeners named `*_PORT`, sorted by name.
 fn listeners_on_port(listeners: &[Listener], port: u16) -> Vec<&Listener> {
     let suffix = format!("_{port}");
-    listeners.iter().filter(|l| l.name.ends_with(&suffix)).collect()
+    let mut on_port: Vec<&Listener> = listeners.iter().filter(|l| l.name.ends_with(&suffix)).collect();
+    on_port.sort_by(|a, b| a.name.cmp(&b.name));
+    on_port
 }
 
 fn names(listeners: &[&Listener]) -> Vec<String> {
@@ -416,6 +418,7 @@ async fn each_address_mode_gives_tcp_ports_the_listeners_it_promises() {
             three_tasks("shop", "secure", "10.20.10", 8443)
                 .attribute("cloudmap-xds/ports", "https=8443/HTTPS"),
         ),
+        three_tasks("db", "pg-subnet", "10.33.0", 5435).attribute("cloudmap-xds/addresses", "10.33.0.0/24"),
     ];
     let mesh = Mesh::start(&bin, &services, &[]).await;
 
@@ -459,6 +462,14 @@ async fn each_address_mode_gives_tcp_ports_the_listeners_it_promises() {
         assert_eq!(chains.len(), 1, "{}", on_5434[0].summary());
         assert_eq!(chains[0].destinations(), Vec::<String>::new(), "matches any destination");
         assert_eq!(chains[0].action(), tcp_proxy("outbound|5434||pg-none.db"));
+
+        // A CIDR: one wildcard listener whose chain matches the subnet, so every task in it.
+        let on_5435 = listeners_on_port(&listeners, 5435);
+        assert_eq!(names(&on_5435), ["0.0.0.0_5435"]);
+        let subnet: Vec<&xds::FilterChain> =
+            on_5435[0].filter_chains.iter().filter(|c| c.destinations() == ["10.33.0.0/24"]).collect();
+        assert_eq!(subnet.len(), 1, "{}", on_5435[0].summary());
+        assert_eq!(subnet[0].action(), tcp_proxy("outbound|5435||pg-subnet.db"));
 
         // HTTP needs no address: the wildcard listener routes by Host.
         let on_8080 = listeners_on_port(&listeners, 8080);
