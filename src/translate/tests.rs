@@ -671,3 +671,48 @@ fn explain_says_where_everything_came_from() {
     }
     assert!(explain(&registry, "cloudmap-nothing.ns", &options).is_none());
 }
+
+#[test]
+fn explain_notes_what_the_addresses_cost_or_catch() {
+    let tasks = || {
+        (1..=3)
+            .map(|n| {
+                let ip = format!("10.0.0.{n}");
+                instance(&format!("t{n}"), &[("AWS_INSTANCE_IPV4", &ip), ("AWS_INSTANCE_PORT", "5432")])
+            })
+            .collect::<Vec<_>>()
+    };
+    let notes = |attrs: &[(&str, &str)]| {
+        let (_, e) = explain(
+            &Registry::new(vec![with_attributes(service("ns", "pg", tasks()), attrs)]),
+            "ns/pg",
+            &options(),
+        )
+        .unwrap();
+        e.notes
+    };
+    assert_eq!(notes(&[]), Vec::<String>::new(), "lowest, the default, needs no note");
+    let all = notes(&[("cloudmap-xds/addresses", "all")]);
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert!(all[0].contains("3 listeners per TCP port") && all[0].contains("3 x 3 = 9 endpoints"), "{all:?}");
+    let none = notes(&[("cloudmap-xds/addresses", "none")]);
+    assert_eq!(none.len(), 1, "{none:?}");
+    assert!(none[0].contains("port(s) 5432 on a wildcard listener"), "{none:?}");
+    // HTTP and TLS are told apart by Host or SNI: no address needed, no note.
+    assert_eq!(
+        notes(&[("cloudmap-xds/addresses", "none"), ("cloudmap-xds/ports", "http=5432/HTTP")]),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        notes(&[("cloudmap-xds/addresses", "none"), ("cloudmap-xds/ports", "5432/TLS")]),
+        Vec::<String>::new()
+    );
+    // A DNS-named TCP endpoint gets no address from lowest either.
+    let db = service(
+        "ns",
+        "db",
+        vec![instance("rds", &[("AWS_INSTANCE_CNAME", "db.example.com"), ("AWS_INSTANCE_PORT", "5432")])],
+    );
+    let (_, e) = explain(&Registry::new(vec![db]), "ns/db", &options()).unwrap();
+    assert!(e.notes.iter().any(|n| n.contains("wildcard listener")), "{:?}", e.notes);
+}

@@ -10,3 +10,4 @@
 pub mod fault_proxy;
 pub mod istiod;
 pub mod moto;
+pub mod xds;
