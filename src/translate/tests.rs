@@ -359,3 +359,21 @@ fn two_services_giving_one_name_keep_the_first_and_report_the_other() {
         );
     }
 }
+
+#[test]
+fn an_all_numeric_top_level_label_is_never_emitted() {
+    // istiod: "top level domain \"2024\" cannot be all-numeric", for hosts and DNS endpoints.
+    let t = translate(
+        &Registry::new(vec![
+            service("2024", "api", vec![]),
+            service("corp.local", "web", vec![instance("c", &[("AWS_INSTANCE_CNAME", "db.10")])]),
+            service("corp.local", "ip", vec![instance("i", &[("AWS_INSTANCE_CNAME", "10.1.2.3")])]),
+        ]),
+        &options(),
+    );
+    let skipped: Vec<_> = t.skipped.iter().map(|s| (s.service.as_str(), s.reason.kind())).collect();
+    assert_eq!(skipped, [("api", "invalid_host"), ("web", "invalid_address")]);
+    let ip = t.entries.iter().find(|e| e.origin.1 == "ip").unwrap();
+    assert_eq!(ip.spec.endpoints[0].address, "10.1.2.3");
+    assert_eq!(ip.spec.resolution(), Resolution::Dns);
+}
