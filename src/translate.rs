@@ -219,6 +219,9 @@ pub fn translate_service(service: &Service, options: &Options) -> Translation {
         spec: build_spec(host, endpoints),
         origin: (service.namespace.clone(), service.name.clone()),
     });
+    // Report as `translate` does (once per instance id and reason, once per key), so the
+    // snapshot builder, which uses this per service, counts what a full translation counts.
+    out.normalize();
     out
 }
 

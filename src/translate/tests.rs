@@ -377,3 +377,15 @@ fn an_all_numeric_top_level_label_is_never_emitted() {
     assert_eq!(ip.spec.endpoints[0].address, "10.1.2.3");
     assert_eq!(ip.spec.resolution(), Resolution::Dns);
 }
+
+#[test]
+fn one_service_reports_skips_as_the_whole_registry_does() {
+    // A registry file may repeat an instance id; the snapshot builder sums per-service reports.
+    let broken = instance("i-1", &[("AWS_INSTANCE_PORT", "x"), ("bad key", "v")]);
+    let svc = service("ns", "s", vec![broken.clone(), broken]);
+    let one = translate_service(&svc, &options());
+    let all = translate(&Registry::new(vec![svc]), &options());
+    assert_eq!(one.skipped, all.skipped);
+    assert_eq!(one.skipped_labels, all.skipped_labels);
+    assert_eq!((one.skipped.len(), one.skipped_labels.len()), (1, 1));
+}
