@@ -247,6 +247,9 @@ pub fn translate_service(service: &Service, options: &Options) -> Translation {
         spec: explanation.spec,
         origin: (service.namespace.clone(), service.name.clone()),
     });
+    // Report as `translate` does (once per instance id and reason, once per key), so the
+    // snapshot builder, which uses this per service, counts what a full translation counts.
+    out.normalize();
     out
 }
 
@@ -700,7 +703,9 @@ pub fn to_host(raw: &str) -> Option<String> {
             mapped.trim_matches('-').to_owned()
         })
         .collect();
-    let valid = labels.len() >= 2 && labels.iter().all(|l| !l.is_empty() && l.len() <= MAX_DNS_LABEL);
+    let valid = labels.len() >= 2
+        && labels.iter().all(|l| !l.is_empty() && l.len() <= MAX_DNS_LABEL)
+        && !labels.last().is_some_and(|l| all_digits(l));
     let host = labels.join(".");
     (valid && host.len() <= MAX_DNS_NAME).then_some(host)
 }
@@ -726,9 +731,16 @@ fn entry_name(raw_host: &str, host: &str) -> String {
 }
 
 /// A CNAME or alias target as a lower-case DNS name without the trailing dot.
+/// A dotted IPv4 address stays as it is (istiod accepts an IP as a DNS endpoint).
 fn to_dns_name(value: &str) -> Option<String> {
     let name = value.strip_suffix('.').unwrap_or(value).to_ascii_lowercase();
-    (name.contains('.') && is_dns_subdomain(&name)).then_some(name)
+    let numeric_tld = name.rsplit('.').next().is_some_and(all_digits) && name.parse::<Ipv4Addr>().is_err();
+    (name.contains('.') && is_dns_subdomain(&name) && !numeric_tld).then_some(name)
+}
+
+/// istiod rejects a host or DNS name whose last label is all digits (`svc.2024`).
+fn all_digits(label: &str) -> bool {
+    !label.is_empty() && label.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// RFC 1123 subdomain, lower case, as Kubernetes and istiod check names.

@@ -716,3 +716,33 @@ fn explain_notes_what_the_addresses_cost_or_catch() {
     let (_, e) = explain(&Registry::new(vec![db]), "ns/db", &options()).unwrap();
     assert!(e.notes.iter().any(|n| n.contains("wildcard listener")), "{:?}", e.notes);
 }
+
+#[test]
+fn an_all_numeric_top_level_label_is_never_emitted() {
+    // istiod: "top level domain \"2024\" cannot be all-numeric", for hosts and DNS endpoints.
+    let t = translate(
+        &Registry::new(vec![
+            service("2024", "api", vec![]),
+            service("corp.local", "web", vec![instance("c", &[("AWS_INSTANCE_CNAME", "db.10")])]),
+            service("corp.local", "ip", vec![instance("i", &[("AWS_INSTANCE_CNAME", "10.1.2.3")])]),
+        ]),
+        &options(),
+    );
+    let skipped: Vec<_> = t.skipped.iter().map(|s| (s.service.as_str(), s.reason.kind())).collect();
+    assert_eq!(skipped, [("api", "invalid_host"), ("web", "invalid_address")]);
+    let ip = t.entries.iter().find(|e| e.origin.1 == "ip").unwrap();
+    assert_eq!(ip.spec.endpoints[0].address, "10.1.2.3");
+    assert_eq!(ip.spec.resolution(), Resolution::Dns);
+}
+
+#[test]
+fn one_service_reports_skips_as_the_whole_registry_does() {
+    // A registry file may repeat an instance id; the snapshot builder sums per-service reports.
+    let broken = instance("i-1", &[("AWS_INSTANCE_PORT", "x"), ("bad key", "v")]);
+    let svc = service("ns", "s", vec![broken.clone(), broken]);
+    let one = translate_service(&svc, &options());
+    let all = translate(&Registry::new(vec![svc]), &options());
+    assert_eq!(one.skipped, all.skipped);
+    assert_eq!(one.skipped_labels, all.skipped_labels);
+    assert_eq!((one.skipped.len(), one.skipped_labels.len()), (1, 1));
+}
