@@ -319,21 +319,7 @@ pub fn explain_service(service: &Service, options: &Options) -> Result<Explanati
     }
 
     // Resolution first: STATIC leaves DNS-named instances out, which changes the ports.
-    let mut resolution_mode = settings.resolution.clone();
-    if resolution_mode.value == ResolutionMode::Fixed(Resolution::DnsRoundRobin) {
-        let distinct: std::collections::BTreeSet<&Address> = endpoints.iter().map(|e| &e.address).collect();
-        if distinct.len() > 1 {
-            invalid_settings.push(InvalidSetting {
-                key: origin_key(&resolution_mode.origin, settings::RESOLUTION_KEY),
-                value: resolution_mode.value.to_string(),
-                reason: format!(
-                    "DNS_ROUND_ROBIN allows at most one endpoint and {} instances are selected; resolution chosen automatically",
-                    distinct.len()
-                ),
-            });
-            resolution_mode = Sourced { value: ResolutionMode::Auto, origin: Origin::Default };
-        }
-    }
+    let resolution_mode = settings.resolution.clone();
     if resolution_mode.value == ResolutionMode::Fixed(Resolution::Static) {
         endpoints.retain(|e| match &e.address {
             Address::Ip(_) => true,
@@ -344,7 +330,7 @@ pub fn explain_service(service: &Service, options: &Options) -> Result<Explanati
         });
     }
     let all_ips = endpoints.iter().all(|e| matches!(e.address, Address::Ip(_)));
-    let resolution = match resolution_mode.value {
+    let mut resolution = match resolution_mode.value {
         ResolutionMode::Fixed(r) => Sourced { value: r, origin: resolution_mode.origin.clone() },
         ResolutionMode::Auto => Sourced {
             value: if all_ips { Resolution::Static } else { Resolution::Dns },
@@ -398,6 +384,24 @@ pub fn explain_service(service: &Service, options: &Options) -> Result<Explanati
             Some((last, ids)) if *last == entry => ids.extend(instances),
             _ => merged.push((entry, instances)),
         }
+    }
+
+    // istiod allows DNS_ROUND_ROBIN with at most one endpoint (counted as served: an
+    // address that appears with two localities is two endpoints).
+    if resolution.value == Resolution::DnsRoundRobin && merged.len() > 1 {
+        invalid_settings.push(InvalidSetting {
+            key: origin_key(&resolution.origin, settings::RESOLUTION_KEY),
+            value: resolution.value.as_str_name().into(),
+            reason: format!(
+                "DNS_ROUND_ROBIN allows at most one endpoint and there are {}; resolution chosen automatically",
+                merged.len()
+            ),
+        });
+        let all_ips = merged.iter().all(|(e, _)| e.address.parse::<IpAddr>().is_ok());
+        resolution = Sourced {
+            value: if all_ips { Resolution::Static } else { Resolution::Dns },
+            origin: Origin::Default,
+        };
     }
 
     // Addresses.

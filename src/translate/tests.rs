@@ -556,6 +556,22 @@ fn dns_round_robin_with_several_instances_falls_back_with_a_reason() {
     ));
     assert_eq!(entry.spec.resolution(), Resolution::DnsRoundRobin);
     assert!(t.invalid_settings.is_empty());
+    // Found by the property tests: one address registered twice with different localities is
+    // two endpoints, which DNS_ROUND_ROBIN does not allow either.
+    let (entry, t) = one(with_attributes(
+        service(
+            "ns",
+            "s",
+            vec![
+                instance("a", &[("AWS_INSTANCE_IPV4", "10.0.0.1")]),
+                instance("a", &[("AWS_INSTANCE_IPV4", "10.0.0.1"), ("REGION", "us-east-1")]),
+            ],
+        ),
+        &[("cloudmap-xds/resolution", "DNS_ROUND_ROBIN")],
+    ));
+    assert_eq!(entry.spec.resolution(), Resolution::Static);
+    assert_eq!(entry.spec.endpoints.len(), 2);
+    assert_eq!(t.invalid_settings.len(), 1);
 }
 
 #[test]
