@@ -3,7 +3,7 @@
 //! custom endpoints; and the conversion of SDK types into `api` types, which
 //! is where AWS types end.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -243,14 +243,7 @@ where
     let kind = match &err {
         SdkError::TimeoutError(_) => ErrorKind::Timeout,
         SdkError::DispatchFailure(d) if d.is_timeout() => ErrorKind::Timeout,
-        _ => match err.code() {
-            Some(
-                "RequestLimitExceeded" | "ThrottlingException" | "Throttling" | "TooManyRequestsException",
-            ) => ErrorKind::Throttled,
-            Some("NamespaceNotFound" | "ServiceNotFound") => ErrorKind::NotFound,
-            _ if status == Some(429) => ErrorKind::Throttled,
-            _ => ErrorKind::Other,
-        },
+        _ => kind_of_answer(err.code(), status),
     };
     let message = match (err.code(), err.message()) {
         (Some(code), Some(message)) => format!("{code}: {message}"),
@@ -261,6 +254,22 @@ where
         },
     };
     ApiError::new(kind, message)
+}
+
+/// Classifies an error answer by its code and HTTP status.
+fn kind_of_answer(code: Option<&str>, status: Option<u16>) -> ErrorKind {
+    match code {
+        Some("RequestLimitExceeded" | "ThrottlingException" | "Throttling" | "TooManyRequestsException") => {
+            ErrorKind::Throttled
+        }
+        Some("NamespaceNotFound" | "ServiceNotFound") => ErrorKind::NotFound,
+        // AWS JSON services answer an IAM denial with HTTP 400 `AccessDeniedException`;
+        // `AccessDenied` and a bare 403 are the other spellings of the same answer.
+        Some("AccessDeniedException" | "AccessDenied") => ErrorKind::Denied,
+        None if status == Some(403) => ErrorKind::Denied,
+        _ if status == Some(429) => ErrorKind::Throttled,
+        _ => ErrorKind::Other,
+    }
 }
 
 fn system_time(date: Option<&sd::primitives::DateTime>) -> SystemTime {
@@ -395,6 +404,16 @@ impl CloudMapApi for SdkCloudMap {
             ApiError::new(ErrorKind::Other, "DiscoverInstancesRevision returned no InstancesRevision")
         })
     }
+
+    async fn get_service_attributes(&self, service_id: &str) -> Result<BTreeMap<String, String>, ApiError> {
+        let out =
+            self.client.get_service_attributes().service_id(service_id).send().await.map_err(classify)?;
+        Ok(out
+            .service_attributes()
+            .and_then(|a| a.attributes())
+            .map(|a| a.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default())
+    }
 }
 
 #[cfg(test)]
@@ -458,6 +477,22 @@ mod tests {
         let info = service_info(&bare, &HashMap::from([("srv-2".into(), "ns-9".into())])).unwrap();
         assert_eq!((info.created, info.health_checked), (SystemTime::UNIX_EPOCH, false));
         assert_eq!(info.namespace_id.as_deref(), Some("ns-9"));
+    }
+
+    #[test]
+    fn answers_are_classified_by_code_then_status() {
+        let kind = |code, status| kind_of_answer(code, Some(status));
+        assert_eq!(kind(Some("AccessDeniedException"), 400), ErrorKind::Denied);
+        assert_eq!(kind(Some("AccessDenied"), 403), ErrorKind::Denied);
+        assert_eq!(kind(None, 403), ErrorKind::Denied);
+        // A 403 with another code is about the credentials, not the policy.
+        assert_eq!(kind(Some("ExpiredTokenException"), 403), ErrorKind::Other);
+        assert_eq!(kind(Some("ThrottlingException"), 400), ErrorKind::Throttled);
+        assert_eq!(kind(Some("RequestLimitExceeded"), 400), ErrorKind::Throttled);
+        assert_eq!(kind(None, 429), ErrorKind::Throttled);
+        assert_eq!(kind(Some("ServiceNotFound"), 400), ErrorKind::NotFound);
+        assert_eq!(kind(Some("InvalidInput"), 400), ErrorKind::Other);
+        assert_eq!(kind_of_answer(None, None), ErrorKind::Other);
     }
 
     #[test]

@@ -1,0 +1,248 @@
+//! Service attributes (`GetServiceAttributes`) in the inventory: when each
+//! service's attributes are read, and what an answer does.
+//!
+//! - Every successful listing makes the attributes of each service it lists
+//!   due: they are read when a service is first listed and again once per
+//!   `list_interval`, never on a poll of their own (an idle poll stays one
+//!   DiscoverInstancesRevision per service).
+//! - A failed read keeps the service's last good attributes and is retried with
+//!   the same backoff as a failed instance read; the service's instances are
+//!   polled on their own schedule meanwhile.
+//! - A service is published only once its attributes are settled (read, or
+//!   known to be unreadable), so its first ServiceEntry already carries the
+//!   ports and settings it declares instead of flapping from the defaults; the
+//!   first complete sync waits for every service's attributes too.
+//! - An IAM denial means the policy lacks [`ACTION`], which is optional: one
+//!   warning, every service is settled with what it has (the defaults for a
+//!   service never read, the last good attributes otherwise), and reads stop
+//!   except one probe per `list_interval`; a probe that succeeds reads every
+//!   service again, so a policy fix is picked up without a restart.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::time::Instant;
+
+use tracing::{debug, info, warn};
+
+use super::{Inventory, Now, ServiceKey};
+use crate::source::cloudmap::api::{Api, ApiError, ErrorKind};
+
+/// The IAM action the attributes need.
+pub const ACTION: &str = "servicediscovery:GetServiceAttributes";
+
+/// One service's attributes and their read schedule.
+#[derive(Debug, Clone, Default)]
+pub(super) struct ServiceAttributes {
+    /// The last good read; empty until read (the defaults apply).
+    pub(super) values: BTreeMap<String, String>,
+    /// Read once, or unreadable (denied): the service may be published.
+    pub(super) settled: bool,
+    /// A listing asked for a read that has not succeeded yet.
+    due: bool,
+    /// A read is in flight.
+    busy: bool,
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+/// Whether the IAM policy allows GetServiceAttributes, as far as we know.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Access {
+    denied: bool,
+    next_probe: Option<Instant>,
+    /// Probes go round the services, so one service the policy leaves out cannot decide alone.
+    last_probe: Option<ServiceKey>,
+}
+
+/// One service to call GetServiceAttributes for.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AttributesTarget {
+    pub key: ServiceKey,
+    pub service_id: String,
+}
+
+impl Inventory {
+    /// A successful listing contains `key` (already upserted): its attributes are due.
+    pub(super) fn attributes_listed(&mut self, key: &ServiceKey) {
+        let denied = self.access.denied;
+        let Some(s) = self.services.get_mut(key) else { return };
+        if denied {
+            // Only the probe reads while denied; a new service is served with the defaults.
+            s.attributes.settled = true;
+        } else {
+            s.attributes.due = true;
+        }
+    }
+
+    /// GetServiceAttributes calls to start now, at most `limit`; each stays in
+    /// flight until its answer is applied (or [`Inventory::abandon_attributes`]).
+    pub fn plan_attribute_reads(&mut self, now: Instant, limit: usize) -> Vec<AttributesTarget> {
+        if limit == 0 {
+            return Vec::new();
+        }
+        if self.access.denied {
+            return self.plan_probe(now).into_iter().collect();
+        }
+        let mut targets = Vec::new();
+        for (key, s) in &mut self.services {
+            if targets.len() == limit {
+                break;
+            }
+            let a = &mut s.attributes;
+            if !a.due || a.busy || a.retry_at.is_some_and(|t| t > now) {
+                continue;
+            }
+            a.busy = true;
+            targets.push(AttributesTarget { key: key.clone(), service_id: s.service_id.clone() });
+        }
+        targets
+    }
+
+    fn plan_probe(&mut self, now: Instant) -> Option<AttributesTarget> {
+        if self.access.next_probe.is_some_and(|t| t > now) {
+            return None;
+        }
+        let after = match &self.access.last_probe {
+            Some(last) => self.services.range((Bound::Excluded(last.clone()), Bound::Unbounded)),
+            None => self.services.range::<ServiceKey, _>(..),
+        };
+        let key = after
+            .chain(self.services.iter())
+            .find(|(_, s)| !s.attributes.busy)
+            .map(|(key, _)| key.clone())?;
+        let next = now + self.jitter(self.config.list_interval);
+        let s = self.services.get_mut(&key)?;
+        s.attributes.busy = true;
+        debug!(namespace = %key.0, service = %key.1, "probing whether {ACTION} is allowed now");
+        self.access.next_probe = Some(next);
+        self.access.last_probe = Some(key.clone());
+        Some(AttributesTarget { key, service_id: s.service_id.clone() })
+    }
+
+    /// The attribute read for `key` ended without an answer to apply (its task died).
+    pub fn abandon_attributes(&mut self, key: &ServiceKey) {
+        if let Some(s) = self.services.get_mut(key) {
+            s.attributes.busy = false;
+        }
+    }
+
+    /// Applies a GetServiceAttributes answer; returns whether the served content changed.
+    pub fn apply_attributes(
+        &mut self,
+        key: &ServiceKey,
+        result: Result<BTreeMap<String, String>, ApiError>,
+        now: Now,
+    ) -> bool {
+        let Some(s) = self.services.get_mut(key) else { return false };
+        s.status.api_calls += 1;
+        s.attributes.busy = false;
+        let values = match result {
+            Ok(values) => values,
+            Err(err) if err.kind == ErrorKind::Denied => {
+                self.attributes_denied_by(key, &err, now);
+                return false;
+            }
+            Err(err) => {
+                self.attributes_failed(key, &err, now);
+                return false;
+            }
+        };
+        if self.access.denied {
+            self.access = Access::default();
+            info!("{ACTION} is allowed again; reading every service's attributes");
+            for s in self.services.values_mut() {
+                s.attributes.due = true;
+            }
+        }
+        let Some(s) = self.services.get_mut(key) else { return false };
+        let a = &mut s.attributes;
+        if a.failures > 0 {
+            info!(namespace = %key.0, service = %key.1, after_failures = a.failures, "{} recovered", Api::GetServiceAttributes);
+        }
+        a.due = false;
+        a.failures = 0;
+        a.retry_at = None;
+        let first = !a.settled;
+        a.settled = true;
+        let changed = a.values != values;
+        if changed {
+            if first {
+                debug!(namespace = %key.0, service = %key.1, attributes = values.len(), "service attributes read");
+            } else {
+                info!(namespace = %key.0, service = %key.1, attributes = ?values, "service attributes changed");
+            }
+            a.values = values;
+            s.published = None;
+        }
+        if changed || first {
+            // A service whose attributes just settled may be published now, even with none.
+            self.dirty = true;
+        }
+        changed || first
+    }
+
+    fn attributes_failed(&mut self, key: &ServiceKey, err: &ApiError, now: Now) {
+        let api = Api::GetServiceAttributes;
+        let failures = self.services.get(key).map_or(0, |s| s.attributes.failures) + 1;
+        let delay = self.backoff(failures);
+        let denied = self.access.denied;
+        let Some(s) = self.services.get_mut(key) else { return };
+        let a = &mut s.attributes;
+        a.failures = failures;
+        if denied {
+            // A failed probe: the next one comes at its time.
+            a.due = false;
+        } else {
+            a.retry_at = Some(now.instant + delay);
+        }
+        s.status.last_error = Some(format!("{api}: {err}"));
+        s.status.last_error_time = Some(now.wall);
+        if failures == 1 {
+            warn!(namespace = %key.0, service = %key.1, %api, error = %err, "Cloud Map read failed; keeping the last good attributes");
+        } else {
+            debug!(namespace = %key.0, service = %key.1, %api, error = %err, failures, retry_in = ?delay, "Cloud Map read failed again");
+        }
+        self.last_error = Some((format!("{}/{}: {api}: {err}", key.0, key.1), now.wall));
+    }
+
+    fn attributes_denied_by(&mut self, key: &ServiceKey, err: &ApiError, now: Now) {
+        if let Some(s) = self.services.get_mut(key) {
+            s.status.last_error = Some(format!("{}: {err}", Api::GetServiceAttributes));
+            s.status.last_error_time = Some(now.wall);
+        }
+        if self.access.denied {
+            debug!(namespace = %key.0, service = %key.1, error = %err, "{ACTION} still denied");
+            return;
+        }
+        warn!(
+            action = ACTION,
+            error = %err,
+            retry_in = ?self.config.list_interval,
+            "the IAM policy does not allow {ACTION}. It is optional: services are served without their \
+             cloudmap-xds/ service attributes (the flags' and built-in defaults apply; attributes read before \
+             are kept), and the call is tried again once per --list-interval; add the action to the policy to \
+             use service attributes"
+        );
+        self.access.denied = true;
+        self.access.next_probe = Some(now.instant + self.jitter(self.config.list_interval));
+        for s in self.services.values_mut() {
+            let a = &mut s.attributes;
+            a.due = false;
+            a.failures = 0;
+            a.retry_at = None;
+            a.settled = true;
+        }
+        // Services held back for their attributes may be published now.
+        self.dirty = true;
+    }
+
+    /// Whether every service's attributes are settled (read, or unreadable).
+    pub(super) fn attributes_settled(&self) -> bool {
+        self.services.values().all(|s| s.attributes.settled)
+    }
+
+    /// True while the IAM policy denies GetServiceAttributes (the metric and the status show it).
+    pub fn attributes_denied(&self) -> bool {
+        self.access.denied
+    }
+}
