@@ -17,6 +17,9 @@
 //!   service never read, the last good attributes otherwise), and reads stop
 //!   except one probe per `list_interval`; a probe that succeeds reads every
 //!   service again, so a policy fix is picked up without a restart.
+//! - Until one read has succeeded, reads go one at a time: a policy without the
+//!   action costs one denied call at start (one AccessDenied event in
+//!   CloudTrail), not a window of them.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -48,6 +51,8 @@ pub(super) struct ServiceAttributes {
 /// Whether the IAM policy allows GetServiceAttributes, as far as we know.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Access {
+    /// A read has succeeded (since the last denial).
+    allowed: bool,
     denied: bool,
     next_probe: Option<Instant>,
     /// Probes go round the services, so one service the policy leaves out cannot decide alone.
@@ -83,6 +88,13 @@ impl Inventory {
         if self.access.denied {
             return self.plan_probe(now).into_iter().collect();
         }
+        let limit = if self.access.allowed {
+            limit
+        } else if self.services.values().any(|s| s.attributes.busy) {
+            return Vec::new();
+        } else {
+            1
+        };
         let mut targets = Vec::new();
         for (key, s) in &mut self.services {
             if targets.len() == limit {
@@ -154,6 +166,7 @@ impl Inventory {
                 s.attributes.due = true;
             }
         }
+        self.access.allowed = true;
         let Some(s) = self.services.get_mut(key) else { return false };
         let a = &mut s.attributes;
         if a.failures > 0 {
@@ -224,6 +237,7 @@ impl Inventory {
              use service attributes"
         );
         self.access.denied = true;
+        self.access.allowed = false;
         self.access.next_probe = Some(now.instant + self.jitter(self.config.list_interval));
         for s in self.services.values_mut() {
             let a = &mut s.attributes;
