@@ -250,10 +250,26 @@ where
         (Some(code), None) => code.to_owned(),
         _ => match &err {
             SdkError::TimeoutError(_) => "request timed out".to_owned(),
-            _ => DisplayErrorContext(&err).to_string(),
+            _ => error_chain(&err),
         },
     };
     ApiError::new(kind, message)
+}
+
+/// An error and its sources on one line, `outer: inner: ...`: what a user reads in a
+/// status or an exit message (the SDK's `DisplayErrorContext` appends a debug dump).
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![err.to_string()];
+    let mut source = err.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        // Some errors repeat their source in their own message.
+        if !parts.last().is_some_and(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = e.source();
+    }
+    parts.join(": ").split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Classifies an error answer by its code and HTTP status.
@@ -493,6 +509,15 @@ mod tests {
         assert_eq!(kind(Some("ServiceNotFound"), 400), ErrorKind::NotFound);
         assert_eq!(kind(Some("InvalidInput"), 400), ErrorKind::Other);
         assert_eq!(kind_of_answer(None, None), ErrorKind::Other);
+    }
+
+    #[test]
+    fn error_chains_are_one_line_without_debug_dumps() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("dispatch failure")]
+        struct Outer(#[source] std::io::Error);
+        let err = Outer(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection\nrefused"));
+        assert_eq!(error_chain(&err), "dispatch failure: Connection refused");
     }
 
     #[test]
