@@ -55,6 +55,9 @@ pub(super) struct Access {
     allowed: bool,
     denied: bool,
     next_probe: Option<Instant>,
+    /// The probe in flight: only its success ends a denial (a read sent before the denial
+    /// may still answer with success while IAM changes propagate).
+    probing: Option<ServiceKey>,
     /// Probes go round the services, so one service the policy leaves out cannot decide alone.
     last_probe: Option<ServiceKey>,
 }
@@ -128,11 +131,15 @@ impl Inventory {
         debug!(namespace = %key.0, service = %key.1, "probing whether {ACTION} is allowed now");
         self.access.next_probe = Some(next);
         self.access.last_probe = Some(key.clone());
+        self.access.probing = Some(key.clone());
         Some(AttributesTarget { key, service_id: s.service_id.clone() })
     }
 
     /// The attribute read for `key` ended without an answer to apply (its task died).
     pub fn abandon_attributes(&mut self, key: &ServiceKey) {
+        if self.access.probing.as_ref() == Some(key) {
+            self.access.probing = None;
+        }
         if let Some(s) = self.services.get_mut(key) {
             s.attributes.busy = false;
         }
@@ -145,6 +152,10 @@ impl Inventory {
         result: Result<BTreeMap<String, String>, ApiError>,
         now: Now,
     ) -> bool {
+        let probe = self.access.probing.as_ref() == Some(key);
+        if probe {
+            self.access.probing = None;
+        }
         let Some(s) = self.services.get_mut(key) else { return false };
         s.status.api_calls += 1;
         s.attributes.busy = false;
@@ -159,14 +170,16 @@ impl Inventory {
                 return false;
             }
         };
-        if self.access.denied {
+        if self.access.denied && probe {
             self.access = Access::default();
             info!("{ACTION} is allowed again; reading every service's attributes");
             for s in self.services.values_mut() {
                 s.attributes.due = true;
             }
         }
-        self.access.allowed = true;
+        if !self.access.denied {
+            self.access.allowed = true;
+        }
         let Some(s) = self.services.get_mut(key) else { return false };
         let a = &mut s.attributes;
         if a.failures > 0 {

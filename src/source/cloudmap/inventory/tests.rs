@@ -857,6 +857,25 @@ fn attributes_read_before_a_denial_are_kept() {
 }
 
 #[test]
+fn only_a_probe_ends_a_denial() {
+    let clock = Clock::new();
+    let mut inv = synced(&clock, &["a", "b", "c"]);
+    inv.apply_listing(Ok(listing(&["a", "b", "c"])), clock.at(60.0));
+    let reads = inv.plan_attribute_reads(clock.at(60.0).instant, usize::MAX);
+    assert_eq!(reads.len(), 3, "allowed: a whole window at once");
+    inv.apply_attributes(&key("a"), Err(ApiError::new(ErrorKind::Denied, "AccessDenied")), clock.at(60.1));
+    // A read sent before the policy changed still answers: its attributes count, the denial stands.
+    assert!(inv.apply_attributes(
+        &key("b"),
+        Ok(attrs(&[("cloudmap-xds/resolution", "DNS")])),
+        clock.at(60.2)
+    ));
+    assert!(inv.attributes_denied());
+    assert!(inv.plan_attribute_reads(clock.at(60.2).instant, usize::MAX).is_empty());
+    assert_eq!(published_attributes(&inv)["b"].len(), 1);
+}
+
+#[test]
 fn a_forced_publication_serves_services_whose_attributes_are_not_read() {
     let clock = Clock::new();
     let mut inv = Inventory::new(config(), clock.start, 1);
