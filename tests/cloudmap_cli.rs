@@ -232,7 +232,7 @@ async fn a_read_that_cannot_finish_fails_within_the_read_timeout_naming_the_last
         args.extend(flags);
         let out = cli(&aws(&args, &endpoint)).await;
         let line = read_error(&out, timeout);
-        let want = "error: reading Cloud Map: Cloud Map was not read completely within 3s (0 of 0 services read); \
+        let want = "error: reading Cloud Map: Cloud Map was not read completely within 3s (instances of 0 of 0 services read); \
                     last error: ListNamespaces: ";
         assert!(line.starts_with(want), "{command}: {line}");
         assert!(line.contains("Connection refused"), "{command}: the connection error is named: {line}");

@@ -179,7 +179,7 @@ pub enum Error {
     #[error("{0}")]
     Setting(String),
     #[error(
-        "Cloud Map was not read completely within {timeout:?} ({read} of {listed} services read); last error: {last_error}"
+        "Cloud Map was not read completely within {timeout:?} (instances of {read} of {listed} services read); last error: {last_error}"
     )]
     ReadTimeout { timeout: Duration, read: usize, listed: usize, last_error: String },
 }
