@@ -186,6 +186,8 @@ mod tests {
             "*-canary",
             "--rate-discover",
             "50.5",
+            "--rate-attributes",
+            "2.5",
             "--initial-sync-timeout",
             "2m",
         ])
@@ -193,6 +195,7 @@ mod tests {
         assert_eq!(args.include_namespaces, ["prod-*", "shared"]);
         assert_eq!(args.exclude_services, ["*-canary"]);
         assert!((args.rate_discover - 50.5).abs() < f64::EPSILON);
+        assert!((args.settings().rate_attributes - 2.5).abs() < f64::EPSILON);
         assert_eq!(args.initial_sync_timeout, Some(Duration::from_secs(120)));
         assert!(args.settings().check().is_ok());
     }
@@ -200,6 +203,8 @@ mod tests {
     #[test]
     fn bad_values_are_clear_errors() {
         let err = parse(&["--rate-list", "0"]).unwrap_err().to_string();
+        assert!(err.contains("not a positive number"), "{err}");
+        let err = parse(&["--rate-attributes", "none"]).unwrap_err().to_string();
         assert!(err.contains("not a positive number"), "{err}");
         let err = parse(&["--mass-removal-threshold", "1.5"]).unwrap_err().to_string();
         assert!(err.contains("between 0 and 1"), "{err}");
