@@ -192,8 +192,8 @@ pub struct Inventory {
     dirty: bool,
     last_full_sync: Option<SystemTime>,
     last_error: Option<(String, SystemTime)>,
-    /// Whether GetServiceAttributes is allowed.
-    access: attributes::Access,
+    /// The attribute read queue, and whether GetServiceAttributes is allowed.
+    attribute_reads: attributes::Reads,
 }
 
 impl Inventory {
@@ -216,7 +216,7 @@ impl Inventory {
             dirty: false,
             last_full_sync: None,
             last_error: None,
-            access: attributes::Access::default(),
+            attribute_reads: attributes::Reads::default(),
         }
     }
 

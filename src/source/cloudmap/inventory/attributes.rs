@@ -4,7 +4,11 @@
 //! - Every successful listing makes the attributes of each service it lists
 //!   due: they are read when a service is first listed and again once per
 //!   `list_interval`, never on a poll of their own (an idle poll stays one
-//!   DiscoverInstancesRevision per service).
+//!   DiscoverInstancesRevision per service). Due reads wait in a queue, services
+//!   never read first, then oldest first: when the budget reads fewer services
+//!   per `list_interval` than there are, a listing does not restart the sweep
+//!   (which would starve the services at its end), it only queues those read
+//!   since.
 //! - A failed read keeps the service's last good attributes and is retried with
 //!   the same backoff as a failed instance read; the service's instances are
 //!   polled on their own schedule meanwhile.
@@ -21,7 +25,7 @@
 //!   action costs one denied call at start (one AccessDenied event in
 //!   CloudTrail), not a window of them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 use std::time::Instant;
 
@@ -40,17 +44,22 @@ pub(super) struct ServiceAttributes {
     pub(super) values: BTreeMap<String, String>,
     /// Read once, or unreadable (denied): the service may be published.
     pub(super) settled: bool,
-    /// A listing asked for a read that has not succeeded yet.
-    due: bool,
+    /// Its place in the read queue while a read is due (a listing asked, no success since).
+    queued: Option<Place>,
     /// A read is in flight.
     busy: bool,
     failures: u32,
     retry_at: Option<Instant>,
 }
 
-/// Whether the IAM policy allows GetServiceAttributes, as far as we know.
+/// A place in the read queue: services never read first, then in the order they became due.
+type Place = (bool, u64);
+
+/// The read queue, and whether the IAM policy allows GetServiceAttributes as far as we know.
 #[derive(Debug, Clone, Default)]
-pub(super) struct Access {
+pub(super) struct Reads {
+    queue: BTreeSet<(Place, ServiceKey)>,
+    next_place: u64,
     /// A read has succeeded (since the last denial).
     allowed: bool,
     denied: bool,
@@ -72,13 +81,32 @@ pub struct AttributesTarget {
 impl Inventory {
     /// A successful listing contains `key` (already upserted): its attributes are due.
     pub(super) fn attributes_listed(&mut self, key: &ServiceKey) {
-        let denied = self.access.denied;
-        let Some(s) = self.services.get_mut(key) else { return };
-        if denied {
+        if self.attribute_reads.denied {
             // Only the probe reads while denied; a new service is served with the defaults.
-            s.attributes.settled = true;
+            if let Some(s) = self.services.get_mut(key) {
+                s.attributes.settled = true;
+            }
         } else {
-            s.attributes.due = true;
+            self.enqueue_attributes(key);
+        }
+    }
+
+    /// Makes a read of `key` due, keeping its place if it is already waiting.
+    fn enqueue_attributes(&mut self, key: &ServiceKey) {
+        let Some(s) = self.services.get_mut(key) else { return };
+        if s.attributes.queued.is_none() {
+            let place = (s.attributes.settled, self.attribute_reads.next_place);
+            self.attribute_reads.next_place += 1;
+            s.attributes.queued = Some(place);
+            self.attribute_reads.queue.insert((place, key.clone()));
+        }
+    }
+
+    /// `key`'s read is no longer due.
+    fn dequeue_attributes(&mut self, key: &ServiceKey) {
+        let Some(s) = self.services.get_mut(key) else { return };
+        if let Some(place) = s.attributes.queued.take() {
+            self.attribute_reads.queue.remove(&(place, key.clone()));
         }
     }
 
@@ -88,10 +116,10 @@ impl Inventory {
         if limit == 0 {
             return Vec::new();
         }
-        if self.access.denied {
+        if self.attribute_reads.denied {
             return self.plan_probe(now).into_iter().collect();
         }
-        let limit = if self.access.allowed {
+        let limit = if self.attribute_reads.allowed {
             limit
         } else if self.services.values().any(|s| s.attributes.busy) {
             return Vec::new();
@@ -99,25 +127,39 @@ impl Inventory {
             1
         };
         let mut targets = Vec::new();
-        for (key, s) in &mut self.services {
+        let mut stale = Vec::new();
+        for (place, key) in &self.attribute_reads.queue {
             if targets.len() == limit {
                 break;
             }
+            let Some(s) = self.services.get_mut(key) else {
+                // Removed by a listing since it was queued.
+                stale.push((*place, key.clone()));
+                continue;
+            };
             let a = &mut s.attributes;
-            if !a.due || a.busy || a.retry_at.is_some_and(|t| t > now) {
+            if a.queued != Some(*place) {
+                // Removed and listed again: queued anew under another place.
+                stale.push((*place, key.clone()));
+                continue;
+            }
+            if a.busy || a.retry_at.is_some_and(|t| t > now) {
                 continue;
             }
             a.busy = true;
             targets.push(AttributesTarget { key: key.clone(), service_id: s.service_id.clone() });
         }
+        for entry in stale {
+            self.attribute_reads.queue.remove(&entry);
+        }
         targets
     }
 
     fn plan_probe(&mut self, now: Instant) -> Option<AttributesTarget> {
-        if self.access.next_probe.is_some_and(|t| t > now) {
+        if self.attribute_reads.next_probe.is_some_and(|t| t > now) {
             return None;
         }
-        let after = match &self.access.last_probe {
+        let after = match &self.attribute_reads.last_probe {
             Some(last) => self.services.range((Bound::Excluded(last.clone()), Bound::Unbounded)),
             None => self.services.range::<ServiceKey, _>(..),
         };
@@ -129,16 +171,16 @@ impl Inventory {
         let s = self.services.get_mut(&key)?;
         s.attributes.busy = true;
         debug!(namespace = %key.0, service = %key.1, "probing whether {ACTION} is allowed now");
-        self.access.next_probe = Some(next);
-        self.access.last_probe = Some(key.clone());
-        self.access.probing = Some(key.clone());
+        self.attribute_reads.next_probe = Some(next);
+        self.attribute_reads.last_probe = Some(key.clone());
+        self.attribute_reads.probing = Some(key.clone());
         Some(AttributesTarget { key, service_id: s.service_id.clone() })
     }
 
     /// The attribute read for `key` ended without an answer to apply (its task died).
     pub fn abandon_attributes(&mut self, key: &ServiceKey) {
-        if self.access.probing.as_ref() == Some(key) {
-            self.access.probing = None;
+        if self.attribute_reads.probing.as_ref() == Some(key) {
+            self.attribute_reads.probing = None;
         }
         if let Some(s) = self.services.get_mut(key) {
             s.attributes.busy = false;
@@ -152,9 +194,9 @@ impl Inventory {
         result: Result<BTreeMap<String, String>, ApiError>,
         now: Now,
     ) -> bool {
-        let probe = self.access.probing.as_ref() == Some(key);
+        let probe = self.attribute_reads.probing.as_ref() == Some(key);
         if probe {
-            self.access.probing = None;
+            self.attribute_reads.probing = None;
         }
         let Some(s) = self.services.get_mut(key) else { return false };
         s.status.api_calls += 1;
@@ -170,22 +212,23 @@ impl Inventory {
                 return false;
             }
         };
-        if self.access.denied && probe {
-            self.access = Access::default();
+        if self.attribute_reads.denied && probe {
+            self.attribute_reads = Reads::default();
             info!("{ACTION} is allowed again; reading every service's attributes");
-            for s in self.services.values_mut() {
-                s.attributes.due = true;
+            let keys: Vec<ServiceKey> = self.services.keys().cloned().collect();
+            for key in &keys {
+                self.enqueue_attributes(key);
             }
         }
-        if !self.access.denied {
-            self.access.allowed = true;
+        if !self.attribute_reads.denied {
+            self.attribute_reads.allowed = true;
         }
+        self.dequeue_attributes(key);
         let Some(s) = self.services.get_mut(key) else { return false };
         let a = &mut s.attributes;
         if a.failures > 0 {
             info!(namespace = %key.0, service = %key.1, after_failures = a.failures, "{} recovered", Api::GetServiceAttributes);
         }
-        a.due = false;
         a.failures = 0;
         a.retry_at = None;
         let first = !a.settled;
@@ -211,14 +254,15 @@ impl Inventory {
         let api = Api::GetServiceAttributes;
         let failures = self.services.get(key).map_or(0, |s| s.attributes.failures) + 1;
         let delay = self.backoff(failures);
-        let denied = self.access.denied;
+        if self.attribute_reads.denied {
+            // A failed probe: the next one comes at its time.
+            self.dequeue_attributes(key);
+        }
+        let denied = self.attribute_reads.denied;
         let Some(s) = self.services.get_mut(key) else { return };
         let a = &mut s.attributes;
         a.failures = failures;
-        if denied {
-            // A failed probe: the next one comes at its time.
-            a.due = false;
-        } else {
+        if !denied {
             a.retry_at = Some(now.instant + delay);
         }
         s.status.last_error = Some(format!("{api}: {err}"));
@@ -236,7 +280,7 @@ impl Inventory {
             s.status.last_error = Some(format!("{}: {err}", Api::GetServiceAttributes));
             s.status.last_error_time = Some(now.wall);
         }
-        if self.access.denied {
+        if self.attribute_reads.denied {
             debug!(namespace = %key.0, service = %key.1, error = %err, "{ACTION} still denied");
             return;
         }
@@ -249,12 +293,13 @@ impl Inventory {
              are kept), and the call is tried again once per --list-interval; add the action to the policy to \
              use service attributes"
         );
-        self.access.denied = true;
-        self.access.allowed = false;
-        self.access.next_probe = Some(now.instant + self.jitter(self.config.list_interval));
+        self.attribute_reads.denied = true;
+        self.attribute_reads.allowed = false;
+        self.attribute_reads.next_probe = Some(now.instant + self.jitter(self.config.list_interval));
+        self.attribute_reads.queue.clear();
         for s in self.services.values_mut() {
             let a = &mut s.attributes;
-            a.due = false;
+            a.queued = None;
             a.failures = 0;
             a.retry_at = None;
             a.settled = true;
@@ -270,6 +315,6 @@ impl Inventory {
 
     /// True while the IAM policy denies GetServiceAttributes (the metric and the status show it).
     pub fn attributes_denied(&self) -> bool {
-        self.access.denied
+        self.attribute_reads.denied
     }
 }

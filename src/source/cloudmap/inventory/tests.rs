@@ -891,3 +891,34 @@ fn a_forced_publication_serves_services_whose_attributes_are_not_read() {
     assert!(inv.apply_attributes(&key("a"), Ok(attrs(&[("cloudmap-xds/resolution", "DNS")])), clock.at(1.0)));
     assert_eq!(inv.registry_update().unwrap().services[0].attributes.len(), 1);
 }
+
+#[test]
+fn a_listing_never_restarts_the_sweep_and_new_services_go_first() {
+    let clock = Clock::new();
+    let names = ["a", "b", "c", "d", "e"];
+    let mut inv = synced(&clock, &names);
+    // The budget reads two per listing interval, fewer than there are services.
+    let mut read = Vec::new();
+    let mut listed = names.to_vec();
+    for round in 1..=4 {
+        let now = clock.at(60.0 * f64::from(round));
+        if round == 3 {
+            listed.push("new");
+        }
+        inv.apply_listing(Ok(listing(&listed)), now);
+        for t in inv.plan_attribute_reads(now.instant, 2) {
+            read.push(t.key.1.clone());
+            inv.apply_attributes(&t.key, Ok(BTreeMap::new()), now);
+        }
+    }
+    // Each listing goes on where the last one stopped; a service never read jumps the queue.
+    assert_eq!(read, ["a", "b", "c", "d", "new", "e", "a", "b"]);
+    // A service removed while waiting leaves the queue.
+    inv.apply_listing(Ok(listing(&["a", "b", "c", "d", "new"])), clock.at(300.0));
+    let rest: Vec<String> = inv
+        .plan_attribute_reads(clock.at(300.0).instant, usize::MAX)
+        .iter()
+        .map(|t| t.key.1.clone())
+        .collect();
+    assert_eq!(rest, ["c", "d", "new", "a", "b"]);
+}
