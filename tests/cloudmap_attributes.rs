@@ -243,6 +243,7 @@ async fn attribute_reads_come_with_listings_only() {
 /// `cloudmap-xds serve` as a user runs it, with its log lines collected.
 struct Serving {
     child: Child,
+    _home: tempfile::TempDir,
     grpc: std::net::SocketAddr,
     admin: std::net::SocketAddr,
     log: Arc<Mutex<Vec<String>>>,
@@ -250,7 +251,8 @@ struct Serving {
 
 impl Serving {
     fn start(endpoint: &str, extra: &[&str]) -> Serving {
-        let home = std::env::temp_dir();
+        // An empty HOME: no AWS profile of the machine leaks in.
+        let home = tempfile::tempdir().unwrap();
         let (grpc, admin) = (free_port(), free_port());
         let (grpc, admin) =
             (format!("127.0.0.1:{grpc}").parse().unwrap(), format!("127.0.0.1:{admin}").parse().unwrap());
@@ -260,7 +262,7 @@ impl Serving {
             .args(["--poll-interval", "200ms", "--log-format", "json"])
             .args(extra)
             .env_clear()
-            .env("HOME", home)
+            .env("HOME", home.path())
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("AWS_ACCESS_KEY_ID", moto::ACCESS_KEY_ID)
             .env("AWS_SECRET_ACCESS_KEY", moto::SECRET_ACCESS_KEY)
@@ -276,7 +278,7 @@ impl Serving {
                 sink.lock().unwrap().push(line);
             }
         });
-        Serving { child, grpc, admin, log }
+        Serving { child, _home: home, grpc, admin, log }
     }
 
     /// Log records at `level` whose message mentions `needle`.
