@@ -247,6 +247,9 @@ pub fn translate_service(service: &Service, options: &Options) -> Translation {
         spec: explanation.spec,
         origin: (service.namespace.clone(), service.name.clone()),
     });
+    // Report as `translate` does (once per instance id and reason, once per key), so the
+    // snapshot builder, which uses this per service, counts what a full translation counts.
+    out.normalize();
     out
 }
 
@@ -450,6 +453,13 @@ pub fn explain_service(service: &Service, options: &Options) -> Result<Explanati
     }
 
     let endpoint_count = merged.len();
+    notes.extend(address_notes(
+        &address_mode.value,
+        &addresses,
+        &plan.ports,
+        resolution.value,
+        endpoint_count,
+    ));
     let (endpoints, endpoint_instances): (Vec<WorkloadEntry>, Vec<Vec<String>>) = if resolution.value
         == Resolution::None
     {
@@ -528,6 +538,48 @@ pub fn explain(registry: &Registry, target: &str, options: &Options) -> Option<(
         Ok(e) if e.name == entry_name => Some((service.clone(), e)),
         _ => None,
     })
+}
+
+/// What the addresses make of the sidecars' listeners, where it costs or surprises
+/// (measured with istiod 1.26 in `tests/istiod_mesh.rs`).
+fn address_notes(
+    mode: &AddressMode,
+    addresses: &[String],
+    ports: &[PlannedPort],
+    resolution: Resolution,
+    endpoints: usize,
+) -> Vec<String> {
+    let mut notes = Vec::new();
+    if *mode == AddressMode::All && addresses.len() > 1 {
+        let n = addresses.len();
+        let mut note = format!(
+            "addresses all: istiod builds one service per address, so sidecars get {n} listeners per TCP port"
+        );
+        if resolution != Resolution::None && endpoints > 0 {
+            note.push_str(&format!(
+                " and every endpoint once per address ({n} x {endpoints} = {} endpoints per port)",
+                n * endpoints
+            ));
+        }
+        note.push_str("; `lowest` with Istio's DNS proxying costs one listener and lists each endpoint once");
+        notes.push(note);
+    }
+    let unrouted: Vec<String> = ports
+        .iter()
+        .filter(|p| !p.spec.protocol.routed_by_name())
+        .map(|p| p.spec.number.to_string())
+        .collect();
+    if addresses.is_empty() && !unrouted.is_empty() {
+        notes.push(format!(
+            "no addresses: sidecars serve port(s) {} on a wildcard listener (0.0.0.0) that takes every \
+             outbound connection to that port, whatever its destination, and only one such service per \
+             port (Istio allocates no address to ServiceEntries from a config source); set {} to \
+             lowest, all or an IP to bind it",
+            unrouted.join(", "),
+            settings::ADDRESSES_KEY
+        ));
+    }
+    notes
 }
 
 /// The name under which a setting's problem is reported: the attribute key, or the flag.
@@ -651,7 +703,9 @@ pub fn to_host(raw: &str) -> Option<String> {
             mapped.trim_matches('-').to_owned()
         })
         .collect();
-    let valid = labels.len() >= 2 && labels.iter().all(|l| !l.is_empty() && l.len() <= MAX_DNS_LABEL);
+    let valid = labels.len() >= 2
+        && labels.iter().all(|l| !l.is_empty() && l.len() <= MAX_DNS_LABEL)
+        && !labels.last().is_some_and(|l| all_digits(l));
     let host = labels.join(".");
     (valid && host.len() <= MAX_DNS_NAME).then_some(host)
 }
@@ -677,9 +731,16 @@ fn entry_name(raw_host: &str, host: &str) -> String {
 }
 
 /// A CNAME or alias target as a lower-case DNS name without the trailing dot.
+/// A dotted IPv4 address stays as it is (istiod accepts an IP as a DNS endpoint).
 fn to_dns_name(value: &str) -> Option<String> {
     let name = value.strip_suffix('.').unwrap_or(value).to_ascii_lowercase();
-    (name.contains('.') && is_dns_subdomain(&name)).then_some(name)
+    let numeric_tld = name.rsplit('.').next().is_some_and(all_digits) && name.parse::<Ipv4Addr>().is_err();
+    (name.contains('.') && is_dns_subdomain(&name) && !numeric_tld).then_some(name)
+}
+
+/// istiod rejects a host or DNS name whose last label is all digits (`svc.2024`).
+fn all_digits(label: &str) -> bool {
+    !label.is_empty() && label.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// RFC 1123 subdomain, lower case, as Kubernetes and istiod check names.

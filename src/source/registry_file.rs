@@ -109,10 +109,13 @@ fn deserialize_time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Sys
 /// Parses registry-file text into the model. Pure; `path` only labels errors.
 pub fn parse(path: &Path, text: &str) -> Result<Registry, Error> {
     let file: RegistryFile = serde_norway::from_str(text).map_err(|e| {
-        let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
         let text = e.to_string();
         let message = text.split(" at line ").next().unwrap_or(&text).to_owned();
-        Error::Parse { path: path.to_owned(), line, column, message }
+        match e.location() {
+            Some(l) => Error::Parse { path: path.to_owned(), line: l.line(), column: l.column(), message },
+            // A few errors have no position (a second YAML document, say); no `0:0`.
+            None => Error::Invalid { path: path.to_owned(), message },
+        }
     })?;
     let invalid = |message: String| Error::Invalid { path: path.to_owned(), message };
     let mut seen = BTreeSet::new();
@@ -353,6 +356,16 @@ mod tests {
         }
         assert_eq!(again, registry, "{text}");
         assert_eq!(registry.services[0].attributes["cloudmap-xds/ports"], "http=80/HTTP");
+    }
+
+    #[test]
+    fn an_error_without_a_position_still_says_what_is_wrong() {
+        let err = parse_str("namespaces: []\n---\nnamespaces: []\n").unwrap_err();
+        assert!(matches!(err, Error::Invalid { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "registry file r.yaml: deserializing from YAML containing more than one document is not supported"
+        );
     }
 
     #[test]

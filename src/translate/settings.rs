@@ -85,6 +85,14 @@ impl Protocol {
         }
     }
 
+    /// Whether a sidecar tells this protocol's services apart without an address: by the
+    /// HTTP `Host` (HTTP, gRPC) or the TLS SNI (HTTPS, TLS) on a wildcard listener. The others
+    /// (TCP, MongoDB, Redis, MySQL) get a listener per service address, or without one a
+    /// wildcard listener that takes the whole port.
+    pub fn routed_by_name(self) -> bool {
+        !matches!(self, Protocol::Tcp | Protocol::Udp | Protocol::Mongo | Protocol::Redis | Protocol::Mysql)
+    }
+
     /// A DNS-label-safe prefix for port names (`grpc-web`, `http-proxy`).
     pub fn name_prefix(self) -> String {
         self.as_str().to_ascii_lowercase().replace('_', "-")

@@ -671,3 +671,78 @@ fn explain_says_where_everything_came_from() {
     }
     assert!(explain(&registry, "cloudmap-nothing.ns", &options).is_none());
 }
+
+#[test]
+fn explain_notes_what_the_addresses_cost_or_catch() {
+    let tasks = || {
+        (1..=3)
+            .map(|n| {
+                let ip = format!("10.0.0.{n}");
+                instance(&format!("t{n}"), &[("AWS_INSTANCE_IPV4", &ip), ("AWS_INSTANCE_PORT", "5432")])
+            })
+            .collect::<Vec<_>>()
+    };
+    let notes = |attrs: &[(&str, &str)]| {
+        let (_, e) = explain(
+            &Registry::new(vec![with_attributes(service("ns", "pg", tasks()), attrs)]),
+            "ns/pg",
+            &options(),
+        )
+        .unwrap();
+        e.notes
+    };
+    assert_eq!(notes(&[]), Vec::<String>::new(), "lowest, the default, needs no note");
+    let all = notes(&[("cloudmap-xds/addresses", "all")]);
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert!(all[0].contains("3 listeners per TCP port") && all[0].contains("3 x 3 = 9 endpoints"), "{all:?}");
+    let none = notes(&[("cloudmap-xds/addresses", "none")]);
+    assert_eq!(none.len(), 1, "{none:?}");
+    assert!(none[0].contains("port(s) 5432 on a wildcard listener"), "{none:?}");
+    // HTTP and TLS are told apart by Host or SNI: no address needed, no note.
+    assert_eq!(
+        notes(&[("cloudmap-xds/addresses", "none"), ("cloudmap-xds/ports", "http=5432/HTTP")]),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        notes(&[("cloudmap-xds/addresses", "none"), ("cloudmap-xds/ports", "5432/TLS")]),
+        Vec::<String>::new()
+    );
+    // A DNS-named TCP endpoint gets no address from lowest either.
+    let db = service(
+        "ns",
+        "db",
+        vec![instance("rds", &[("AWS_INSTANCE_CNAME", "db.example.com"), ("AWS_INSTANCE_PORT", "5432")])],
+    );
+    let (_, e) = explain(&Registry::new(vec![db]), "ns/db", &options()).unwrap();
+    assert!(e.notes.iter().any(|n| n.contains("wildcard listener")), "{:?}", e.notes);
+}
+
+#[test]
+fn an_all_numeric_top_level_label_is_never_emitted() {
+    // istiod: "top level domain \"2024\" cannot be all-numeric", for hosts and DNS endpoints.
+    let t = translate(
+        &Registry::new(vec![
+            service("2024", "api", vec![]),
+            service("corp.local", "web", vec![instance("c", &[("AWS_INSTANCE_CNAME", "db.10")])]),
+            service("corp.local", "ip", vec![instance("i", &[("AWS_INSTANCE_CNAME", "10.1.2.3")])]),
+        ]),
+        &options(),
+    );
+    let skipped: Vec<_> = t.skipped.iter().map(|s| (s.service.as_str(), s.reason.kind())).collect();
+    assert_eq!(skipped, [("api", "invalid_host"), ("web", "invalid_address")]);
+    let ip = t.entries.iter().find(|e| e.origin.1 == "ip").unwrap();
+    assert_eq!(ip.spec.endpoints[0].address, "10.1.2.3");
+    assert_eq!(ip.spec.resolution(), Resolution::Dns);
+}
+
+#[test]
+fn one_service_reports_skips_as_the_whole_registry_does() {
+    // A registry file may repeat an instance id; the snapshot builder sums per-service reports.
+    let broken = instance("i-1", &[("AWS_INSTANCE_PORT", "x"), ("bad key", "v")]);
+    let svc = service("ns", "s", vec![broken.clone(), broken]);
+    let one = translate_service(&svc, &options());
+    let all = translate(&Registry::new(vec![svc]), &options());
+    assert_eq!(one.skipped, all.skipped);
+    assert_eq!(one.skipped_labels, all.skipped_labels);
+    assert_eq!((one.skipped.len(), one.skipped_labels.len()), (1, 1));
+}
