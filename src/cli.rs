@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 
-use crate::config::{Cli, CloudMapArgs, Command, ExportArgs, RenderArgs, ServeArgs};
+use crate::config::{Cli, CloudMapArgs, Command, ExportArgs, LogFormat, RenderArgs, ServeArgs};
 use crate::model::Registry;
 use crate::source::registry_file;
 use crate::{app, render, source, translate};
@@ -45,10 +45,20 @@ async fn registry(
         Some(path) => Ok(registry_file::load(path)?),
         None => {
             eprintln!("reading Cloud Map (no --registry-file given)...");
-            source::cloudmap::read_once(&cloudmap.settings(), timeout).await.context("reading Cloud Map")
+            read_cloudmap(cloudmap, timeout).await
         }
     }
 }
+
+/// One complete Cloud Map read. Warnings (a failing call, a denied optional
+/// action) go to standard error, so a preview never differs silently from `serve`.
+async fn read_cloudmap(cloudmap: &CloudMapArgs, timeout: Duration) -> anyhow::Result<Registry> {
+    crate::telemetry::init(LogFormat::Text, READ_LOG_FILTER)?;
+    source::cloudmap::read_once(&cloudmap.settings(), timeout).await.context("reading Cloud Map")
+}
+
+/// What `render` and `export` log while they read Cloud Map.
+const READ_LOG_FILTER: &str = "warn";
 
 async fn render(args: RenderArgs) -> anyhow::Result<()> {
     let options = args.publish.translate_options()?;
@@ -75,9 +85,7 @@ async fn render(args: RenderArgs) -> anyhow::Result<()> {
 }
 
 async fn export(args: ExportArgs) -> anyhow::Result<()> {
-    let registry = source::cloudmap::read_once(&args.cloudmap.settings(), args.read_timeout)
-        .await
-        .context("reading Cloud Map")?;
+    let registry = read_cloudmap(&args.cloudmap, args.read_timeout).await?;
     let text = registry_file::to_yaml(&registry)?;
     match &args.output {
         Some(path) => {

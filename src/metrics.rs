@@ -41,8 +41,10 @@ pub struct SourceMetrics {
     /// Loads or polls by outcome (`success`, `error`, `unchanged`).
     pub loads: Family<OutcomeLabels, Counter>,
     pub load_duration: Histogram,
-    /// AWS API calls by API and outcome (`success`, `error`, `throttled`, `timeout`).
+    /// AWS API calls by API and outcome (`success`, `error`, `throttled`, `timeout`, `denied`).
     pub aws_calls: Family<ApiLabels, Counter>,
+    /// 1 while the IAM policy denies GetServiceAttributes (optional: the defaults apply).
+    pub service_attributes_unavailable: Gauge,
     /// Unix time of the last complete sync of every service.
     pub last_full_sync: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub services: Gauge,
@@ -93,6 +95,7 @@ impl Metrics {
             loads: Family::default(),
             load_duration: seconds_histogram(),
             aws_calls: Family::default(),
+            service_attributes_unavailable: Gauge::default(),
             last_full_sync: Gauge::default(),
             services: Gauge::default(),
         };
@@ -107,6 +110,12 @@ impl Metrics {
             "aws_calls",
             "AWS Cloud Map API calls, by API and outcome",
             source.aws_calls.clone(),
+        );
+        registry.register(
+            "service_attributes_unavailable",
+            "1 while the IAM policy does not allow servicediscovery:GetServiceAttributes (optional: services are served \
+             without their cloudmap-xds/ attributes)",
+            source.service_attributes_unavailable.clone(),
         );
         registry.register_with_unit(
             "last_full_sync_timestamp",

@@ -550,6 +550,7 @@ async fn an_idle_poll_costs_one_revision_call_per_service() {
     assert_eq!(start_calls["ListNamespaces"], 1);
     assert_eq!(start_calls["ListServices"], 1);
     assert_eq!(start_calls["DiscoverInstances"], 10);
+    assert_eq!(start_calls["GetServiceAttributes"], 10);
 
     let before = (counters(&server).await, proxy.calls());
     let polls_before = polls(&before.0);
@@ -562,7 +563,15 @@ async fn an_idle_poll_costs_one_revision_call_per_service() {
     let polls = polls(&after.0) - polls(&before.0);
     let wire = |op: &str| after.1.get(op).copied().unwrap_or(0) - before.1.get(op).copied().unwrap_or(0);
     assert!(polls >= 10.0, "{polls} polls");
-    assert_eq!(wire("ListNamespaces") + wire("ListServices") + wire("DiscoverInstances"), 0, "{:?}", after.1);
+    assert_eq!(
+        wire("ListNamespaces")
+            + wire("ListServices")
+            + wire("DiscoverInstances")
+            + wire("GetServiceAttributes"),
+        0,
+        "{:?}",
+        after.1
+    );
     #[allow(clippy::cast_precision_loss)]
     let revisions = wire("DiscoverInstancesRevision") as f64;
     // Polls are counted when the next one starts: allow the one in progress.

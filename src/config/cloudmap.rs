@@ -18,6 +18,8 @@ pub const DEFAULT_RATE_LIST: &str = "2";
 pub const DEFAULT_RATE_DISCOVER: &str = "100";
 /// Per second; the account quota is 3,000/s.
 pub const DEFAULT_RATE_REVISION: &str = "300";
+/// Per second; AWS publishes no quota (see `source::cloudmap::defaults::RATE_ATTRIBUTES` for why 10).
+pub const DEFAULT_RATE_ATTRIBUTES: &str = "10";
 pub const DEFAULT_MASS_REMOVAL_THRESHOLD: &str = "0.5";
 
 #[derive(Debug, Clone, Args, Serialize)]
@@ -72,6 +74,10 @@ pub struct CloudMapArgs {
     /// Budget for DiscoverInstancesRevision, in requests per second.
     #[arg(long, env = "CLOUDMAP_XDS_RATE_REVISION", default_value = DEFAULT_RATE_REVISION, value_parser = positive_rate)]
     pub rate_revision: f64,
+
+    /// Budget for GetServiceAttributes, in requests per second (every service once per listing).
+    #[arg(long, env = "CLOUDMAP_XDS_RATE_ATTRIBUTES", default_value = DEFAULT_RATE_ATTRIBUTES, value_parser = positive_rate)]
+    pub rate_attributes: f64,
 
     /// Longest one AWS request attempt may take; a call with its retries is bounded by 3x this plus 3s.
     #[arg(long, env = "CLOUDMAP_XDS_AWS_REQUEST_TIMEOUT", default_value = DEFAULT_AWS_REQUEST_TIMEOUT, value_parser = humantime::parse_duration)]
@@ -131,6 +137,7 @@ impl CloudMapArgs {
             rate_list: self.rate_list,
             rate_discover: self.rate_discover,
             rate_revision: self.rate_revision,
+            rate_attributes: self.rate_attributes,
             request_timeout: self.aws_request_timeout,
             mass_removal_threshold: self.mass_removal_threshold,
             initial_sync_timeout: self.initial_sync_timeout,
@@ -179,6 +186,8 @@ mod tests {
             "*-canary",
             "--rate-discover",
             "50.5",
+            "--rate-attributes",
+            "2.5",
             "--initial-sync-timeout",
             "2m",
         ])
@@ -186,6 +195,7 @@ mod tests {
         assert_eq!(args.include_namespaces, ["prod-*", "shared"]);
         assert_eq!(args.exclude_services, ["*-canary"]);
         assert!((args.rate_discover - 50.5).abs() < f64::EPSILON);
+        assert!((args.settings().rate_attributes - 2.5).abs() < f64::EPSILON);
         assert_eq!(args.initial_sync_timeout, Some(Duration::from_secs(120)));
         assert!(args.settings().check().is_ok());
     }
@@ -193,6 +203,8 @@ mod tests {
     #[test]
     fn bad_values_are_clear_errors() {
         let err = parse(&["--rate-list", "0"]).unwrap_err().to_string();
+        assert!(err.contains("not a positive number"), "{err}");
+        let err = parse(&["--rate-attributes", "none"]).unwrap_err().to_string();
         assert!(err.contains("not a positive number"), "{err}");
         let err = parse(&["--mass-removal-threshold", "1.5"]).unwrap_err().to_string();
         assert!(err.contains("between 0 and 1"), "{err}");

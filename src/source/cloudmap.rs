@@ -11,7 +11,8 @@
 //! no control-plane call; DiscoverInstances only for services whose revision
 //! changed, and for every service once per `--full-refresh-interval` (health
 //! changes do not move the revision); ListNamespaces and ListServices once per
-//! `--list-interval`.
+//! `--list-interval`, and GetServiceAttributes for every service each listing
+//! lists (within `--rate-attributes`; one probe per listing while IAM denies it).
 
 pub mod api;
 pub mod client;
@@ -54,6 +55,8 @@ pub struct Settings {
     pub rate_list: f64,
     pub rate_discover: f64,
     pub rate_revision: f64,
+    /// Requests per second for GetServiceAttributes.
+    pub rate_attributes: f64,
     /// The longest one request attempt may take.
     pub request_timeout: Duration,
     /// Share (0..=1) of all services one listing may remove without confirmation.
@@ -78,6 +81,11 @@ pub mod defaults {
     pub const RATE_DISCOVER: f64 = 100.0;
     /// Per second; the account quota is 3,000/s.
     pub const RATE_REVISION: f64 = 300.0;
+    /// Per second. AWS publishes no quota for GetServiceAttributes (a control-plane
+    /// read); AWS's usual per-API refill for control-plane reads is 20/s (EC2's
+    /// `Describe*`), and the two replicas we recommend poll independently, so each
+    /// takes half. 1,000 services are read in about 100 s.
+    pub const RATE_ATTRIBUTES: f64 = 10.0;
     pub const MASS_REMOVAL_THRESHOLD: f64 = 0.5;
 }
 
@@ -112,6 +120,7 @@ impl Settings {
             rate_list: defaults::RATE_LIST,
             rate_discover: defaults::RATE_DISCOVER,
             rate_revision: defaults::RATE_REVISION,
+            rate_attributes: defaults::RATE_ATTRIBUTES,
             request_timeout: defaults::REQUEST_TIMEOUT,
             mass_removal_threshold: defaults::MASS_REMOVAL_THRESHOLD,
             initial_sync_timeout: None,
@@ -170,7 +179,7 @@ pub enum Error {
     #[error("{0}")]
     Setting(String),
     #[error(
-        "Cloud Map was not read completely within {timeout:?} ({read} of {listed} services read); last error: {last_error}"
+        "Cloud Map was not read completely within {timeout:?} (instances of {read} of {listed} services read); last error: {last_error}"
     )]
     ReadTimeout { timeout: Duration, read: usize, listed: usize, last_error: String },
 }
@@ -254,7 +263,12 @@ pub fn start_with_api<A: CloudMapApi>(
 ) -> SourceView {
     let (sink, view) = super::channel(source_name);
     let inventory = Inventory::new(settings.inventory_config(filter), Instant::now(), fastrand::u64(..));
-    let limits = Limits::new(settings.rate_list, settings.rate_discover, settings.rate_revision);
+    let limits = Limits::new(
+        settings.rate_list,
+        settings.rate_discover,
+        settings.rate_revision,
+        settings.rate_attributes,
+    );
     let poller = Poller::new(
         api,
         inventory,

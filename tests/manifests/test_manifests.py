@@ -28,6 +28,8 @@ READ_ACTIONS = {
     "servicediscovery:ListServices",
     "servicediscovery:DiscoverInstances",
     "servicediscovery:DiscoverInstancesRevision",
+    # Optional (service attributes; without it the defaults apply), in a statement of its own.
+    "servicediscovery:GetServiceAttributes",
 }
 SOURCES = ("plain", "kustomize", "helm")
 
