@@ -35,6 +35,8 @@ struct Shared {
     rules: Vec<Rule>,
     /// Every request by operation, faulted or not.
     calls: BTreeMap<String, u64>,
+    /// By (operation, service name or ID) for the calls that name one.
+    calls_by_service: BTreeMap<(String, String), u64>,
     faulted: u64,
 }
 
@@ -83,6 +85,11 @@ impl FaultProxy {
     /// Requests seen, by operation (SDK retries included).
     pub fn calls(&self) -> BTreeMap<String, u64> {
         self.shared.lock().unwrap().calls.clone()
+    }
+
+    /// Calls per (operation, service name or ID).
+    pub fn calls_by_service(&self) -> BTreeMap<(String, String), u64> {
+        self.shared.lock().unwrap().calls_by_service.clone()
     }
 
     pub fn faulted(&self) -> u64 {
@@ -160,6 +167,9 @@ async fn serve(
         let fault = {
             let mut s = shared.lock().unwrap();
             *s.calls.entry(operation.clone()).or_default() += 1;
+            if let Some(service) = &service {
+                *s.calls_by_service.entry((operation.clone(), service.clone())).or_default() += 1;
+            }
             let fault = s
                 .rules
                 .iter()
