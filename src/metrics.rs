@@ -41,6 +41,8 @@ pub struct SourceMetrics {
     /// Unix time of the last complete sync of every service.
     pub last_full_sync: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub services: Gauge,
+    /// Services missing from Cloud Map listings but still served: a held mass removal.
+    pub mass_removal_held: Gauge,
 }
 
 /// What the current snapshot serves.
@@ -88,6 +90,7 @@ impl Metrics {
             aws_calls: Family::default(),
             last_full_sync: Gauge::default(),
             services: Gauge::default(),
+            mass_removal_held: Gauge::default(),
         };
         registry.register("source_loads", "Source loads or polls, by outcome", source.loads.clone());
         registry.register_with_unit(
@@ -108,6 +111,11 @@ impl Metrics {
             source.last_full_sync.clone(),
         );
         registry.register("source_services", "Services the source currently knows", source.services.clone());
+        registry.register(
+            "mass_removal_held_services",
+            "Services missing from Cloud Map listings but still served until --mass-removal-confirm-after confirms their removal",
+            source.mass_removal_held.clone(),
+        );
 
         let snapshot = SnapshotMetrics {
             service_entries: Gauge::default(),
