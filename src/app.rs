@@ -1,5 +1,8 @@
 //! Wiring: source → translate → snapshot → ADS/debug/admin servers, with a
 //! graceful drain. `build` binds every port first, so tests can use port 0.
+//! Every long-lived task runs under a [`Supervisor`]: if one ends before the
+//! drain, readiness and grpc.health turn false, the reason is logged, and the
+//! process drains and exits non-zero.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -9,9 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
@@ -23,6 +26,7 @@ use crate::proto::cloudmap_xds::debug::v1::debug_server::DebugServer;
 use crate::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use crate::snapshot::{self, Publisher, Snapshot};
 use crate::source::{self, SourceView, registry_file};
+use crate::supervise::{self, Ended, Supervisor, task_names};
 use crate::translate::{Options, Skipped, SkippedLabel};
 use crate::xds::{AdsServer, Clients};
 
@@ -30,15 +34,22 @@ use crate::xds::{AdsServer, Clients};
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The gRPC health service names whose status follows readiness.
+const HEALTH_SERVICES: [&str; 2] = ["", "envoy.service.discovery.v3.AggregatedDiscoveryService"];
+
 /// A running server whose ports are bound.
 pub struct Bound {
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     draining: watch::Sender<bool>,
+    /// Why the server failed, once a supervised task ended unexpectedly.
+    failure: watch::Sender<Option<String>>,
     stopped: watch::Sender<bool>,
-    grpc: JoinHandle<Result<(), tonic::transport::Error>>,
-    admin: JoinHandle<std::io::Result<()>>,
+    supervisor: Supervisor,
+    health: HealthReporter,
     grace_period: Duration,
+    #[cfg(feature = "testing")]
+    exit_hold: Option<tokio::signal::unix::Signal>,
 }
 
 /// Triggers the same drain as SIGTERM (for tests and embedders).
@@ -56,16 +67,16 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
     let mut prometheus = prometheus_client::registry::Registry::default();
     let metrics = Metrics::new(&mut prometheus);
     let (draining_tx, draining) = watch::channel(false);
+    let (failure_tx, failure) = watch::channel(None);
+    // Dropped on an early return: the tasks started so far are aborted.
+    let mut supervisor = Supervisor::new();
 
-    let source_view = start_source(&args, &metrics, draining.clone()).await?;
+    let source_view = start_source(&args, &metrics, draining.clone(), &mut supervisor).await?;
     let (publisher, snapshots) = snapshot::channel();
-    tokio::spawn(build_snapshots(
-        source_view.registry.clone(),
-        options,
-        publisher,
-        metrics.clone(),
-        draining.clone(),
-    ));
+    supervisor.spawn(
+        task_names::SNAPSHOT_BUILDER,
+        build_snapshots(source_view.registry.clone(), options, publisher, metrics.clone(), draining.clone()),
+    );
 
     let clients = Clients::default();
     let grpc_listener = TcpListener::bind(args.grpc_addr)
@@ -88,10 +99,14 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    tokio::spawn(mirror_readiness(health_reporter, snapshots.clone(), draining.clone()));
+    supervisor.spawn(
+        task_names::READINESS_MIRROR,
+        mirror_readiness(health_reporter.clone(), snapshots.clone(), draining.clone()),
+    );
 
     let mut grpc_draining = draining.clone();
-    let grpc = tokio::spawn(
+    supervisor.spawn(
+        task_names::GRPC_SERVER,
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
@@ -115,9 +130,10 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
         source: source_view,
         registry: Arc::new(Mutex::new(prometheus)),
         draining,
+        failure,
         config: serde_json::to_value(&args)?,
     };
-    let admin = tokio::spawn(async move {
+    supervisor.spawn(task_names::ADMIN_SERVER, async move {
         axum::serve(admin_listener, admin::router(admin_state))
             .with_graceful_shutdown(async move {
                 let _ = admin_stop.wait_for(|s| *s).await;
@@ -129,10 +145,13 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
         grpc_addr,
         admin_addr,
         draining: draining_tx,
+        failure: failure_tx,
         stopped,
-        grpc,
-        admin,
+        supervisor,
+        health: health_reporter,
         grace_period: args.shutdown_grace_period,
+        #[cfg(feature = "testing")]
+        exit_hold: crate::supervise::fault::exit_hold(),
     })
 }
 
@@ -140,6 +159,7 @@ async fn start_source(
     args: &ServeArgs,
     metrics: &Metrics,
     shutdown: watch::Receiver<bool>,
+    supervisor: &mut Supervisor,
 ) -> anyhow::Result<SourceView> {
     match &args.registry_file {
         Some(path) => {
@@ -148,12 +168,19 @@ async fn start_source(
             let text = registry_file::start(path, &sink)?;
             metrics.source.load_duration.observe(started.elapsed().as_secs_f64());
             metrics.source.loads.get_or_create(&OutcomeLabels { outcome: "success" }).inc();
-            tokio::spawn(registry_file::watch(path.clone(), sink, text, metrics.source.clone(), shutdown));
+            supervisor.spawn(
+                task_names::REGISTRY_FILE_WATCHER,
+                registry_file::watch(path.clone(), sink, text, metrics.source.clone(), shutdown),
+            );
             Ok(view)
         }
-        None => source::cloudmap::start(&args.cloudmap, metrics, shutdown)
-            .await
-            .context("starting the Cloud Map source"),
+        None => {
+            let (view, poller) = source::cloudmap::start(&args.cloudmap, metrics, shutdown)
+                .await
+                .context("starting the Cloud Map source")?;
+            supervisor.spawn(task_names::CLOUDMAP_POLLER, poller);
+            Ok(view)
+        }
     }
 }
 
@@ -183,9 +210,12 @@ async fn build_snapshots(
                 info!(%version, service_entries = entries, endpoints, "snapshot published");
             }
         }
-        tokio::select! {
-            changed = registries.changed() => if changed.is_err() { return },
+        let source_ended = tokio::select! {
+            changed = registries.changed() => changed.is_err(),
             _ = shutdown.wait_for(|d| *d) => return,
+        };
+        if source_ended {
+            return supervise::upstream_ended().await;
         }
     }
 }
@@ -230,11 +260,15 @@ async fn mirror_readiness(
     loop {
         let ready = admin::is_ready(&snapshots.borrow_and_update(), *draining.borrow_and_update());
         let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
-        reporter.set_service_status("", status).await;
-        reporter.set_service_status("envoy.service.discovery.v3.AggregatedDiscoveryService", status).await;
-        tokio::select! {
-            r = snapshots.changed() => if r.is_err() { return },
-            r = draining.changed() => if r.is_err() { return },
+        for service in HEALTH_SERVICES {
+            reporter.set_service_status(service, status).await;
+        }
+        let closed = tokio::select! {
+            r = snapshots.changed() => r.is_err(),
+            r = draining.changed() => r.is_err(),
+        };
+        if closed {
+            return supervise::upstream_ended().await;
         }
     }
 }
@@ -245,30 +279,72 @@ impl Bound {
     }
 
     /// Serves until SIGTERM or SIGINT (or a [`ShutdownHandle`]), then drains.
-    pub async fn run_until_signal(self) -> anyhow::Result<()> {
+    /// If a supervised task ends first, fails: see [`Bound::fail`].
+    pub async fn run_until_signal(mut self) -> anyhow::Result<()> {
         let mut draining = self.draining.subscribe();
-        tokio::select! {
-            signal = shutdown_signal() => info!(signal, "draining"),
-            _ = draining.wait_for(|d| *d) => info!("draining"),
+        let failed = tokio::select! {
+            signal = shutdown_signal() => {
+                info!(signal, "draining");
+                None
+            }
+            _ = draining.wait_for(|d| *d) => {
+                info!("draining");
+                None
+            }
+            ended = self.supervisor.next_end() => Some(ended),
+        };
+        match failed {
+            None => self.drain().await,
+            Some(ended) => self.fail(ended).await,
         }
-        self.drain().await
+    }
+
+    /// A task ended before the drain: readiness and grpc.health turn false at
+    /// once, the reason is logged, and the server drains and reports an error
+    /// (the binary exits non-zero, so Kubernetes restarts it).
+    async fn fail(mut self, ended: Ended) -> anyhow::Result<()> {
+        let reason = ended.to_string();
+        error!(
+            task = ended.task,
+            reason = %reason,
+            "a long-lived task ended unexpectedly; not ready, draining and exiting with an error so the process is restarted"
+        );
+        self.failure.send_replace(Some(reason.clone()));
+        self.draining.send_replace(true);
+        for service in HEALTH_SERVICES {
+            self.health.set_service_status(service, ServingStatus::NotServing).await;
+        }
+        #[cfg(feature = "testing")]
+        if let Some(mut hold) = self.exit_hold.take() {
+            hold.recv().await;
+        }
+        let drained = self.drain().await;
+        Err(match drained {
+            Ok(()) => anyhow::anyhow!("{reason}"),
+            Err(e) => e.context(reason),
+        })
     }
 
     /// Readiness goes false, new streams are refused, open streams end cleanly,
     /// and the servers stop, all within the grace period.
-    pub async fn drain(self) -> anyhow::Result<()> {
+    pub async fn drain(mut self) -> anyhow::Result<()> {
         self.draining.send_replace(true);
         let grace = self.grace_period;
-        let grpc = match tokio::time::timeout(grace, self.grpc).await {
-            Ok(joined) => joined.context("gRPC server task")?.context("gRPC server"),
+        let grpc = match tokio::time::timeout(grace, self.supervisor.wait_for(task_names::GRPC_SERVER)).await
+        {
+            Ok(ended) if ended.is_error() => Err(anyhow::anyhow!("{ended}")),
+            Ok(_) => Ok(()),
             Err(_) => {
                 error!(?grace, "drain exceeded the grace period; exiting anyway");
                 Ok(())
             }
         };
         self.stopped.send_replace(true);
-        match tokio::time::timeout(Duration::from_secs(1), self.admin).await {
-            Ok(joined) => joined.context("admin server task")?.context("admin server")?,
+        match tokio::time::timeout(Duration::from_secs(1), self.supervisor.wait_for(task_names::ADMIN_SERVER))
+            .await
+        {
+            Ok(ended) if ended.is_error() => bail!("{ended}"),
+            Ok(_) => {}
             Err(_) => warn!("admin server did not stop in time"),
         }
         grpc?;

@@ -14,6 +14,7 @@ pub mod model;
 pub mod render;
 pub mod snapshot;
 pub mod source;
+pub mod supervise;
 pub mod telemetry;
 #[cfg(any(test, feature = "testing"))]
 pub mod test_helpers;

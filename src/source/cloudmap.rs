@@ -20,6 +20,7 @@ pub mod inventory;
 pub mod poller;
 pub mod rate;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -241,14 +242,15 @@ pub enum Error {
     Setting(String),
 }
 
-/// Checks the settings, builds the AWS client (failing clearly without a region
-/// or credentials), and starts polling. The view's registry stays `None` until
-/// the first complete sync.
+/// Checks the settings and builds the AWS client (failing clearly without a
+/// region or credentials). Returns the view and the poller, for the caller to
+/// run (and supervise). The view's registry stays `None` until the first
+/// complete sync.
 pub async fn start(
     args: &CloudMapArgs,
     metrics: &Metrics,
     shutdown: watch::Receiver<bool>,
-) -> Result<SourceView, Error> {
+) -> Result<(SourceView, impl Future<Output = ()> + Send + 'static), Error> {
     let filter = args.check()?;
     let settings = client::Settings {
         region: args.aws_region.clone(),
@@ -272,7 +274,7 @@ pub async fn start(
     ))
 }
 
-/// Starts polling any [`CloudMapApi`] (tests use fakes).
+/// The view and the poller of any [`CloudMapApi`] (tests use fakes).
 pub fn start_with_api<A: CloudMapApi>(
     api: Arc<A>,
     source_name: String,
@@ -281,7 +283,7 @@ pub fn start_with_api<A: CloudMapApi>(
     metrics: &Metrics,
     call_timeout: Duration,
     shutdown: watch::Receiver<bool>,
-) -> SourceView {
+) -> (SourceView, impl Future<Output = ()> + Send + 'static) {
     let (sink, view) = super::channel(source_name);
     let inventory = Inventory::new(args.inventory_config(filter), Instant::now(), fastrand::u64(..));
     let limits = Limits::new(args.rate_list, args.rate_discover, args.rate_revision);
@@ -294,8 +296,7 @@ pub fn start_with_api<A: CloudMapApi>(
         call_timeout,
         args.initial_sync_timeout,
     );
-    tokio::spawn(poller.run(shutdown));
-    view
+    (view, poller.run(shutdown))
 }
 
 #[cfg(test)]

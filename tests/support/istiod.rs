@@ -425,6 +425,35 @@ impl ServerProcess {
         kill(&mut self.child);
     }
 
+    /// The process id, e.g. for `/proc/<pid>/status`.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Sends a signal by name (`TERM`, `USR1`, ...).
+    pub fn signal(&self, name: &str) {
+        let sent = Command::new("kill").args([format!("-{name}"), self.pid().to_string()]).status().unwrap();
+        assert!(sent.success(), "kill -{name} failed");
+    }
+
+    /// Waits up to `deadline` for the process to exit, and returns how it did.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> std::process::ExitStatus {
+        let until = Instant::now() + deadline;
+        loop {
+            if let Some(status) = self.child.as_mut().expect("running").try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < until, "cloudmap-xds did not exit within {deadline:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
     /// Starts the same command again on the same ports (after [`ServerProcess::kill`]).
     pub async fn restart(&mut self) {
         self.kill();
