@@ -20,6 +20,7 @@ use tracing::{error, info, warn};
 use crate::admin::{self, AdminState};
 use crate::config::ServeArgs;
 use crate::debug::DebugService;
+use crate::limits::{PerCall, Slots, limit_names};
 use crate::metrics::{Metrics, OutcomeLabels, ReasonLabels};
 use crate::model::Registry;
 use crate::proto::cloudmap_xds::debug::v1::debug_server::DebugServer;
@@ -28,11 +29,7 @@ use crate::snapshot::{self, Publisher, Snapshot};
 use crate::source::{self, SourceView, registry_file};
 use crate::supervise::{self, Ended, Supervisor, task_names};
 use crate::translate::{Options, Skipped, SkippedLabel};
-use crate::xds::{AdsServer, Clients};
-
-/// istiod's ADS client pings every 30 s and waits 10 s; we detect dead peers the same way.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::xds::{AdsLimits, AdsServer, Clients};
 
 /// The gRPC health service names whose status follows readiness.
 const HEALTH_SERVICES: [&str; 2] = ["", "envoy.service.discovery.v3.AggregatedDiscoveryService"];
@@ -88,7 +85,19 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
     let grpc_addr = grpc_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
-    let ads = AdsServer::new(snapshots.clone(), clients.clone(), metrics.xds.clone(), draining.clone());
+    let ads_limits = AdsLimits {
+        streams: args.max_ads_streams,
+        request_size: args.max_request_size,
+        response_size: args.max_response_size,
+    };
+    let ads =
+        AdsServer::new(snapshots.clone(), clients.clone(), metrics.xds.clone(), draining.clone(), ads_limits);
+    let debug_slots = Slots::new(
+        args.max_debug_calls,
+        limit_names::MAX_DEBUG_CALLS,
+        "debug calls",
+        metrics.xds.refusals.clone(),
+    );
     let debug = DebugService::new(snapshots.clone(), source_view.clone(), clients);
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -108,14 +117,21 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
     supervisor.spawn(
         task_names::GRPC_SERVER,
         tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            // No ping policing either way: istiod's 30 s pings (and any other rate) are answered.
+            .http2_keepalive_interval(Some(args.grpc_keepalive_interval))
+            .http2_keepalive_timeout(Some(args.grpc_keepalive_timeout))
             .tcp_nodelay(true)
             .add_service(
-                // Responses carry the whole set; requests keep tonic's 4 MiB limit (istiod's are a few KB).
-                AggregatedDiscoveryServiceServer::new(ads).max_encoding_message_size(usize::MAX),
+                AggregatedDiscoveryServiceServer::new(ads)
+                    .max_decoding_message_size(args.max_request_size)
+                    .max_encoding_message_size(args.max_response_size),
             )
-            .add_service(DebugServer::new(debug).max_encoding_message_size(usize::MAX))
+            .add_service(PerCall::new(
+                DebugServer::new(debug)
+                    .max_decoding_message_size(args.max_request_size)
+                    .max_encoding_message_size(args.max_response_size),
+                debug_slots,
+            ))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

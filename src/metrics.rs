@@ -25,6 +25,12 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// The limit a refusal hit: the name of the flag that sets it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub limit: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TypeLabels {
     pub r#type: &'static str,
@@ -68,6 +74,8 @@ pub struct XdsMetrics {
     pub nacks: Family<TypeLabels, Counter>,
     /// From a snapshot's publication to its response being queued on a stream.
     pub push_latency: Histogram,
+    /// Streams, calls, requests and responses refused by a limit (ADS and debug services).
+    pub refusals: Family<LimitLabels, Counter>,
 }
 
 #[derive(Debug, Clone)]
@@ -168,6 +176,7 @@ impl Metrics {
             acks: Family::default(),
             nacks: Family::default(),
             push_latency: seconds_histogram(),
+            refusals: Family::default(),
         };
         registry.register("ads_connected_streams", "Open ADS streams", xds.connected_streams.clone());
         registry.register("ads_streams", "ADS streams opened", xds.streams.clone());
@@ -185,6 +194,11 @@ impl Metrics {
             "Time from a snapshot's publication to its push being queued on a stream",
             Unit::Seconds,
             xds.push_latency.clone(),
+        );
+        registry.register(
+            "grpc_refusals",
+            "Streams, calls, requests or responses refused by a limit; the label names the flag",
+            xds.refusals.clone(),
         );
         Metrics { source, snapshot, xds }
     }

@@ -15,6 +15,10 @@ use crate::snapshot::Snapshot;
 pub const EMPTY_TYPE_VERSION: &str = "empty";
 /// Identifies this server in every response.
 pub const CONTROL_PLANE_ID: &str = "cloudmap-xds";
+/// Distinct type URLs one stream may ask for. istiod asks for 16 (MeshConfig and
+/// 15 Pilot kinds); a client asking for more is refused rather than let grow the
+/// per-stream state without bound.
+pub const MAX_TYPE_URLS_PER_STREAM: usize = 64;
 
 /// What was sent and acknowledged for one type URL on one stream.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -40,11 +44,15 @@ pub enum RequestKind {
     Ack,
     Nack {
         error: String,
+        /// The same error as this type's previous NACK (logged once, counted always).
+        repeated: bool,
     },
     /// A nonce other than the last one sent (superseded response, or a repeat).
     Stale,
     /// No type URL.
     Invalid,
+    /// A new type URL beyond [`MAX_TYPE_URLS_PER_STREAM`]: the stream is refused.
+    TooManyTypes,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -86,6 +94,9 @@ impl Connection {
             return Outcome { kind: RequestKind::Invalid, response: None };
         }
         let Some(state) = self.types.get_mut(type_url) else {
+            if self.types.len() >= MAX_TYPE_URLS_PER_STREAM {
+                return Outcome { kind: RequestKind::TooManyTypes, response: None };
+            }
             self.types.insert(type_url.to_owned(), TypeState::default());
             return match self.respond(type_url, snapshot) {
                 Some(response) => Outcome { kind: RequestKind::Initial, response: Some(response) },
@@ -101,8 +112,14 @@ impl Connection {
         match &request.error_detail {
             Some(status) => {
                 state.nacks += 1;
-                state.last_nack_error = Some(status.message.clone());
-                Outcome { kind: RequestKind::Nack { error: status.message.clone() }, response: None }
+                let repeated = state.last_nack_error.as_deref() == Some(status.message.as_str());
+                if !repeated {
+                    state.last_nack_error = Some(status.message.clone());
+                }
+                Outcome {
+                    kind: RequestKind::Nack { error: status.message.clone(), repeated },
+                    response: None,
+                }
             }
             None => {
                 state.acks += 1;

@@ -8,5 +8,6 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod fault_proxy;
+pub mod h2_relay;
 pub mod istiod;
 pub mod moto;
