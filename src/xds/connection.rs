@@ -30,6 +30,8 @@ pub struct TypeState {
     pub acks: u64,
     pub nacks: u64,
     pub last_nack_error: Option<String>,
+    /// The nonce of the last NACKed response: a response is worth one log line.
+    pub last_nacked_nonce: String,
     /// Requested, but held back until the source's first complete sync.
     pub awaiting_sync: bool,
 }
@@ -44,7 +46,7 @@ pub enum RequestKind {
     Ack,
     Nack {
         error: String,
-        /// The same error as this type's previous NACK (logged once, counted always).
+        /// The response was NACKed before (logged once, counted always).
         repeated: bool,
     },
     /// A nonce other than the last one sent (superseded response, or a repeat).
@@ -112,10 +114,9 @@ impl Connection {
         match &request.error_detail {
             Some(status) => {
                 state.nacks += 1;
-                let repeated = state.last_nack_error.as_deref() == Some(status.message.as_str());
-                if !repeated {
-                    state.last_nack_error = Some(status.message.clone());
-                }
+                let repeated = state.last_nacked_nonce == request.response_nonce;
+                state.last_nacked_nonce.clone_from(&request.response_nonce);
+                state.last_nack_error = Some(status.message.clone());
                 Outcome {
                     kind: RequestKind::Nack { error: status.message.clone(), repeated },
                     response: None,

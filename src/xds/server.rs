@@ -21,6 +21,8 @@ use crate::snapshot::Snapshot;
 
 /// Responses queued per stream; a slow client fills only its own queue.
 const STREAM_QUEUE: usize = 4;
+/// How long a stream ending in error waits for room to queue that error.
+const FINAL_STATUS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 type ResponseStream<T> = ReceiverStream<Result<T, Status>>;
 
@@ -158,18 +160,23 @@ impl Stream {
         match &end {
             End::ClientClosed => debug!("client half-closed; stream ends after its answers"),
             End::ClientError(status) => {
-                info!(code = ?status.code(), message = status.message(), "stream ended by client error")
+                info!(code = ?status.code(), message = status.message(), "stream ended by client error");
             }
             End::ClientGone => debug!("client went away"),
             End::Draining => info!("stream closed: draining"),
-            End::Refused(status) => {
-                warn!(message = status.message(), "stream refused");
-                // Best effort: a client that stopped reading does not get it, and the stream ends anyway.
-                let _ = self.responses.try_send(Err(status.clone()));
-            }
+            End::Refused(status) => warn!(message = status.message(), "stream refused"),
         }
         self.metrics.connected_streams.dec();
         self.clients.disconnect(self.id);
+        if let End::ClientError(status) | End::Refused(status) = end {
+            // The stream ends with that error, not OK: a request that could not be read
+            // (malformed, too large) or broke a limit. Behind any queued responses, and
+            // not waited for long by a client that stopped reading.
+            tokio::select! {
+                _ = tokio::time::timeout(FINAL_STATUS_WAIT, self.responses.send(Err(status))) => {}
+                _ = self.draining.wait_for(|d| *d) => {}
+            }
+        }
     }
 
     async fn serve(&mut self) -> End {

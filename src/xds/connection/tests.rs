@@ -115,7 +115,7 @@ fn nack_is_counted_and_nothing_is_resent() {
     assert_eq!((state.nacks, state.acks), (1, 0));
     assert_eq!(state.last_nack_error.as_deref(), Some("bad port"));
     assert_eq!(state.last_version_acked, "");
-    // The same NACK again (a client NACKing in a loop) is counted and marked repeated, for quieter logs.
+    // The same response NACKed again (a client NACKing in a loop) is counted and marked repeated, for quieter logs.
     let out = conn.handle_request(&nack, &snap);
     assert_eq!(out.kind, RequestKind::Nack { error: "bad port".into(), repeated: true });
     assert_eq!(conn.types()[SE_V1].nacks, 2);
