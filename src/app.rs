@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tracing::{error, info, warn};
@@ -30,6 +29,7 @@ use crate::source::{self, SourceView, registry_file};
 use crate::supervise::{self, Ended, Supervisor, task_names};
 use crate::translate::{Options, Skipped, SkippedLabel};
 use crate::xds::{AdsLimits, AdsServer, Clients};
+use crate::{incoming, tls};
 
 /// The gRPC health service names whose status follows readiness.
 const HEALTH_SERVICES: [&str; 2] = ["", "envoy.service.discovery.v3.AggregatedDiscoveryService"];
@@ -61,6 +61,15 @@ impl ShutdownHandle {
 
 pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
     let options = args.publish.translate_options()?;
+    let tls = match (&args.tls_cert_file, &args.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            let files = tls::Files { cert: cert.clone(), key: key.clone() };
+            let loaded = tls::load(&files)?;
+            info!(cert = %cert.display(), "TLS on the gRPC port");
+            Some((files, loaded))
+        }
+        _ => None,
+    };
     let mut prometheus = prometheus_client::registry::Registry::default();
     let metrics = Metrics::new(&mut prometheus);
     let (draining_tx, draining) = watch::channel(false);
@@ -107,6 +116,12 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
+    let acceptor = tls.map(|(files, loaded)| {
+        let reloads = metrics.xds.tls_reloads.clone();
+        supervisor.spawn(task_names::TLS_RELOADER, loaded.watch_files(files, reloads, draining.clone()));
+        loaded.acceptor
+    });
+    let connections = incoming::incoming(grpc_listener, acceptor, metrics.xds.rejected_connections.clone());
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     supervisor.spawn(
         task_names::READINESS_MIRROR,
@@ -120,7 +135,6 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
             // No ping policing either way: istiod's 30 s pings (and any other rate) are answered.
             .http2_keepalive_interval(Some(args.grpc_keepalive_interval))
             .http2_keepalive_timeout(Some(args.grpc_keepalive_timeout))
-            .tcp_nodelay(true)
             .add_service(
                 AggregatedDiscoveryServiceServer::new(ads)
                     .max_decoding_message_size(args.max_request_size)
@@ -135,7 +149,7 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
+            .serve_with_incoming_shutdown(connections, async move {
                 let _ = grpc_draining.wait_for(|d| *d).await;
             }),
     );

@@ -110,6 +110,14 @@ pub struct ServeArgs {
     #[arg(long, env = "CLOUDMAP_XDS_GRPC_KEEPALIVE_TIMEOUT", default_value = DEFAULT_GRPC_KEEPALIVE_TIMEOUT, value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde_shim")]
     pub grpc_keepalive_timeout: Duration,
+
+    /// PEM certificate chain (leaf first) for TLS on the gRPC port; re-read when it changes (cert-manager rotation).
+    #[arg(long, env = "CLOUDMAP_XDS_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert-file.
+    #[arg(long, env = "CLOUDMAP_XDS_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 /// `1048576`, `512KiB`, `1MiB`, `2GiB` (binary units; `KB`/`MB`/`GB` mean the same here).
@@ -240,6 +248,8 @@ mod tests {
         assert!(byte_size("5TiB").unwrap_err().contains("not a size"));
         let err = parse(&["serve", "--max-ads-streams", "0"]).unwrap_err().to_string();
         assert!(err.contains("--max-ads-streams"), "{err}");
+        let err = parse(&["serve", "--tls-cert-file", "tls.crt"]).unwrap_err().to_string();
+        assert!(err.contains("--tls-key-file"), "{err}");
     }
 
     #[test]

@@ -76,6 +76,10 @@ pub struct XdsMetrics {
     pub push_latency: Histogram,
     /// Streams, calls, requests and responses refused by a limit (ADS and debug services).
     pub refusals: Family<LimitLabels, Counter>,
+    /// gRPC connections dropped before HTTP/2, by reason (`tls_handshake`, `tls_handshake_timeout`).
+    pub rejected_connections: Family<ReasonLabels, Counter>,
+    /// TLS certificate reloads by outcome (`success`, `error`: the previous pair stays).
+    pub tls_reloads: Family<OutcomeLabels, Counter>,
 }
 
 #[derive(Debug, Clone)]
@@ -177,6 +181,8 @@ impl Metrics {
             nacks: Family::default(),
             push_latency: seconds_histogram(),
             refusals: Family::default(),
+            rejected_connections: Family::default(),
+            tls_reloads: Family::default(),
         };
         registry.register("ads_connected_streams", "Open ADS streams", xds.connected_streams.clone());
         registry.register("ads_streams", "ADS streams opened", xds.streams.clone());
@@ -199,6 +205,16 @@ impl Metrics {
             "grpc_refusals",
             "Streams, calls, requests or responses refused by a limit; the label names the flag",
             xds.refusals.clone(),
+        );
+        registry.register(
+            "grpc_rejected_connections",
+            "gRPC connections dropped before HTTP/2 (failed or timed-out TLS handshakes), by reason",
+            xds.rejected_connections.clone(),
+        );
+        registry.register(
+            "tls_reloads",
+            "TLS certificate reloads by outcome; on error the previous pair stays in use",
+            xds.tls_reloads.clone(),
         );
         Metrics { source, snapshot, xds }
     }

@@ -154,6 +154,16 @@ impl Istiod {
     /// Spawns istiod in `work_dir` (its log is `work_dir/istiod.log`). The sources must
     /// already listen: istiod exits at once (255) when a source refuses the connection.
     pub fn spawn(bin: &IstiodBin, work_dir: &Path, sources: &[SocketAddr]) -> Istiod {
+        Self::spawn_with_env(bin, work_dir, sources, &[])
+    }
+
+    /// [`Istiod::spawn`] with environment for `scripts/run-istiod.sh` (e.g. `ISTIOD_XDS_CA_FILE`).
+    pub fn spawn_with_env(
+        bin: &IstiodBin,
+        work_dir: &Path,
+        sources: &[SocketAddr],
+        envs: &[(&str, &str)],
+    ) -> Istiod {
         let (grpc, http, monitoring) = (
             cloudmap_xds::test_helpers::free_port(),
             cloudmap_xds::test_helpers::free_port(),
@@ -167,6 +177,7 @@ impl Istiod {
             .arg(work_dir.join("istiod"))
             .arg(sources.join(","))
             .args([grpc, http, monitoring].map(|p| p.to_string()))
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
