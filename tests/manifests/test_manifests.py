@@ -22,6 +22,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 ISTIOD_DIR = DEPLOY / "istiod"
+TLS_DIR = DEPLOY / "tls"  # an optional kustomize component (cert-manager CRD, a patch): checked on its own below
 
 # Kubernetes versions whose OpenAPI schemas (strict: unknown fields rejected) the manifests must pass.
 K8S_VERSIONS = ("1.31", "1.37")
@@ -52,7 +53,8 @@ def load_docs(path: Path) -> list[dict]:
 def k8s_manifest_files() -> list[Path]:
     """Every YAML file under deploy/ that holds core Kubernetes resources."""
     files = sorted(p for p in DEPLOY.rglob("*.y*ml") if p.suffix in (".yaml", ".yml"))
-    return [p for p in files if ISTIOD_DIR not in p.parents and p.name != "kustomization.yaml"]
+    return [p for p in files
+            if ISTIOD_DIR not in p.parents and TLS_DIR not in p.parents and p.name != "kustomization.yaml"]
 
 
 def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
@@ -391,7 +393,7 @@ def _config_sources(doc: dict) -> list[str]:
     return [s["address"] for s in doc["meshConfig"]["configSources"]]
 
 
-@pytest.mark.parametrize("fname", ["istio-operator.yaml", "helm-values.yaml"])
+@pytest.mark.parametrize("fname", ["istio-operator.yaml", "helm-values.yaml", "tls-helm-values.yaml"])
 def test_istiod_config_sources_keep_k8s(fname):
     path = ISTIOD_DIR / fname
     doc = one(load_docs(path), "IstioOperator") if fname == "istio-operator.yaml" else load_docs(path)[0]
@@ -404,6 +406,52 @@ def test_istiod_config_sources_keep_k8s(fname):
     assert len(addrs) == len(set(addrs))
     text = path.read_text()
     assert re.search(r"^#.*k8s://", text, re.M), "comment explaining why k8s:// must stay"
+
+
+# ---------------------------------------------------------------------------------------------- TLS component
+
+
+def rendered_with_tls(tmp_path: Path) -> list[dict]:
+    """`kustomize build` of deploy/ with `components: [tls]` added, as the README says to enable it."""
+    copy_of = tmp_path / "deploy"
+    shutil.copytree(DEPLOY, copy_of)
+    kust = copy_of / "kustomization.yaml"
+    kust.write_text(kust.read_text() + "components:\n- tls\n")
+    out = subprocess.run([kustomize_bin(), "build", str(copy_of)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"kustomize build with the tls component failed:\n{out.stderr}"
+    return [d for d in yaml.safe_load_all(out.stdout) if d is not None]
+
+
+def test_tls_component_mounts_the_certificate_secret(tmp_path: Path):
+    docs = rendered_with_tls(tmp_path)
+    cert = one(docs, "Certificate", "cloudmap-xds-tls")
+    assert cert["apiVersion"] == "cert-manager.io/v1"
+    assert cert["metadata"]["namespace"] == NAMESPACE
+    svc = one(docs, "Service", NAME)
+    assert f"{svc['metadata']['name']}.{NAMESPACE}.svc" in cert["spec"]["dnsNames"]
+    deploy = one(docs, "Deployment", NAME)
+    for version in K8S_VERSIONS:
+        validate_strict(deploy, version)
+    spec = deploy["spec"]["template"]["spec"]
+    volume = next(v for v in spec["volumes"] if v["name"] == "tls")
+    assert volume["secret"]["secretName"] == cert["spec"]["secretName"]
+    mount = next(m for m in container(deploy)["volumeMounts"] if m["name"] == "tls")
+    assert "subPath" not in mount, "a subPath mount never sees the renewed files"
+    env = {e["name"]: e.get("value") for e in container(deploy)["env"]}
+    assert env["CLOUDMAP_XDS_TLS_CERT_FILE"] == f"{mount['mountPath']}/tls.crt"
+    assert env["CLOUDMAP_XDS_TLS_KEY_FILE"] == f"{mount['mountPath']}/tls.key"
+    # The component changes nothing else: still every manifest of the plain build.
+    assert {d["kind"] for d in docs} == EXPECTED_KINDS | {"Certificate"}
+
+
+def test_tls_istiod_values_verify_the_certificate_name():
+    doc = load_docs(ISTIOD_DIR / "tls-helm-values.yaml")[0]
+    source = next(s for s in doc["meshConfig"]["configSources"] if s["address"] == XDS_ADDRESS)
+    tls = source["tlsSettings"]
+    assert tls["mode"] == "SIMPLE", "istiod implements only SIMPLE for config sources"
+    assert "BEGIN CERTIFICATE" in tls["caCertificates"], "in Istio 1.26 caCertificates is the PEM text itself"
+    cert = one(load_docs(TLS_DIR / "certificate.yaml"), "Certificate")
+    assert tls["sni"] in cert["spec"]["dnsNames"]
 
 
 def test_xds_address_matches_service():
