@@ -194,3 +194,43 @@ async fn without_a_hold_the_process_exits_within_the_grace_period_of_the_fault()
     let log = f.server.log();
     assert!(log.contains("task snapshot-builder panicked: injected fault"), "{log}");
 }
+
+/// With TLS on, the certificate reloader is supervised too. (grpc.health would need a TLS
+/// client here; readiness, the log and the exit are what this test checks.)
+#[tokio::test]
+async fn a_panicking_tls_reloader_fails_the_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = support::certs::Ca::new();
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    ca.server("only").write(&cert, &key);
+    let fault = format!("{}:panic", task_names::TLS_RELOADER);
+    let envs = [(FAULT_ENV, fault.as_str()), (HOLD_EXIT_ENV, "1")];
+    let args = [
+        "--registry-file",
+        EXAMPLE,
+        "--shutdown-grace-period",
+        GRACE_FLAG,
+        "--tls-cert-file",
+        cert.to_str().unwrap(),
+        "--tls-key-file",
+        key.to_str().unwrap(),
+    ];
+    let mut server = ServerProcess::start(BIN, dir.path().join("cloudmap-xds.log"), &args, &envs).await;
+    eventually("ready", DEADLINE, || async {
+        (http_get(server.admin, "/ready").await.ok()?.0 == 200).then_some(())
+    })
+    .await;
+    server.signal("USR1");
+    let body = eventually("not ready", DEADLINE, || async {
+        let (status, body) = http_get(server.admin, "/ready").await.ok()?;
+        (status == 503).then_some(body)
+    })
+    .await;
+    assert!(body.starts_with("failed: task tls-reloader panicked: injected fault"), "{body}");
+    assert!(server.log().contains("\"task\":\"tls-reloader\""));
+    let released = Instant::now();
+    server.signal("USR2");
+    let status = server.wait_exit(GRACE + Duration::from_secs(2)).await;
+    assert_eq!(status.code(), Some(1), "{status}");
+    assert!(released.elapsed() <= GRACE);
+}
