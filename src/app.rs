@@ -121,7 +121,12 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
         supervisor.spawn(task_names::TLS_RELOADER, loaded.watch_files(files, reloads, draining.clone()));
         loaded.acceptor
     });
-    let connections = incoming::incoming(grpc_listener, acceptor, metrics.xds.rejected_connections.clone());
+    let connections = incoming::incoming(
+        grpc_listener,
+        acceptor,
+        metrics.xds.rejected_connections.clone(),
+        incoming::PREFACE_TIMEOUT,
+    );
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     supervisor.spawn(
         task_names::READINESS_MIRROR,

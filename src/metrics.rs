@@ -76,7 +76,7 @@ pub struct XdsMetrics {
     pub push_latency: Histogram,
     /// Streams, calls, requests and responses refused by a limit (ADS and debug services).
     pub refusals: Family<LimitLabels, Counter>,
-    /// gRPC connections dropped before HTTP/2, by reason (`tls_handshake`, `tls_handshake_timeout`).
+    /// gRPC connections dropped before HTTP/2, by reason (`tls_handshake`, `tls_handshake_timeout`, `preface_timeout`).
     pub rejected_connections: Family<ReasonLabels, Counter>,
     /// TLS certificate reloads by outcome (`success`, `error`: the previous pair stays).
     pub tls_reloads: Family<OutcomeLabels, Counter>,
@@ -208,7 +208,7 @@ impl Metrics {
         );
         registry.register(
             "grpc_rejected_connections",
-            "gRPC connections dropped before HTTP/2 (failed or timed-out TLS handshakes), by reason",
+            "gRPC connections dropped before HTTP/2 (failed or slow TLS handshakes, no HTTP/2 preface in time), by reason",
             xds.rejected_connections.clone(),
         );
         registry.register(
