@@ -8,6 +8,9 @@
 #   WORK_DIR   created if missing; gets mesh.yaml. istiod writes nothing there (its default relative
 #              paths ./etc/istio/... and ./var/lib/istio/inject resolve under it, and are absent = defaults).
 # Env: ISTIOD_LOG_LEVEL (e.g. "adsc:debug"), passed as --log_output_level.
+#      ISTIOD_XDS_CA_FILE: dial every source over TLS (tlsSettings mode SIMPLE, Istio 1.26+), trusting the
+#      PEM CA in this file (written inline: caCertificates is the PEM text itself); ISTIOD_XDS_SNI: the
+#      server name to verify (default: the address's host).
 #
 # Readiness (see tests/e2e/ISTIOD_NOTES.md): GRPC_PORT accepts TCP only after every requested type got
 # a response; log line "All controller caches have been synced up"; /ready stays 503 without kube.
@@ -33,6 +36,13 @@ cd "$workdir"
     for a in "${addrs[@]}"; do
         a="${a#xds://}"
         echo "- address: xds://$a"
+        if [[ -n "${ISTIOD_XDS_CA_FILE:-}" ]]; then
+            echo "  tlsSettings:"
+            echo "    mode: SIMPLE"
+            [[ -n "${ISTIOD_XDS_SNI:-}" ]] && echo "    sni: ${ISTIOD_XDS_SNI}"
+            echo "    caCertificates: |"
+            sed 's/^/      /' "$ISTIOD_XDS_CA_FILE"
+        fi
     done
 } >mesh.yaml
 

@@ -22,6 +22,8 @@ pub struct AdminState {
     pub source: SourceView,
     pub registry: Arc<Mutex<Registry>>,
     pub draining: watch::Receiver<bool>,
+    /// Set when a long-lived task ended unexpectedly: the process is on its way out.
+    pub failure: watch::Receiver<Option<String>>,
     /// The effective configuration, as logged at start.
     pub config: Value,
 }
@@ -47,7 +49,11 @@ async fn ready(State(state): State<AdminState>) -> Response {
     if is_ready(&snapshot, draining) {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        let why = if draining { "draining\n" } else { "waiting for the first complete snapshot\n" };
+        let why = match (state.failure.borrow().as_deref(), draining) {
+            (Some(failure), _) => format!("failed: {failure}; exiting\n"),
+            (None, true) => "draining\n".to_owned(),
+            (None, false) => "waiting for the first complete snapshot\n".to_owned(),
+        };
         (StatusCode::SERVICE_UNAVAILABLE, why).into_response()
     }
 }

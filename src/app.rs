@@ -1,5 +1,8 @@
 //! Wiring: source → translate → snapshot → ADS/debug/admin servers, with a
 //! graceful drain. `build` binds every port first, so tests can use port 0.
+//! Every long-lived task runs under a [`Supervisor`]: if one ends before the
+//! drain, readiness and grpc.health turn false, the reason is logged, and the
+//! process drains and exits non-zero.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -9,36 +12,41 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::ServeArgs;
 use crate::debug::DebugService;
+use crate::limits::{PerCall, Slots, limit_names};
 use crate::metrics::{Metrics, OutcomeLabels, ReasonLabels, SettingLabels};
 use crate::model::Registry;
 use crate::proto::cloudmap_xds::debug::v1::debug_server::DebugServer;
 use crate::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use crate::snapshot::{self, Publisher, Snapshot};
 use crate::source::{self, SourceView, registry_file};
+use crate::supervise::{self, Ended, Supervisor, task_names};
 use crate::translate::{Options, SettingProblem, Skipped, SkippedLabel};
-use crate::xds::{AdsServer, Clients};
+use crate::xds::{AdsLimits, AdsServer, Clients};
+use crate::{incoming, tls};
 
-/// istiod's ADS client pings every 30 s and waits 10 s; we detect dead peers the same way.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The gRPC health service names whose status follows readiness.
+const HEALTH_SERVICES: [&str; 2] = ["", "envoy.service.discovery.v3.AggregatedDiscoveryService"];
 
 /// A running server whose ports are bound.
 pub struct Bound {
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     draining: watch::Sender<bool>,
+    /// Why the server failed, once a supervised task ended unexpectedly.
+    failure: watch::Sender<Option<String>>,
     stopped: watch::Sender<bool>,
-    grpc: JoinHandle<Result<(), tonic::transport::Error>>,
-    admin: JoinHandle<std::io::Result<()>>,
+    supervisor: Supervisor,
+    health: HealthReporter,
     grace_period: Duration,
+    #[cfg(feature = "testing")]
+    exit_hold: Option<tokio::signal::unix::Signal>,
 }
 
 /// Triggers the same drain as SIGTERM (for tests and embedders).
@@ -53,19 +61,34 @@ impl ShutdownHandle {
 
 pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
     let options = args.publish.translate_options()?;
+    let tls = match (&args.tls_cert_file, &args.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            let files = tls::Files { cert: cert.clone(), key: key.clone() };
+            let loaded = tls::load(&files)?;
+            info!(cert = %cert.display(), "TLS on the gRPC port");
+            Some((files, loaded))
+        }
+        _ => None,
+    };
     let mut prometheus = prometheus_client::registry::Registry::default();
     let metrics = Metrics::new(&mut prometheus);
     let (draining_tx, draining) = watch::channel(false);
+    let (failure_tx, failure) = watch::channel(None);
+    // Dropped on an early return: the tasks started so far are aborted.
+    let mut supervisor = Supervisor::new();
 
-    let source_view = start_source(&args, &metrics, draining.clone()).await?;
+    let source_view = start_source(&args, &metrics, draining.clone(), &mut supervisor).await?;
     let (publisher, snapshots) = snapshot::channel();
-    tokio::spawn(build_snapshots(
-        source_view.registry.clone(),
-        options.clone(),
-        publisher,
-        metrics.clone(),
-        draining.clone(),
-    ));
+    supervisor.spawn(
+        task_names::SNAPSHOT_BUILDER,
+        build_snapshots(
+            source_view.registry.clone(),
+            options.clone(),
+            publisher,
+            metrics.clone(),
+            draining.clone(),
+        ),
+    );
 
     let clients = Clients::default();
     let grpc_listener = TcpListener::bind(args.grpc_addr)
@@ -77,7 +100,19 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
     let grpc_addr = grpc_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
-    let ads = AdsServer::new(snapshots.clone(), clients.clone(), metrics.xds.clone(), draining.clone());
+    let ads_limits = AdsLimits {
+        streams: args.max_ads_streams,
+        request_size: args.max_request_size,
+        response_size: args.max_response_size,
+    };
+    let ads =
+        AdsServer::new(snapshots.clone(), clients.clone(), metrics.xds.clone(), draining.clone(), ads_limits);
+    let debug_slots = Slots::new(
+        args.max_debug_calls,
+        limit_names::MAX_DEBUG_CALLS,
+        "debug calls",
+        metrics.xds.refusals.clone(),
+    );
     let debug = DebugService::new(snapshots.clone(), source_view.clone(), clients, options.clone());
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -87,24 +122,45 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
+    let acceptor = tls.map(|(files, loaded)| {
+        let reloads = metrics.xds.tls_reloads.clone();
+        supervisor.spawn(task_names::TLS_RELOADER, loaded.watch_files(files, reloads, draining.clone()));
+        loaded.acceptor
+    });
+    let connections = incoming::incoming(
+        grpc_listener,
+        acceptor,
+        metrics.xds.rejected_connections.clone(),
+        incoming::PREFACE_TIMEOUT,
+    );
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    tokio::spawn(mirror_readiness(health_reporter, snapshots.clone(), draining.clone()));
+    supervisor.spawn(
+        task_names::READINESS_MIRROR,
+        mirror_readiness(health_reporter.clone(), snapshots.clone(), draining.clone()),
+    );
 
     let mut grpc_draining = draining.clone();
-    let grpc = tokio::spawn(
+    supervisor.spawn(
+        task_names::GRPC_SERVER,
         tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-            .tcp_nodelay(true)
+            // No ping policing either way: istiod's 30 s pings (and any other rate) are answered.
+            .http2_keepalive_interval(Some(args.grpc_keepalive_interval))
+            .http2_keepalive_timeout(Some(args.grpc_keepalive_timeout))
             .add_service(
-                // Responses carry the whole set; requests keep tonic's 4 MiB limit (istiod's are a few KB).
-                AggregatedDiscoveryServiceServer::new(ads).max_encoding_message_size(usize::MAX),
+                AggregatedDiscoveryServiceServer::new(ads)
+                    .max_decoding_message_size(args.max_request_size)
+                    .max_encoding_message_size(args.max_response_size),
             )
-            .add_service(DebugServer::new(debug).max_encoding_message_size(usize::MAX))
+            .add_service(PerCall::new(
+                DebugServer::new(debug)
+                    .max_decoding_message_size(args.max_request_size)
+                    .max_encoding_message_size(args.max_response_size),
+                debug_slots,
+            ))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
+            .serve_with_incoming_shutdown(connections, async move {
                 let _ = grpc_draining.wait_for(|d| *d).await;
             }),
     );
@@ -115,9 +171,10 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
         source: source_view,
         registry: Arc::new(Mutex::new(prometheus)),
         draining,
+        failure,
         config: serde_json::to_value(&args)?,
     };
-    let admin = tokio::spawn(async move {
+    supervisor.spawn(task_names::ADMIN_SERVER, async move {
         axum::serve(admin_listener, admin::router(admin_state))
             .with_graceful_shutdown(async move {
                 let _ = admin_stop.wait_for(|s| *s).await;
@@ -129,10 +186,13 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
         grpc_addr,
         admin_addr,
         draining: draining_tx,
+        failure: failure_tx,
         stopped,
-        grpc,
-        admin,
+        supervisor,
+        health: health_reporter,
         grace_period: args.shutdown_grace_period,
+        #[cfg(feature = "testing")]
+        exit_hold: crate::supervise::fault::exit_hold(),
     })
 }
 
@@ -140,6 +200,7 @@ async fn start_source(
     args: &ServeArgs,
     metrics: &Metrics,
     shutdown: watch::Receiver<bool>,
+    supervisor: &mut Supervisor,
 ) -> anyhow::Result<SourceView> {
     match &args.registry_file {
         Some(path) => {
@@ -148,12 +209,19 @@ async fn start_source(
             let text = registry_file::start(path, &sink)?;
             metrics.source.load_duration.observe(started.elapsed().as_secs_f64());
             metrics.source.loads.get_or_create(&OutcomeLabels { outcome: "success" }).inc();
-            tokio::spawn(registry_file::watch(path.clone(), sink, text, metrics.source.clone(), shutdown));
+            supervisor.spawn(
+                task_names::REGISTRY_FILE_WATCHER,
+                registry_file::watch(path.clone(), sink, text, metrics.source.clone(), shutdown),
+            );
             Ok(view)
         }
-        None => source::cloudmap::start(&args.cloudmap.settings(), metrics, shutdown)
-            .await
-            .context("starting the Cloud Map source"),
+        None => {
+            let (view, poller) = source::cloudmap::start(&args.cloudmap.settings(), metrics, shutdown)
+                .await
+                .context("starting the Cloud Map source")?;
+            supervisor.spawn(task_names::CLOUDMAP_POLLER, poller);
+            Ok(view)
+        }
     }
 }
 
@@ -185,9 +253,12 @@ async fn build_snapshots(
                 info!(%version, service_entries = entries, endpoints, "snapshot published");
             }
         }
-        tokio::select! {
-            changed = registries.changed() => if changed.is_err() { return },
+        let source_ended = tokio::select! {
+            changed = registries.changed() => changed.is_err(),
             _ = shutdown.wait_for(|d| *d) => return,
+        };
+        if source_ended {
+            return supervise::upstream_ended().await;
         }
     }
 }
@@ -244,11 +315,15 @@ async fn mirror_readiness(
     loop {
         let ready = admin::is_ready(&snapshots.borrow_and_update(), *draining.borrow_and_update());
         let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
-        reporter.set_service_status("", status).await;
-        reporter.set_service_status("envoy.service.discovery.v3.AggregatedDiscoveryService", status).await;
-        tokio::select! {
-            r = snapshots.changed() => if r.is_err() { return },
-            r = draining.changed() => if r.is_err() { return },
+        for service in HEALTH_SERVICES {
+            reporter.set_service_status(service, status).await;
+        }
+        let closed = tokio::select! {
+            r = snapshots.changed() => r.is_err(),
+            r = draining.changed() => r.is_err(),
+        };
+        if closed {
+            return supervise::upstream_ended().await;
         }
     }
 }
@@ -259,30 +334,72 @@ impl Bound {
     }
 
     /// Serves until SIGTERM or SIGINT (or a [`ShutdownHandle`]), then drains.
-    pub async fn run_until_signal(self) -> anyhow::Result<()> {
+    /// If a supervised task ends first, fails: see [`Bound::fail`].
+    pub async fn run_until_signal(mut self) -> anyhow::Result<()> {
         let mut draining = self.draining.subscribe();
-        tokio::select! {
-            signal = shutdown_signal() => info!(signal, "draining"),
-            _ = draining.wait_for(|d| *d) => info!("draining"),
+        let failed = tokio::select! {
+            signal = shutdown_signal() => {
+                info!(signal, "draining");
+                None
+            }
+            _ = draining.wait_for(|d| *d) => {
+                info!("draining");
+                None
+            }
+            ended = self.supervisor.next_end() => Some(ended),
+        };
+        match failed {
+            None => self.drain().await,
+            Some(ended) => self.fail(ended).await,
         }
-        self.drain().await
+    }
+
+    /// A task ended before the drain: readiness and grpc.health turn false at
+    /// once, the reason is logged, and the server drains and reports an error
+    /// (the binary exits non-zero, so Kubernetes restarts it).
+    async fn fail(mut self, ended: Ended) -> anyhow::Result<()> {
+        let reason = ended.to_string();
+        error!(
+            task = ended.task,
+            reason = %reason,
+            "a long-lived task ended unexpectedly; not ready, draining and exiting with an error so the process is restarted"
+        );
+        self.failure.send_replace(Some(reason.clone()));
+        self.draining.send_replace(true);
+        for service in HEALTH_SERVICES {
+            self.health.set_service_status(service, ServingStatus::NotServing).await;
+        }
+        #[cfg(feature = "testing")]
+        if let Some(mut hold) = self.exit_hold.take() {
+            hold.recv().await;
+        }
+        let drained = self.drain().await;
+        Err(match drained {
+            Ok(()) => anyhow::anyhow!("{reason}"),
+            Err(e) => e.context(reason),
+        })
     }
 
     /// Readiness goes false, new streams are refused, open streams end cleanly,
     /// and the servers stop, all within the grace period.
-    pub async fn drain(self) -> anyhow::Result<()> {
+    pub async fn drain(mut self) -> anyhow::Result<()> {
         self.draining.send_replace(true);
         let grace = self.grace_period;
-        let grpc = match tokio::time::timeout(grace, self.grpc).await {
-            Ok(joined) => joined.context("gRPC server task")?.context("gRPC server"),
+        let grpc = match tokio::time::timeout(grace, self.supervisor.wait_for(task_names::GRPC_SERVER)).await
+        {
+            Ok(ended) if ended.is_error() => Err(anyhow::anyhow!("{ended}")),
+            Ok(_) => Ok(()),
             Err(_) => {
                 error!(?grace, "drain exceeded the grace period; exiting anyway");
                 Ok(())
             }
         };
         self.stopped.send_replace(true);
-        match tokio::time::timeout(Duration::from_secs(1), self.admin).await {
-            Ok(joined) => joined.context("admin server task")?.context("admin server")?,
+        match tokio::time::timeout(Duration::from_secs(1), self.supervisor.wait_for(task_names::ADMIN_SERVER))
+            .await
+        {
+            Ok(ended) if ended.is_error() => bail!("{ended}"),
+            Ok(_) => {}
             Err(_) => warn!("admin server did not stop in time"),
         }
         grpc?;

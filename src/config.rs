@@ -25,6 +25,20 @@ pub const DEFAULT_SHUTDOWN_GRACE_PERIOD: &str = "10s";
 pub const DEFAULT_LOG_FILTER: &str = "info";
 /// How long `render` and `export` may take to read Cloud Map once, completely.
 pub const DEFAULT_READ_TIMEOUT: &str = "5m";
+/// Each istiod replica (and revision) holds one stream per replica of ours it is
+/// connected to; 100 is ten times a large control plane. Each stream can pin a
+/// few encoded responses in memory when its client reads slowly.
+pub const DEFAULT_MAX_ADS_STREAMS: &str = "100";
+/// Debug calls copy the whole set (ListServiceEntries); a handful at once is plenty for people and scripts.
+pub const DEFAULT_MAX_DEBUG_CALLS: &str = "4";
+/// istiod's requests are a few KB (type URL, node metadata on the first).
+pub const DEFAULT_MAX_REQUEST_SIZE: &str = "1MiB";
+/// The full ServiceEntry set of 100,000 endpoints (10,000 services of 10 ECS-like instances)
+/// encodes to about 20 MB; 64 MiB leaves three times that (istiod itself accepts up to 2 GiB).
+pub const DEFAULT_MAX_RESPONSE_SIZE: &str = "64MiB";
+/// istiod's own client keepalive (`pkg/keepalive`: 30 s, 10 s timeout); we ping as often to reap dead peers.
+pub const DEFAULT_GRPC_KEEPALIVE_INTERVAL: &str = "30s";
+pub const DEFAULT_GRPC_KEEPALIVE_TIMEOUT: &str = "10s";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -80,6 +94,60 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub cloudmap: CloudMapArgs,
+
+    /// Most ADS streams served at once; more are refused with RESOURCE_EXHAUSTED (istiod retries, possibly on another replica).
+    #[arg(long, env = "CLOUDMAP_XDS_MAX_ADS_STREAMS", default_value = DEFAULT_MAX_ADS_STREAMS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_ads_streams: u32,
+
+    /// Most debug-service calls served at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CLOUDMAP_XDS_MAX_DEBUG_CALLS", default_value = DEFAULT_MAX_DEBUG_CALLS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_debug_calls: u32,
+
+    /// Largest request message accepted on the ADS and debug services (bytes, or with KiB/MiB/GiB).
+    #[arg(long, env = "CLOUDMAP_XDS_MAX_REQUEST_SIZE", default_value = DEFAULT_MAX_REQUEST_SIZE, value_parser = byte_size)]
+    pub max_request_size: usize,
+
+    /// Largest response message sent (bytes, or with KiB/MiB/GiB); a larger ServiceEntry set is not sent and is logged and counted.
+    #[arg(long, env = "CLOUDMAP_XDS_MAX_RESPONSE_SIZE", default_value = DEFAULT_MAX_RESPONSE_SIZE, value_parser = byte_size)]
+    pub max_response_size: usize,
+
+    /// How long a gRPC connection may be silent before we ping it.
+    #[arg(long, env = "CLOUDMAP_XDS_GRPC_KEEPALIVE_INTERVAL", default_value = DEFAULT_GRPC_KEEPALIVE_INTERVAL, value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde_shim")]
+    pub grpc_keepalive_interval: Duration,
+
+    /// How long a ping may go unanswered before the connection is closed (a dead peer is reaped).
+    #[arg(long, env = "CLOUDMAP_XDS_GRPC_KEEPALIVE_TIMEOUT", default_value = DEFAULT_GRPC_KEEPALIVE_TIMEOUT, value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde_shim")]
+    pub grpc_keepalive_timeout: Duration,
+
+    /// PEM certificate chain (leaf first) for TLS on the gRPC port; re-read when it changes (cert-manager rotation).
+    #[arg(long, env = "CLOUDMAP_XDS_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert-file.
+    #[arg(long, env = "CLOUDMAP_XDS_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+}
+
+/// `1048576`, `512KiB`, `1MiB`, `2GiB` (binary units; `KB`/`MB`/`GB` mean the same here).
+pub fn byte_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return Err(format!("{s:?} is not a size (e.g. 1048576, 512KiB, 64MiB)")),
+    };
+    digits
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{s:?} is not a positive size (e.g. 1048576, 512KiB, 64MiB)"))
 }
 
 /// How ServiceEntries are published; shared by `serve` and `render`.
@@ -260,6 +328,27 @@ mod tests {
         assert_eq!(args.admin_addr.to_string(), DEFAULT_ADMIN_ADDR);
         assert_eq!(args.shutdown_grace_period, Duration::from_secs(10));
         assert_eq!(args.publish.health_filter, HealthFilter::HealthyOrElseAll);
+        assert_eq!(args.max_ads_streams, 100);
+        assert_eq!(args.max_debug_calls, 4);
+        assert_eq!(args.max_request_size, 1 << 20);
+        assert_eq!(args.max_response_size, 64 << 20);
+        assert_eq!(args.grpc_keepalive_interval, Duration::from_secs(30));
+        assert_eq!(args.grpc_keepalive_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(byte_size("1048576"), Ok(1 << 20));
+        assert_eq!(byte_size("512KiB"), Ok(512 << 10));
+        assert_eq!(byte_size("64MiB"), Ok(64 << 20));
+        assert_eq!(byte_size("2 GB"), Ok(2 << 30));
+        assert!(byte_size("0").unwrap_err().contains("positive"));
+        assert!(byte_size("ten MiB").unwrap_err().contains("not a"));
+        assert!(byte_size("5TiB").unwrap_err().contains("not a size"));
+        let err = parse(&["serve", "--max-ads-streams", "0"]).unwrap_err().to_string();
+        assert!(err.contains("--max-ads-streams"), "{err}");
+        let err = parse(&["serve", "--tls-cert-file", "tls.crt"]).unwrap_err().to_string();
+        assert!(err.contains("--tls-key-file"), "{err}");
     }
 
     #[test]

@@ -9,14 +9,18 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod debug;
+pub mod incoming;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod render;
 pub mod snapshot;
 pub mod source;
+pub mod supervise;
 pub mod telemetry;
 #[cfg(any(test, feature = "testing"))]
 pub mod test_helpers;
+pub mod tls;
 pub mod translate;
 pub mod xds;
 

@@ -25,6 +25,12 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// The limit a refusal hit: the name of the flag that sets it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub limit: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SettingLabels {
     pub setting: &'static str,
@@ -48,6 +54,8 @@ pub struct SourceMetrics {
     /// Unix time of the last complete sync of every service.
     pub last_full_sync: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub services: Gauge,
+    /// Services missing from Cloud Map listings but still served: a held mass removal.
+    pub mass_removal_held: Gauge,
 }
 
 /// What the current snapshot serves.
@@ -75,6 +83,12 @@ pub struct XdsMetrics {
     pub nacks: Family<TypeLabels, Counter>,
     /// From a snapshot's publication to its response being queued on a stream.
     pub push_latency: Histogram,
+    /// Streams, calls, requests and responses refused by a limit (ADS and debug services).
+    pub refusals: Family<LimitLabels, Counter>,
+    /// gRPC connections dropped before HTTP/2, by reason (`tls_handshake`, `tls_handshake_timeout`, `preface_timeout`).
+    pub rejected_connections: Family<ReasonLabels, Counter>,
+    /// TLS certificate reloads by outcome (`success`, `error`: the previous pair stays).
+    pub tls_reloads: Family<OutcomeLabels, Counter>,
 }
 
 #[derive(Debug, Clone)]
@@ -98,6 +112,7 @@ impl Metrics {
             service_attributes_unavailable: Gauge::default(),
             last_full_sync: Gauge::default(),
             services: Gauge::default(),
+            mass_removal_held: Gauge::default(),
         };
         registry.register("source_loads", "Source loads or polls, by outcome", source.loads.clone());
         registry.register_with_unit(
@@ -124,6 +139,11 @@ impl Metrics {
             source.last_full_sync.clone(),
         );
         registry.register("source_services", "Services the source currently knows", source.services.clone());
+        registry.register(
+            "mass_removal_held_services",
+            "Services missing from Cloud Map listings but still served until --mass-removal-confirm-after confirms their removal",
+            source.mass_removal_held.clone(),
+        );
 
         let snapshot = SnapshotMetrics {
             service_entries: Gauge::default(),
@@ -182,6 +202,9 @@ impl Metrics {
             acks: Family::default(),
             nacks: Family::default(),
             push_latency: seconds_histogram(),
+            refusals: Family::default(),
+            rejected_connections: Family::default(),
+            tls_reloads: Family::default(),
         };
         registry.register("ads_connected_streams", "Open ADS streams", xds.connected_streams.clone());
         registry.register("ads_streams", "ADS streams opened", xds.streams.clone());
@@ -199,6 +222,21 @@ impl Metrics {
             "Time from a snapshot's publication to its push being queued on a stream",
             Unit::Seconds,
             xds.push_latency.clone(),
+        );
+        registry.register(
+            "grpc_refusals",
+            "Streams, calls, requests or responses refused by a limit; the label names the flag",
+            xds.refusals.clone(),
+        );
+        registry.register(
+            "grpc_rejected_connections",
+            "gRPC connections dropped before HTTP/2 (failed or slow TLS handshakes, no HTTP/2 preface in time), by reason",
+            xds.rejected_connections.clone(),
+        );
+        registry.register(
+            "tls_reloads",
+            "TLS certificate reloads by outcome; on error the previous pair stays in use",
+            xds.tls_reloads.clone(),
         );
         Metrics { source, snapshot, xds }
     }

@@ -9,7 +9,7 @@ pub mod server;
 
 pub use clients::{ClientInfo, Clients};
 pub use connection::Connection;
-pub use server::AdsServer;
+pub use server::{AdsLimits, AdsServer};
 
 /// The ServiceEntry type URLs istiod asks for: `v1` from Istio 1.24,
 /// `v1alpha3` before; `v1beta1` is an alias served too.

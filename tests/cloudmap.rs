@@ -658,3 +658,65 @@ async fn readiness_waits_for_the_first_complete_sync() {
     .await;
     assert_eq!(health().await, ServingStatus::Serving);
 }
+
+/// `cloudmap_xds_mass_removal_held_services` from /metrics.
+async fn held_services(server: &TestServer) -> f64 {
+    let (_, body) = http_get(server.admin_addr, "/metrics").await.unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix("cloudmap_xds_mass_removal_held_services "))
+        .and_then(|v| v.parse().ok())
+        .expect("held services gauge")
+}
+
+#[tokio::test]
+async fn a_mass_removal_stays_served_until_listings_confirm_it() {
+    const CONFIRM: Duration = Duration::from_secs(3);
+    let moto = Moto::start().await;
+    let seeder = moto.seeder().await;
+    let ns = seeder.create_http_namespace("shop").await;
+    let mut services = Vec::new();
+    for name in ["cart", "pay", "web", "db"] {
+        let svc = seeder.create_service(&ns, name, false).await;
+        seeder.register(&svc.id, "i-1", &[("AWS_INSTANCE_IPV4", "10.0.0.1")]).await;
+        services.push(svc);
+    }
+    let server =
+        serve(&moto.endpoint(), &["--list-interval", "300ms", "--mass-removal-confirm-after", "3s"]).await;
+    let (mut client, first) = connect(&server).await;
+    assert_eq!(by_host(&first).len(), 4);
+    assert_eq!(held_services(&server).await, 0.0);
+
+    // Three of four services deleted at once: more than the default threshold of one half.
+    let deleted = Instant::now();
+    for svc in &services[1..] {
+        seeder.deregister(&svc.id, "i-1").await;
+        seeder.client().delete_service().id(&svc.id).send().await.unwrap();
+    }
+    eventually("the removal to be held", Duration::from_secs(10), || async {
+        (held_services(&server).await == 3.0).then_some(())
+    })
+    .await;
+    // Each listing while held says so in the status (reads of the deleted services fail in between).
+    let status = eventually("the hold in the source status", Duration::from_secs(10), || async {
+        let status = snapshot_json(&server).await;
+        let held = status["source"]["last_error"].as_str()?.starts_with("a mass removal is held: 3 services");
+        held.then_some(status)
+    })
+    .await;
+    assert_eq!(status["serviceEntries"].as_array().unwrap().len(), 4, "still served while held");
+
+    // Every push until the confirm period ends still carries all four; then they go.
+    let removed_at = loop {
+        let push = client.recv_timeout(Duration::from_secs(20)).await.unwrap().expect("stream open");
+        client.ack(&push).await;
+        let entries = by_host(&push);
+        if entries.len() == 1 {
+            assert!(entries.contains_key("cart.shop"));
+            break Instant::now();
+        }
+        assert_eq!(entries.len(), 4, "a push removed only part of the held services");
+    };
+    let took = removed_at - deleted;
+    assert!(took >= CONFIRM, "removed {took:?} after the deletion, before --mass-removal-confirm-after");
+    assert_eq!(held_services(&server).await, 0.0);
+}

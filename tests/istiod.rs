@@ -731,3 +731,38 @@ async fn awkward_cloud_map_registrations_yield_only_service_entries_istiod_accep
     let missing: Vec<_> = outbound_clusters(&served).difference(&clusters).cloned().collect();
     assert!(missing.is_empty(), "clusters missing for the sidecar: {missing:?}");
 }
+
+// ---- keepalive ---------------------------------------------------------------------------------------
+
+/// istiod's own client keepalive (`pkg/keepalive`, env `GRPC_KEEPALIVE_INTERVAL`, default 30 s, 10 s
+/// timeout) against our server, through a relay that reads the HTTP/2 frames we send back. grpc-go
+/// raises any interval below 10 s to 10 s, so 10 s is the shortest istiod can be made to ping: two
+/// pings take about 20 s. Every ping is answered, no GOAWAY (`too_many_pings`) is sent, and the
+/// stream still carries changes afterwards.
+#[tokio::test]
+async fn istiods_own_keepalive_pings_are_answered_without_goaway() {
+    let bin = IstiodBin::current();
+    let dir = tempfile::tempdir().unwrap();
+    let registry = write_registry(dir.path(), GOLDEN);
+    let server = serve_file(dir.path(), &registry).await;
+    let relay = support::h2_relay::H2Relay::start(server.grpc).await;
+    let envs = [("GRPC_KEEPALIVE_INTERVAL", "10s"), ("GRPC_KEEPALIVE_TIMEOUT", "10s")];
+    let mut istiod = Istiod::spawn_with_env(&bin, dir.path(), &[relay.addr], &envs);
+    istiod.wait_synced(ISTIOD_SYNC_DEADLINE).await;
+    let started = Instant::now();
+    eventually("two of istiod's keepalive pings answered", Duration::from_secs(60), || async {
+        (relay.ping_acks() >= 2).then_some(())
+    })
+    .await;
+    eprintln!("{bin}: {} pings answered in {:?}", relay.ping_acks(), started.elapsed());
+    assert_eq!(relay.goaways(), Vec::<(u32, String)>::new(), "we sent GOAWAY to istiod");
+    assert_eq!(relay.server_closed(), 0, "we closed istiod's connection");
+    edit(
+        &registry,
+        &format!(
+            "{GOLDEN}  - name: orders\n    instances:\n    - attributes: {{AWS_INSTANCE_IPV4: 10.0.0.1}}\n"
+        ),
+    );
+    wait_until_istiod_has("the edit after the pings", &istiod, &server, |s| s.len() == 2).await;
+    assert_eq!(relay.goaways(), Vec::<(u32, String)>::new());
+}

@@ -21,6 +21,9 @@ pub const DEFAULT_RATE_REVISION: &str = "300";
 /// Per second; AWS publishes no quota (see `source::cloudmap::defaults::RATE_ATTRIBUTES` for why 10).
 pub const DEFAULT_RATE_ATTRIBUTES: &str = "10";
 pub const DEFAULT_MASS_REMOVAL_THRESHOLD: &str = "0.5";
+/// Longer than the AWS hiccups seen in practice, short next to how long a real
+/// bulk deletion can wait to disappear from the mesh.
+pub const DEFAULT_MASS_REMOVAL_CONFIRM_AFTER: &str = "5m";
 
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct CloudMapArgs {
@@ -84,9 +87,14 @@ pub struct CloudMapArgs {
     #[serde(with = "super::humantime_serde_shim")]
     pub aws_request_timeout: Duration,
 
-    /// A listing that would remove more than this share (0 to 1) of all services at once is held until the next listing confirms it.
+    /// A listing that would remove more than this share (0 to 1) of all services at once is held until confirmed (see --mass-removal-confirm-after).
     #[arg(long, env = "CLOUDMAP_XDS_MASS_REMOVAL_THRESHOLD", default_value = DEFAULT_MASS_REMOVAL_THRESHOLD, value_parser = share)]
     pub mass_removal_threshold: f64,
+
+    /// A held mass removal applies only once listings have confirmed it for this long (0s: the next listing confirms it); a first listing with no service at all waits as long before the first sync.
+    #[arg(long, env = "CLOUDMAP_XDS_MASS_REMOVAL_CONFIRM_AFTER", default_value = DEFAULT_MASS_REMOVAL_CONFIRM_AFTER, value_parser = humantime::parse_duration)]
+    #[serde(with = "super::humantime_serde_shim")]
+    pub mass_removal_confirm_after: Duration,
 
     /// Publish whatever was read after this long even if the first complete sync has not finished [default: wait forever].
     #[arg(long, env = "CLOUDMAP_XDS_INITIAL_SYNC_TIMEOUT", value_parser = humantime::parse_duration)]
@@ -140,6 +148,7 @@ impl CloudMapArgs {
             rate_attributes: self.rate_attributes,
             request_timeout: self.aws_request_timeout,
             mass_removal_threshold: self.mass_removal_threshold,
+            mass_removal_confirm_after: self.mass_removal_confirm_after,
             initial_sync_timeout: self.initial_sync_timeout,
             static_credentials: self.static_credentials.clone(),
         }

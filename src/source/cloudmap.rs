@@ -21,6 +21,7 @@ pub mod inventory;
 pub mod poller;
 pub mod rate;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -61,6 +62,8 @@ pub struct Settings {
     pub request_timeout: Duration,
     /// Share (0..=1) of all services one listing may remove without confirmation.
     pub mass_removal_threshold: f64,
+    /// A held mass removal applies only once listings have confirmed it for this long.
+    pub mass_removal_confirm_after: Duration,
     /// Publish whatever was read after this long even without a complete sync.
     pub initial_sync_timeout: Option<Duration>,
     /// Static keys instead of the default credential chain (tests and embedders).
@@ -87,6 +90,9 @@ pub mod defaults {
     /// takes half. 1,000 services are read in about 100 s.
     pub const RATE_ATTRIBUTES: f64 = 10.0;
     pub const MASS_REMOVAL_THRESHOLD: f64 = 0.5;
+    /// Longer than the AWS hiccups seen in practice, short next to how long a real
+    /// bulk deletion can wait to disappear from the mesh.
+    pub const MASS_REMOVAL_CONFIRM_AFTER: Duration = Duration::from_secs(300);
 }
 
 /// An access key pair given in code.
@@ -123,6 +129,7 @@ impl Settings {
             rate_attributes: defaults::RATE_ATTRIBUTES,
             request_timeout: defaults::REQUEST_TIMEOUT,
             mass_removal_threshold: defaults::MASS_REMOVAL_THRESHOLD,
+            mass_removal_confirm_after: defaults::MASS_REMOVAL_CONFIRM_AFTER,
             initial_sync_timeout: None,
             static_credentials: None,
         }
@@ -165,6 +172,7 @@ impl Settings {
             list_interval: self.list_interval,
             full_refresh_interval: self.full_refresh_interval,
             mass_removal_threshold: self.mass_removal_threshold,
+            mass_removal_confirm_after: self.mass_removal_confirm_after,
             filter,
         }
     }
@@ -184,14 +192,14 @@ pub enum Error {
     ReadTimeout { timeout: Duration, read: usize, listed: usize, last_error: String },
 }
 
-/// Checks the settings, builds the AWS client (failing clearly without a region
-/// or credentials), and starts polling. The view's registry stays `None` until
-/// the first complete sync.
+/// Checks the settings and builds the AWS client (failing clearly without a region
+/// or credentials); returns the view and the poller, which the caller runs (under
+/// supervision). The view's registry stays `None` until the first complete sync.
 pub async fn start(
     settings: &Settings,
     metrics: &Metrics,
     shutdown: watch::Receiver<bool>,
-) -> Result<SourceView, Error> {
+) -> Result<(SourceView, impl Future<Output = ()> + Send + 'static), Error> {
     let filter = settings.check()?;
     let connection = client::Connection {
         region: settings.region.clone(),
@@ -220,8 +228,10 @@ pub async fn start(
 pub async fn read_once(settings: &Settings, timeout: Duration) -> Result<Registry, Error> {
     let metrics = Metrics::unregistered();
     let (stop, shutdown) = watch::channel(false);
-    let view = start(settings, &metrics, shutdown).await?;
+    let (view, poller) = start(settings, &metrics, shutdown).await?;
+    let polling = tokio::spawn(poller);
     let result = first_complete(view, timeout).await;
+    polling.abort();
     stop.send_replace(true);
     result
 }
@@ -251,7 +261,7 @@ async fn first_complete(mut view: SourceView, timeout: Duration) -> Result<Regis
     })
 }
 
-/// Starts polling any [`CloudMapApi`] (tests use fakes).
+/// The view and the poller of any [`CloudMapApi`] (tests use fakes).
 pub fn start_with_api<A: CloudMapApi>(
     api: Arc<A>,
     source_name: String,
@@ -260,7 +270,7 @@ pub fn start_with_api<A: CloudMapApi>(
     metrics: &Metrics,
     call_timeout: Duration,
     shutdown: watch::Receiver<bool>,
-) -> SourceView {
+) -> (SourceView, impl Future<Output = ()> + Send + 'static) {
     let (sink, view) = super::channel(source_name);
     let inventory = Inventory::new(settings.inventory_config(filter), Instant::now(), fastrand::u64(..));
     let limits = Limits::new(
@@ -278,8 +288,7 @@ pub fn start_with_api<A: CloudMapApi>(
         call_timeout,
         settings.initial_sync_timeout,
     );
-    tokio::spawn(poller.run(shutdown));
-    view
+    (view, poller.run(shutdown))
 }
 
 #[cfg(test)]

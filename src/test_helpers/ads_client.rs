@@ -49,10 +49,17 @@ impl AdsClient {
     }
 
     pub async fn connect_as(addr: SocketAddr, node_id: &str) -> Result<Self, tonic::Status> {
-        let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+            .connect()
             .await
-            .map_err(|e| tonic::Status::unavailable(e.to_string()))?
-            .max_decoding_message_size(usize::MAX);
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        Self::over(channel, node_id).await
+    }
+
+    /// Opens the stream over a channel the caller configured (keepalive, TLS, ...).
+    pub async fn over(channel: tonic::transport::Channel, node_id: &str) -> Result<Self, tonic::Status> {
+        let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(usize::MAX);
         let (tx, rx) = mpsc::channel(64);
         let responses = client.stream_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
         Ok(AdsClient { requests: Some(tx), responses, node_id: node_id.to_owned(), sent_first: false })

@@ -15,6 +15,10 @@ use crate::snapshot::Snapshot;
 pub const EMPTY_TYPE_VERSION: &str = "empty";
 /// Identifies this server in every response.
 pub const CONTROL_PLANE_ID: &str = "cloudmap-xds";
+/// Distinct type URLs one stream may ask for. istiod asks for 16 (MeshConfig and
+/// 15 Pilot kinds); a client asking for more is refused rather than let grow the
+/// per-stream state without bound.
+pub const MAX_TYPE_URLS_PER_STREAM: usize = 64;
 
 /// What was sent and acknowledged for one type URL on one stream.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -26,6 +30,8 @@ pub struct TypeState {
     pub acks: u64,
     pub nacks: u64,
     pub last_nack_error: Option<String>,
+    /// The nonce of the last NACKed response: a response is worth one log line.
+    pub last_nacked_nonce: String,
     /// Requested, but held back until the source's first complete sync.
     pub awaiting_sync: bool,
 }
@@ -40,11 +46,15 @@ pub enum RequestKind {
     Ack,
     Nack {
         error: String,
+        /// The response was NACKed before (logged once, counted always).
+        repeated: bool,
     },
     /// A nonce other than the last one sent (superseded response, or a repeat).
     Stale,
     /// No type URL.
     Invalid,
+    /// A new type URL beyond [`MAX_TYPE_URLS_PER_STREAM`]: the stream is refused.
+    TooManyTypes,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -86,6 +96,9 @@ impl Connection {
             return Outcome { kind: RequestKind::Invalid, response: None };
         }
         let Some(state) = self.types.get_mut(type_url) else {
+            if self.types.len() >= MAX_TYPE_URLS_PER_STREAM {
+                return Outcome { kind: RequestKind::TooManyTypes, response: None };
+            }
             self.types.insert(type_url.to_owned(), TypeState::default());
             return match self.respond(type_url, snapshot) {
                 Some(response) => Outcome { kind: RequestKind::Initial, response: Some(response) },
@@ -101,8 +114,13 @@ impl Connection {
         match &request.error_detail {
             Some(status) => {
                 state.nacks += 1;
+                let repeated = state.last_nacked_nonce == request.response_nonce;
+                state.last_nacked_nonce.clone_from(&request.response_nonce);
                 state.last_nack_error = Some(status.message.clone());
-                Outcome { kind: RequestKind::Nack { error: status.message.clone() }, response: None }
+                Outcome {
+                    kind: RequestKind::Nack { error: status.message.clone(), repeated },
+                    response: None,
+                }
             }
             None => {
                 state.acks += 1;

@@ -4,14 +4,15 @@
 use std::sync::Arc;
 
 use prost::Message;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{Instrument, debug, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
-use super::connection::{Connection, RequestKind};
+use super::connection::{Connection, MAX_TYPE_URLS_PER_STREAM, RequestKind};
 use super::{Clients, type_label};
-use crate::metrics::{TypeLabels, XdsMetrics};
+use crate::limits::{Slots, limit_names};
+use crate::metrics::{LimitLabels, TypeLabels, XdsMetrics};
 use crate::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
 use crate::proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
@@ -20,8 +21,21 @@ use crate::snapshot::Snapshot;
 
 /// Responses queued per stream; a slow client fills only its own queue.
 const STREAM_QUEUE: usize = 4;
+/// How long a stream ending in error waits for room to queue that error.
+const FINAL_STATUS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 type ResponseStream<T> = ReceiverStream<Result<T, Status>>;
+
+/// What one replica's ADS service accepts.
+#[derive(Debug, Clone, Copy)]
+pub struct AdsLimits {
+    /// `--max-ads-streams`.
+    pub streams: u32,
+    /// `--max-request-size`, enforced by tonic's decoder; named in our refusal.
+    pub request_size: usize,
+    /// `--max-response-size`: a larger response is not sent.
+    pub response_size: usize,
+}
 
 #[derive(Debug, Clone)]
 pub struct AdsServer {
@@ -30,6 +44,8 @@ pub struct AdsServer {
     metrics: XdsMetrics,
     /// Turns true when the server drains: streams end cleanly, new ones are refused.
     draining: watch::Receiver<bool>,
+    stream_slots: Slots,
+    limits: AdsLimits,
 }
 
 impl AdsServer {
@@ -38,8 +54,11 @@ impl AdsServer {
         clients: Clients,
         metrics: XdsMetrics,
         draining: watch::Receiver<bool>,
+        limits: AdsLimits,
     ) -> Self {
-        AdsServer { snapshots, clients, metrics, draining }
+        let stream_slots =
+            Slots::new(limits.streams, limit_names::MAX_ADS_STREAMS, "ADS streams", metrics.refusals.clone());
+        AdsServer { snapshots, clients, metrics, draining, stream_slots, limits }
     }
 }
 
@@ -56,6 +75,9 @@ impl AggregatedDiscoveryService for AdsServer {
             return Err(Status::unavailable("cloudmap-xds is shutting down; reconnect to another replica"));
         }
         let peer = request.remote_addr();
+        let slot = self.stream_slots.try_take().inspect_err(|_| {
+            warn!(peer = ?peer, limit = self.limits.streams, "ADS stream refused: --max-ads-streams reached");
+        })?;
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         let id = self.clients.connect(peer);
         let span =
@@ -69,6 +91,8 @@ impl AggregatedDiscoveryService for AdsServer {
             clients: self.clients.clone(),
             metrics: self.metrics.clone(),
             connection: Connection::new(),
+            limits: self.limits,
+            _slot: slot,
         };
         tokio::spawn(stream.run().instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -85,6 +109,18 @@ impl AggregatedDiscoveryService for AdsServer {
     }
 }
 
+/// What handling one request came to.
+enum Handled {
+    /// Whether the response (if any) was queued; `false`: the client is gone.
+    Delivered(bool),
+    Refused(Status),
+}
+
+/// tonic's decoder refusing a message over `max_decoding_message_size`.
+fn is_too_large(status: &Status) -> bool {
+    status.code() == tonic::Code::OutOfRange && status.message().contains("message length too large")
+}
+
 struct Stream {
     id: u64,
     requests: Streaming<DiscoveryRequest>,
@@ -94,6 +130,9 @@ struct Stream {
     clients: Clients,
     metrics: XdsMetrics,
     connection: Connection,
+    limits: AdsLimits,
+    /// Held for the stream's life: one of `--max-ads-streams`.
+    _slot: OwnedSemaphorePermit,
 }
 
 enum Event {
@@ -108,6 +147,8 @@ enum End {
     ClientError(Status),
     ClientGone,
     Draining,
+    /// The client broke a limit; the stream ends with this status.
+    Refused(Status),
 }
 
 impl Stream {
@@ -119,13 +160,23 @@ impl Stream {
         match &end {
             End::ClientClosed => debug!("client half-closed; stream ends after its answers"),
             End::ClientError(status) => {
-                info!(code = ?status.code(), message = status.message(), "stream ended by client error")
+                info!(code = ?status.code(), message = status.message(), "stream ended by client error");
             }
             End::ClientGone => debug!("client went away"),
             End::Draining => info!("stream closed: draining"),
+            End::Refused(status) => warn!(message = status.message(), "stream refused"),
         }
         self.metrics.connected_streams.dec();
         self.clients.disconnect(self.id);
+        if let End::ClientError(status) | End::Refused(status) = end {
+            // The stream ends with that error, not OK: a request that could not be read
+            // (malformed, too large) or broke a limit. Behind any queued responses, and
+            // not waited for long by a client that stopped reading.
+            tokio::select! {
+                _ = tokio::time::timeout(FINAL_STATUS_WAIT, self.responses.send(Err(status))) => {}
+                _ = self.draining.wait_for(|d| *d) => {}
+            }
+        }
     }
 
     async fn serve(&mut self) -> End {
@@ -143,8 +194,19 @@ impl Stream {
                 Event::Drain => return End::Draining,
                 Event::Snapshot => self.push_snapshot().await,
                 Event::Request(message) => match *message {
-                    Ok(Some(request)) => self.handle(request).await,
+                    Ok(Some(request)) => match self.handle(request).await {
+                        Handled::Delivered(delivered) => delivered,
+                        Handled::Refused(status) => return End::Refused(status),
+                    },
                     Ok(None) => return End::ClientClosed,
+                    Err(status) if is_too_large(&status) => {
+                        self.refused(limit_names::MAX_REQUEST_SIZE);
+                        return End::Refused(Status::resource_exhausted(format!(
+                            "request larger than --max-request-size ({} bytes): {}",
+                            self.limits.request_size,
+                            status.message()
+                        )));
+                    }
                     Err(status) => return End::ClientError(status),
                 },
             };
@@ -166,7 +228,11 @@ impl Stream {
         true
     }
 
-    async fn handle(&mut self, request: DiscoveryRequest) -> bool {
+    fn refused(&self, limit: &'static str) {
+        self.metrics.refusals.get_or_create(&LimitLabels { limit }).inc();
+    }
+
+    async fn handle(&mut self, request: DiscoveryRequest) -> Handled {
         let snapshot = self.snapshots.borrow().clone();
         let had_node = self.connection.node_id().is_some();
         let outcome = self.connection.handle_request(&request, &snapshot);
@@ -180,9 +246,19 @@ impl Stream {
                 self.metrics.acks.get_or_create(&labels).inc();
                 debug!(type_url = %request.type_url, version = %request.version_info, "ACK");
             }
-            RequestKind::Nack { error } => {
+            RequestKind::Nack { error, repeated: false } => {
                 self.metrics.nacks.get_or_create(&labels).inc();
                 warn!(type_url = %request.type_url, nonce = %request.response_nonce, error = %error, "NACK: client rejected our response");
+            }
+            RequestKind::Nack { error, repeated: true } => {
+                self.metrics.nacks.get_or_create(&labels).inc();
+                debug!(type_url = %request.type_url, nonce = %request.response_nonce, error = %error, "NACK repeated");
+            }
+            RequestKind::TooManyTypes => {
+                self.refused(limit_names::MAX_TYPE_URLS_PER_STREAM);
+                return Handled::Refused(Status::resource_exhausted(format!(
+                    "more than {MAX_TYPE_URLS_PER_STREAM} type URLs on one stream (istiod asks for 16)"
+                )));
             }
             RequestKind::Deferred => {
                 info!(type_url = %request.type_url, "ServiceEntries withheld until the first complete sync")
@@ -190,16 +266,29 @@ impl Stream {
             RequestKind::Invalid => warn!("request without type_url ignored"),
             RequestKind::Initial | RequestKind::Stale => {}
         }
-        match outcome.response {
+        Handled::Delivered(match outcome.response {
             Some(response) => self.send(response).await,
             None => true,
-        }
+        })
     }
 
     async fn send(&mut self, response: DiscoveryResponse) -> bool {
+        let size = response.encoded_len();
+        if size > self.limits.response_size {
+            // Not sent: the client keeps what it has, and the next snapshot that fits flows again.
+            self.refused(limit_names::MAX_RESPONSE_SIZE);
+            error!(
+                type_url = %response.type_url,
+                version = %response.version_info,
+                bytes = size,
+                limit = self.limits.response_size,
+                "response larger than --max-response-size not sent; the client keeps its previous state"
+            );
+            return true;
+        }
         let labels = TypeLabels { r#type: type_label(&response.type_url) };
         self.metrics.responses.get_or_create(&labels).inc();
-        self.metrics.sent_bytes.get_or_create(&labels).inc_by(response.encoded_len() as u64);
+        self.metrics.sent_bytes.get_or_create(&labels).inc_by(size as u64);
         debug!(type_url = %response.type_url, version = %response.version_info, nonce = %response.nonce, resources = response.resources.len(), "push");
         // A client that stopped reading must not hold up a drain.
         tokio::select! {

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import kubernetes_validate
 import pytest
+import yaml
 
 from manifest_support import (
     ADMIN_PORT, DEPLOY, EXPECTED_KINDS, GRPC_PORT, ISTIOD_DIR, K8S_VERSIONS, NAME, NAMESPACE, NONROOT_UID, REPO,
-    XDS_ADDRESS, container, env_by_name, helm_docs, k8s_manifest_files, kustomize_docs, load_docs, matches,
+    TLS_DIR, XDS_ADDRESS, container, env_by_name, helm_docs, k8s_manifest_files, kustomize_docs, load_docs, matches,
     network_policy_admits, one, plain_docs, pod_labels, port_by_name, quantity, seconds, validate_strict,
 )
 
@@ -403,7 +404,7 @@ def _config_sources(doc: dict) -> list[str]:
     return [s["address"] for s in doc["meshConfig"]["configSources"]]
 
 
-@pytest.mark.parametrize("fname", ["istio-operator.yaml", "helm-values.yaml"])
+@pytest.mark.parametrize("fname", ["istio-operator.yaml", "helm-values.yaml", "tls-helm-values.yaml"])
 def test_istiod_config_sources_keep_k8s(fname):
     path = ISTIOD_DIR / fname
     doc = one(load_docs(path), "IstioOperator") if fname == "istio-operator.yaml" else load_docs(path)[0]
@@ -471,3 +472,57 @@ def test_dockerfile_final_stage_runs_non_root():
 def test_dockerignore_excludes_target_and_git():
     entries = {l.strip().rstrip("/") for l in (REPO / ".dockerignore").read_text().splitlines()}
     assert {"target", ".git"} <= entries
+
+
+# ---------------------------------------------------------------------------------------------- TLS component
+
+TLS_COMPONENT = DEPLOY / "tls"  # an optional kustomize component (cert-manager Certificate, a patch)
+
+
+def rendered_with_tls(tmp_path: Path) -> list[dict]:
+    """`kustomize build` of deploy/ with `components: [tls]` added, as the README says to enable it."""
+    import os
+    import shutil
+    import subprocess
+
+    copy_of = tmp_path / "deploy"
+    shutil.copytree(DEPLOY, copy_of)
+    kust = copy_of / "kustomization.yaml"
+    kust.write_text(kust.read_text() + "components:\n- tls\n")
+    out = subprocess.run([os.environ["KUSTOMIZE"], "build", str(copy_of)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, f"kustomize build with the tls component failed:\n{out.stderr}"
+    return [d for d in yaml.safe_load_all(out.stdout) if d is not None]
+
+
+def test_tls_component_mounts_the_certificate_secret(tmp_path: Path):
+    docs = rendered_with_tls(tmp_path)
+    cert = one(docs, "Certificate", "cloudmap-xds-tls")
+    assert cert["apiVersion"] == "cert-manager.io/v1"
+    assert cert["metadata"]["namespace"] == NAMESPACE
+    svc = one(docs, "Service", NAME)
+    assert f"{svc['metadata']['name']}.{NAMESPACE}.svc" in cert["spec"]["dnsNames"]
+    deploy = one(docs, "Deployment", NAME)
+    for version in K8S_VERSIONS:
+        validate_strict(deploy, version)
+    spec = deploy["spec"]["template"]["spec"]
+    volume = next(v for v in spec["volumes"] if v["name"] == "tls")
+    assert volume["secret"]["secretName"] == cert["spec"]["secretName"]
+    mount = next(m for m in container(deploy)["volumeMounts"] if m["name"] == "tls")
+    assert "subPath" not in mount, "a subPath mount never sees the renewed files"
+    assert mount["mountPath"] == TLS_DIR, "the same path as the Helm chart's TLS values"
+    env = {e["name"]: e.get("value") for e in container(deploy)["env"]}
+    assert env["CLOUDMAP_XDS_TLS_CERT_FILE"] == f"{mount['mountPath']}/tls.crt"
+    assert env["CLOUDMAP_XDS_TLS_KEY_FILE"] == f"{mount['mountPath']}/tls.key"
+    # The component changes nothing else: still every manifest of the plain build.
+    assert {d["kind"] for d in docs} == EXPECTED_KINDS | {"Certificate"}
+
+
+def test_tls_istiod_values_verify_the_certificate_name():
+    doc = load_docs(ISTIOD_DIR / "tls-helm-values.yaml")[0]
+    source = next(s for s in doc["meshConfig"]["configSources"] if s["address"] == XDS_ADDRESS)
+    tls = source["tlsSettings"]
+    assert tls["mode"] == "SIMPLE", "istiod implements only SIMPLE for config sources"
+    assert "BEGIN CERTIFICATE" in tls["caCertificates"], "in Istio 1.26 caCertificates is the PEM text itself"
+    cert = one(load_docs(TLS_COMPONENT / "certificate.yaml"), "Certificate")
+    assert tls["sni"] in cert["spec"]["dnsNames"]

@@ -154,6 +154,16 @@ impl Istiod {
     /// Spawns istiod in `work_dir` (its log is `work_dir/istiod.log`). The sources must
     /// already listen: istiod exits at once (255) when a source refuses the connection.
     pub fn spawn(bin: &IstiodBin, work_dir: &Path, sources: &[SocketAddr]) -> Istiod {
+        Self::spawn_with_env(bin, work_dir, sources, &[])
+    }
+
+    /// [`Istiod::spawn`] with environment for `scripts/run-istiod.sh` (e.g. `ISTIOD_XDS_CA_FILE`).
+    pub fn spawn_with_env(
+        bin: &IstiodBin,
+        work_dir: &Path,
+        sources: &[SocketAddr],
+        envs: &[(&str, &str)],
+    ) -> Istiod {
         let (grpc, http, monitoring) = (
             cloudmap_xds::test_helpers::free_port(),
             cloudmap_xds::test_helpers::free_port(),
@@ -167,6 +177,7 @@ impl Istiod {
             .arg(work_dir.join("istiod"))
             .arg(sources.join(","))
             .args([grpc, http, monitoring].map(|p| p.to_string()))
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
@@ -423,6 +434,40 @@ impl ServerProcess {
     /// SIGKILL: no drain, connections die as in a crash.
     pub fn kill(&mut self) {
         kill(&mut self.child);
+    }
+
+    /// The process id, e.g. for `/proc/<pid>/status`.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Sends a signal by name (`TERM`, `USR1`, ...).
+    pub fn signal(&self, name: &str) {
+        let sent = Command::new("kill").args([format!("-{name}"), self.pid().to_string()]).status().unwrap();
+        assert!(sent.success(), "kill -{name} failed");
+    }
+
+    /// Waits up to `deadline` for the process to exit, and returns how it did.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> std::process::ExitStatus {
+        let until = Instant::now() + deadline;
+        loop {
+            if let Some(status) = self.child.as_mut().expect("running").try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < until, "cloudmap-xds did not exit within {deadline:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
     /// Starts the same command again on the same ports (after [`ServerProcess::kill`]).

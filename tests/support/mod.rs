@@ -7,7 +7,9 @@
 //! helpers, hence the `dead_code` allowance.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod certs;
 pub mod fault_proxy;
+pub mod h2_relay;
 pub mod istiod;
 pub mod moto;
 pub mod se_validate;

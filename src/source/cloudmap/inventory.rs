@@ -11,7 +11,10 @@
 //!   service (exponential backoff); the others go on;
 //! - a service disappears only when a successful listing no longer contains it,
 //!   and a listing that would remove more than `mass_removal_threshold` of all
-//!   services at once is held until the next successful listing confirms it;
+//!   services at once is held: the services stay served until listings have
+//!   confirmed their absence for at least `mass_removal_confirm_after` (see
+//!   [`RemovalGuard`]); a fresh start whose first listing finds no service at
+//!   all waits for the same confirmation before its first sync completes;
 //! - `DiscoverInstancesRevision` skips unchanged services ("changed if different",
 //!   never "newer if greater"), and every service is also read in full once per
 //!   `full_refresh_interval` (phases spread evenly, so there is no burst), which
@@ -56,6 +59,8 @@ pub struct Config {
     pub full_refresh_interval: Duration,
     /// Share (0..=1) of all services one listing may remove without confirmation.
     pub mass_removal_threshold: f64,
+    /// How long listings must keep confirming a held mass removal before it applies.
+    pub mass_removal_confirm_after: Duration,
     pub filter: NameFilter,
 }
 
@@ -108,8 +113,10 @@ pub struct Listing {
 pub struct ListingReport {
     pub added: Vec<ServiceKey>,
     pub removed: Vec<ServiceKey>,
-    /// Removals held until the next listing confirms them.
+    /// Removals this listing started to hold (see [`RemovalGuard`]).
     pub held: Vec<ServiceKey>,
+    /// Held removals that listings no longer confirm: the services are listed again.
+    pub released: Vec<ServiceKey>,
     pub failed_namespaces: usize,
     pub failed: bool,
 }
@@ -178,7 +185,7 @@ pub struct Inventory {
     rng: fastrand::Rng,
     namespaces: BTreeMap<String, NamespaceState>,
     services: BTreeMap<ServiceKey, ServiceState>,
-    held: BTreeSet<ServiceKey>,
+    guard: RemovalGuard,
     listed_once: bool,
     listing_failures: u32,
     next_listing: Instant,
@@ -199,12 +206,13 @@ pub struct Inventory {
 impl Inventory {
     /// A fresh inventory: the first poll lists and reads everything.
     pub fn new(config: Config, now: Instant, seed: u64) -> Self {
+        let guard = RemovalGuard::new(config.mass_removal_threshold, config.mass_removal_confirm_after);
         Inventory {
             config,
             rng: fastrand::Rng::with_seed(seed),
             namespaces: BTreeMap::new(),
             services: BTreeMap::new(),
-            held: BTreeSet::new(),
+            guard,
             listed_once: false,
             listing_failures: 0,
             next_listing: now,
@@ -236,6 +244,11 @@ impl Inventory {
 
     pub fn service_count(&self) -> usize {
         self.services.len()
+    }
+
+    /// Services missing from listings but still served: a mass removal awaiting confirmation.
+    pub fn held_count(&self) -> usize {
+        self.guard.held_count()
     }
 
     /// Services read at least once: instances, and attributes settled.
@@ -336,6 +349,7 @@ impl Inventory {
             .filter(|(key, s)| !present.contains_key(*key) && !failed_namespaces.contains(&s.namespace_id))
             .map(|(key, _)| key.clone())
             .collect();
+        let listed: BTreeSet<ServiceKey> = present.keys().cloned().collect();
         // A same-named service of another namespace must not take over one whose own
         // namespace failed to list: the failure keeps the last good state.
         present.retain(|key, (ns, _)| {
@@ -346,38 +360,46 @@ impl Inventory {
         for (key, (ns, svc)) in present {
             self.upsert(key, ns, svc, &mut report);
         }
-        let (confirmed, fresh): (Vec<_>, Vec<_>) = missing.into_iter().partition(|k| self.held.contains(k));
-        let returned = self.held.len() - confirmed.len();
-        if returned > 0 {
-            info!(services = returned, "held removals not confirmed: the services are listed again");
+        let review = self.guard.review(missing, &listed, known_before, now.instant);
+        if !review.released.is_empty() {
+            info!(
+                services = review.released.len(),
+                "held removals not confirmed: the services are listed again"
+            );
         }
-        report.removed = confirmed;
-        #[allow(clippy::cast_precision_loss)] // service counts are far below 2^52
-        let mass = !fresh.is_empty()
-            && fresh.len() as f64 > self.config.mass_removal_threshold * known_before as f64;
-        if mass {
+        if !review.newly_held.is_empty() {
             warn!(
-                removing = fresh.len(),
+                removing = review.newly_held.len(),
                 of = known_before,
                 threshold = self.config.mass_removal_threshold,
-                first = ?fresh.first(),
-                "listing would remove too many services at once; holding the removal until the next listing confirms it"
+                confirm_after = ?self.config.mass_removal_confirm_after,
+                first = ?review.newly_held.first(),
+                "listing would remove too many services at once; they stay served until listings confirm it for --mass-removal-confirm-after"
+            );
+        }
+        if let Some(oldest) = self.guard.oldest_hold() {
+            let held_for = now.instant.saturating_duration_since(oldest);
+            let remove_in = self.config.mass_removal_confirm_after.saturating_sub(held_for);
+            warn!(
+                held = self.guard.held_count(),
+                held_for = ?held_for,
+                remove_in = ?remove_in,
+                "mass removal held: services missing from Cloud Map listings are still served until confirmed"
             );
             self.last_error = Some((
                 format!(
-                    "a listing would remove {} of {known_before} services at once (more than --mass-removal-threshold {}); \
-                     held until the next listing confirms it",
-                    fresh.len(),
-                    self.config.mass_removal_threshold
+                    "a mass removal is held: {} services missing from listings (more than --mass-removal-threshold {} at once) \
+                     stay served until listings confirm it for --mass-removal-confirm-after {}",
+                    self.guard.held_count(),
+                    self.config.mass_removal_threshold,
+                    humantime::format_duration(self.config.mass_removal_confirm_after),
                 ),
                 now.wall,
             ));
-            self.held = fresh.iter().cloned().collect();
-            report.held = fresh;
-        } else {
-            self.held.clear();
-            report.removed.extend(fresh);
         }
+        report.held = review.newly_held;
+        report.released = review.released;
+        report.removed = review.remove;
         for key in &report.removed {
             self.services.remove(key);
             info!(namespace = %key.0, service = %key.1, "service no longer listed; removed");
@@ -385,13 +407,21 @@ impl Inventory {
         if !report.removed.is_empty() {
             self.dirty = true;
         }
+        if !self.listed_once {
+            self.guard.first_listing(self.services.len(), now.instant);
+        } else if self.guard.awaiting_first_confirmation() {
+            self.guard.confirm_first_listing(self.services.len(), now.instant);
+        }
+        if self.guard.awaiting_first_confirmation() {
+            warn!(
+                confirm_after = ?self.config.mass_removal_confirm_after,
+                "the first Cloud Map listing found no service at all; the first sync waits until listings confirm it for --mass-removal-confirm-after"
+            );
+        }
         self.listed_once = true;
-        self.next_listing = if self.held.is_empty() {
-            now.instant + self.jitter(self.config.list_interval)
-        } else {
-            // Confirm (or release) the held removal at the next poll.
-            now.instant
-        };
+        let regular = now.instant + self.jitter(self.config.list_interval);
+        // A hold is confirmed (or released) by the first listing at or after its deadline.
+        self.next_listing = self.guard.next_deadline().map_or(regular, |deadline| regular.min(deadline));
         report
     }
 
@@ -612,6 +642,7 @@ impl Inventory {
         let mut summary = PollSummary::default();
         let cycle = self.cycle;
         let complete = self.listed_once
+            && !self.guard.awaiting_first_confirmation()
             && self.namespaces.values().all(|n| n.listed)
             && self.services.values().all(|s| s.read_in_cycle == Some(cycle))
             && self.attributes_settled();
@@ -718,6 +749,126 @@ impl Inventory {
 
     fn jitter(&mut self, d: Duration) -> Duration {
         d.mul_f64(1.0 + JITTER * (2.0 * self.rng.f64() - 1.0))
+    }
+}
+
+/// Holds mass removals until listings have confirmed them for long enough.
+///
+/// A successful listing that misses more than `threshold` of all known services
+/// at once starts a hold: those services stay served, and each is removed only
+/// by a listing at least `confirm_after` after the one that first missed it
+/// (`0s`: the next listing). A service listed again is released from the hold.
+/// While a hold is active every listing is suspect, so services it newly misses
+/// join the hold instead of being removed at once.
+///
+/// A fresh start has no previous state to compare with. Its first listing is
+/// guarded only when it finds no service at all (what an anomaly hiding
+/// everything looks like): the first sync then waits until listings have
+/// confirmed the empty registry for `confirm_after`, so the replica stays
+/// unready and serves nothing in the meantime.
+#[derive(Debug, Clone)]
+struct RemovalGuard {
+    threshold: f64,
+    confirm_after: Duration,
+    /// Held services, with when a listing first missed each.
+    held: BTreeMap<ServiceKey, Instant>,
+    /// Since when the (empty) first listing awaits confirmation.
+    empty_first_listing: Option<Instant>,
+}
+
+/// What one listing does to the known services.
+#[derive(Debug, Default)]
+struct Review {
+    remove: Vec<ServiceKey>,
+    newly_held: Vec<ServiceKey>,
+    released: Vec<ServiceKey>,
+}
+
+impl RemovalGuard {
+    fn new(threshold: f64, confirm_after: Duration) -> Self {
+        RemovalGuard { threshold, confirm_after, held: BTreeMap::new(), empty_first_listing: None }
+    }
+
+    fn confirmed(&self, since: Instant, now: Instant) -> bool {
+        now.saturating_duration_since(since) >= self.confirm_after
+    }
+
+    /// `missing`: known services a successful listing did not contain (those of
+    /// namespaces that failed to list excluded); `listed`: every service it
+    /// contained; `known`: services known before it.
+    fn review(
+        &mut self,
+        missing: BTreeSet<ServiceKey>,
+        listed: &BTreeSet<ServiceKey>,
+        known: usize,
+        now: Instant,
+    ) -> Review {
+        let mut review = Review::default();
+        self.held.retain(|key, _| {
+            let back = listed.contains(key);
+            if back {
+                review.released.push(key.clone());
+            }
+            !back
+        });
+        let mut fresh = Vec::new();
+        for key in missing {
+            match self.held.get(&key) {
+                Some(&since) if self.confirmed(since, now) => {
+                    self.held.remove(&key);
+                    review.remove.push(key);
+                }
+                Some(_) => {}
+                None => fresh.push(key),
+            }
+        }
+        #[allow(clippy::cast_precision_loss)] // service counts are far below 2^52
+        let mass = fresh.len() as f64 > self.threshold * known as f64;
+        if !fresh.is_empty() && (mass || !self.held.is_empty()) {
+            self.held.extend(fresh.iter().map(|key| (key.clone(), now)));
+            review.newly_held = fresh;
+        } else {
+            review.remove.extend(fresh);
+        }
+        review
+    }
+
+    /// The first successful listing of a fresh start found `services` services.
+    fn first_listing(&mut self, services: usize, now: Instant) {
+        if services == 0 {
+            self.empty_first_listing = Some(now);
+        }
+    }
+
+    /// A later listing found `services` services: any confirms the registry is not
+    /// empty; none, `confirm_after` after the first listing, confirms that it is.
+    fn confirm_first_listing(&mut self, services: usize, now: Instant) {
+        if let Some(since) = self.empty_first_listing
+            && (services > 0 || self.confirmed(since, now))
+        {
+            self.empty_first_listing = None;
+        }
+    }
+
+    fn awaiting_first_confirmation(&self) -> bool {
+        self.empty_first_listing.is_some()
+    }
+
+    fn held_count(&self) -> usize {
+        self.held.len()
+    }
+
+    fn oldest_hold(&self) -> Option<Instant> {
+        self.held.values().min().copied()
+    }
+
+    /// When the next listing can confirm a hold.
+    fn next_deadline(&self) -> Option<Instant> {
+        self.oldest_hold()
+            .into_iter()
+            .chain(self.empty_first_listing)
+            .min()
+            .map(|since| since + self.confirm_after)
     }
 }
 

@@ -357,6 +357,8 @@ impl<A: CloudMapApi> Poller<A> {
                     Ok(l) => l.services.values().for_each(|n| self.window.note(&n.result)),
                 }
                 let report = self.inventory.apply_listing(listing, Now::current());
+                let held = i64::try_from(self.inventory.held_count()).unwrap_or(i64::MAX);
+                self.caller.metrics.mass_removal_held.set(held);
                 if !report.added.is_empty() || !report.removed.is_empty() {
                     info!(
                         added = report.added.len(),

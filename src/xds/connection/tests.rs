@@ -108,11 +108,18 @@ fn nack_is_counted_and_nothing_is_resent() {
     nack.version_info = String::new();
     nack.error_detail = Some(Status { code: 3, message: "bad port".into(), details: vec![] });
     let out = conn.handle_request(&nack, &snap);
-    assert_eq!(out, Outcome { kind: RequestKind::Nack { error: "bad port".into() }, response: None });
+    assert_eq!(
+        out,
+        Outcome { kind: RequestKind::Nack { error: "bad port".into(), repeated: false }, response: None }
+    );
     let state = &conn.types()[SE_V1];
     assert_eq!((state.nacks, state.acks), (1, 0));
     assert_eq!(state.last_nack_error.as_deref(), Some("bad port"));
     assert_eq!(state.last_version_acked, "");
+    // The same response NACKed again (a client NACKing in a loop) is counted and marked repeated, for quieter logs.
+    let out = conn.handle_request(&nack, &snap);
+    assert_eq!(out.kind, RequestKind::Nack { error: "bad port".into(), repeated: true });
+    assert_eq!(conn.types()[SE_V1].nacks, 2);
     // A later snapshot still flows after a NACK.
     assert_eq!(conn.handle_snapshot(&snapshot(&["10.0.0.2"])).len(), 1);
 }
@@ -170,4 +177,20 @@ fn requests_without_type_are_invalid() {
     let mut conn = Connection::new();
     assert_eq!(conn.handle_request(&DiscoveryRequest::default(), &snapshot(&[])).kind, RequestKind::Invalid);
     assert!(conn.types().is_empty());
+}
+
+#[test]
+fn a_stream_asking_for_too_many_type_urls_is_refused() {
+    let snap = snapshot(&["10.0.0.1"]);
+    let mut conn = Connection::new();
+    for n in 0..MAX_TYPE_URLS_PER_STREAM {
+        let out = conn.handle_request(&initial(&format!("example.com/v1/Kind{n}"), n == 0), &snap);
+        assert_eq!(out.kind, RequestKind::Initial);
+    }
+    let out = conn.handle_request(&initial("example.com/v1/OneTooMany", false), &snap);
+    assert_eq!(out, Outcome { kind: RequestKind::TooManyTypes, response: None });
+    assert_eq!(conn.types().len(), MAX_TYPE_URLS_PER_STREAM);
+    // Types already asked for still work.
+    let again = initial("example.com/v1/Kind0", false);
+    assert_eq!(conn.handle_request(&again, &snap).kind, RequestKind::Stale);
 }

@@ -9,6 +9,7 @@ const POLL: Duration = Duration::from_secs(5);
 /// Out of the way unless a test is about the full refresh.
 const FULL: Duration = Duration::from_secs(3600);
 const LIST: Duration = Duration::from_secs(60);
+const CONFIRM: Duration = Duration::from_secs(300);
 
 struct Clock {
     start: Instant,
@@ -32,6 +33,7 @@ fn config() -> Config {
         list_interval: LIST,
         full_refresh_interval: FULL,
         mass_removal_threshold: 0.5,
+        mass_removal_confirm_after: CONFIRM,
         filter: NameFilter::default(),
     }
 }
@@ -390,22 +392,31 @@ fn one_failing_service_does_not_block_the_others_and_backs_off() {
 }
 
 #[test]
-fn a_mass_removal_is_held_until_the_next_listing_confirms_it() {
+fn a_mass_removal_is_held_until_listings_confirm_it_for_the_confirm_period() {
     let clock = Clock::new();
     let names = ["a", "b", "c", "d", "e", "f"];
     let mut inv = synced(&clock, &names);
-    // Four of six vanish at once: held, still served, and the next poll lists again.
+    // Four of six vanish at once: held and still served.
     let report = inv.apply_listing(Ok(listing(&["a", "b"])), clock.at(60.0));
-    assert_eq!(report.held.len(), 4);
+    assert_eq!(report.held, vec![key("c"), key("d"), key("e"), key("f")]);
     assert!(report.removed.is_empty());
+    assert_eq!(inv.held_count(), 4);
     assert_eq!(served(&inv).len(), 6);
-    assert!(inv.last_error().unwrap().0.starts_with("a listing would remove 4 of 6 services at once"));
-    assert!(inv.listing_due(clock.at(65.0).instant));
-    // Confirmed by the next successful listing: removed.
-    let report = inv.apply_listing(Ok(listing(&["a", "b"])), clock.at(65.0));
+    assert!(inv.last_error().unwrap().0.starts_with("a mass removal is held: 4 services missing"));
+    // Listings keep their pace; each one that still misses them only extends the hold.
+    assert!(!inv.listing_due(clock.at(100.0).instant));
+    for t in [120.0, 180.0, 240.0, 300.0] {
+        assert!(inv.listing_due(clock.at(t + 6.0).instant), "listed again by {t}+jitter");
+        let report = inv.apply_listing(Ok(listing(&["a", "b"])), clock.at(t));
+        assert!(report.removed.is_empty() && report.held.is_empty(), "at {t}: {report:?}");
+        assert_eq!(served(&inv).len(), 6, "at {t}");
+    }
+    // The listing at the end of the confirm period (60 + 300 s) is scheduled for then, and removes them.
+    assert!(inv.listing_due(clock.at(360.0).instant));
+    let report = inv.apply_listing(Ok(listing(&["a", "b"])), clock.at(360.0));
     assert_eq!(report.removed, vec![key("c"), key("d"), key("e"), key("f")]);
+    assert_eq!(inv.held_count(), 0);
     assert_eq!(served(&inv), ["shop/a:1", "shop/b:1"]);
-    assert!(!inv.listing_due(clock.at(70.0).instant));
 }
 
 #[test]
@@ -418,9 +429,125 @@ fn a_held_removal_is_released_when_the_services_come_back() {
     // A listing failure in between confirms nothing.
     assert!(inv.apply_listing(Err(err(ErrorKind::Timeout)), clock.at(65.0)).failed);
     assert_eq!(served(&inv).len(), 4);
-    let report = inv.apply_listing(Ok(listing(&names)), clock.at(70.0));
+    // Two come back: released; the other two stay held from the first miss.
+    let report = inv.apply_listing(Ok(listing(&["a", "b"])), clock.at(120.0));
+    assert_eq!(report.released, vec![key("a"), key("b")]);
+    assert!(report.removed.is_empty());
+    assert_eq!(inv.held_count(), 2);
+    let report = inv.apply_listing(Ok(listing(&names)), clock.at(200.0));
+    assert_eq!(report.released, vec![key("c"), key("d")]);
     assert!(report.removed.is_empty() && report.held.is_empty());
+    assert_eq!(inv.held_count(), 0);
     assert_eq!(served(&inv).len(), 4);
+    // Released means forgotten: a later mass removal starts a new full period.
+    inv.apply_listing(Ok(listing(&[])), clock.at(400.0));
+    let report = inv.apply_listing(Ok(listing(&[])), clock.at(650.0));
+    assert!(report.removed.is_empty(), "{report:?}");
+    let report = inv.apply_listing(Ok(listing(&[])), clock.at(700.0));
+    assert_eq!(report.removed.len(), 4);
+}
+
+#[test]
+fn a_held_service_whose_namespace_fails_to_list_stays_held() {
+    let clock = Clock::new();
+    let mut inv = Inventory::new(config(), clock.start, 3);
+    let both = [("ns-1", "shop", &["a", "b"][..]), ("ns-2", "pay", &["c", "d"][..])];
+    inv.apply_listing(Ok(listing_of(&both)), clock.at(0.0));
+    for t in inv.plan_next_poll(clock.at(0.0).instant).discover {
+        inv.apply_instances(&t.key, Ok(discovered(&["10.0.0.1"], 1)), clock.at(0.0));
+    }
+    assert!(inv.finish_poll(clock.at(0.0)).initial_sync);
+    // Three of four vanish: held.
+    let report =
+        inv.apply_listing(Ok(listing_of(&[("ns-1", "shop", &["a"]), ("ns-2", "pay", &[])])), clock.at(10.0));
+    assert_eq!(report.held.len(), 3);
+    // At the deadline ns-2 fails to list: its services are neither confirmed nor released.
+    let mut partial = listing_of(&[("ns-1", "shop", &["a"]), ("ns-2", "pay", &[])]);
+    partial.services.get_mut("ns-2").unwrap().result = Err(err(ErrorKind::Other));
+    let report = inv.apply_listing(Ok(partial), clock.at(310.0));
+    assert_eq!(report.removed, vec![key("b")]);
+    assert_eq!(inv.held_count(), 2);
+    let report =
+        inv.apply_listing(Ok(listing_of(&[("ns-1", "shop", &["a"]), ("ns-2", "pay", &[])])), clock.at(320.0));
+    assert_eq!(report.removed, vec![("pay".to_owned(), "c".to_owned()), ("pay".to_owned(), "d".to_owned())]);
+}
+
+#[test]
+fn services_missed_during_a_hold_join_it() {
+    let clock = Clock::new();
+    let names = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"];
+    let mut inv = synced(&clock, &names);
+    let report = inv.apply_listing(Ok(listing(&["a", "b", "c", "d"])), clock.at(60.0));
+    assert_eq!(report.held.len(), 6);
+    // One more goes missing: on its own it is a small removal, but the listings are suspect.
+    let report = inv.apply_listing(Ok(listing(&["a", "b", "c"])), clock.at(120.0));
+    assert_eq!(report.held, vec![key("d")]);
+    assert!(report.removed.is_empty());
+    // Each is removed a full period after its own first miss.
+    let report = inv.apply_listing(Ok(listing(&["a", "b", "c"])), clock.at(360.0));
+    assert_eq!(report.removed.len(), 6);
+    assert_eq!(inv.held_count(), 1);
+    assert!(inv.listing_due(clock.at(420.0).instant));
+    let report = inv.apply_listing(Ok(listing(&["a", "b", "c"])), clock.at(420.0));
+    assert_eq!(report.removed, vec![key("d")]);
+    // With no hold active, a small removal applies at once again.
+    let report = inv.apply_listing(Ok(listing(&["a", "b"])), clock.at(480.0));
+    assert_eq!(report.removed, vec![key("c")]);
+}
+
+#[test]
+fn a_zero_confirm_period_lets_the_next_listing_confirm() {
+    let clock = Clock::new();
+    let config = Config { mass_removal_confirm_after: Duration::ZERO, ..config() };
+    let mut inv = Inventory::new(config, clock.start, 7);
+    inv.apply_listing(Ok(listing(&["a", "b", "c"])), clock.at(0.0));
+    for t in inv.plan_next_poll(clock.at(0.0).instant).discover {
+        inv.apply_instances(&t.key, Ok(discovered(&["10.0.0.1"], 1)), clock.at(0.0));
+    }
+    assert!(inv.finish_poll(clock.at(0.0)).initial_sync);
+    assert_eq!(inv.apply_listing(Ok(listing(&[])), clock.at(60.0)).held.len(), 3);
+    assert!(inv.listing_due(clock.at(60.0).instant), "confirmed at the next poll");
+    assert_eq!(inv.apply_listing(Ok(listing(&[])), clock.at(65.0)).removed.len(), 3);
+}
+
+#[test]
+fn an_empty_first_listing_waits_for_confirmation_before_the_first_sync() {
+    let clock = Clock::new();
+    let mut inv = Inventory::new(config(), clock.start, 9);
+    inv.apply_listing(Ok(listing(&[])), clock.at(0.0));
+    assert!(!inv.finish_poll(clock.at(0.1)).initial_sync, "nothing to compare with: not trusted yet");
+    assert!(!inv.synced());
+    assert!(!inv.listing_due(clock.at(50.0).instant));
+    inv.apply_listing(Ok(listing(&[])), clock.at(60.0));
+    assert!(!inv.finish_poll(clock.at(60.1)).initial_sync);
+    // Still empty at the end of the confirm period: an empty registry it is.
+    assert!(inv.listing_due(clock.at(300.0).instant));
+    inv.apply_listing(Ok(listing(&[])), clock.at(300.0));
+    assert!(inv.finish_poll(clock.at(300.1)).initial_sync);
+    assert_eq!(inv.registry_update().map(|r| r.services.len()), Some(0));
+}
+
+#[test]
+fn an_empty_first_listing_is_released_by_one_that_finds_services() {
+    let clock = Clock::new();
+    let mut inv = Inventory::new(config(), clock.start, 9);
+    // Namespaces listed, but no services in any: as an anomaly hiding everything would look.
+    inv.apply_listing(Ok(listing_of(&[("ns-1", "shop", &[]), ("ns-2", "pay", &[])])), clock.at(0.0));
+    assert!(!inv.finish_poll(clock.at(0.1)).initial_sync);
+    inv.apply_listing(Ok(listing(&["a"])), clock.at(60.0));
+    for t in inv.plan_next_poll(clock.at(60.0).instant).discover {
+        inv.apply_instances(&t.key, Ok(discovered(&["10.0.0.1"], 1)), clock.at(60.1));
+    }
+    assert!(inv.finish_poll(clock.at(60.2)).initial_sync);
+    assert_eq!(served(&inv), ["shop/a:1"]);
+}
+
+#[test]
+fn a_non_empty_first_listing_is_trusted() {
+    // No previous state: a partial but non-empty first listing cannot be told from a small registry.
+    let clock = Clock::new();
+    let inv = synced(&clock, &["a"]);
+    assert!(inv.synced());
 }
 
 #[test]

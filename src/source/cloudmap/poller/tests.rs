@@ -206,8 +206,9 @@ fn run_with_timeout(fake: FakeCloudMap, args: &Settings, call_timeout: Duration)
     let fake = Arc::new(fake);
     let metrics = Metrics::unregistered();
     let (shutdown, rx) = watch::channel(false);
-    let view =
+    let (view, poller) =
         start_with_api(fake.clone(), "fake".into(), args, NameFilter::default(), &metrics, call_timeout, rx);
+    tokio::spawn(poller);
     Running { fake, view, metrics, _shutdown: shutdown }
 }
 
