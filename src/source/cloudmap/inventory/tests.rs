@@ -456,6 +456,7 @@ fn a_held_service_whose_namespace_fails_to_list_stays_held() {
     for t in inv.plan_next_poll(clock.at(0.0).instant).discover {
         inv.apply_instances(&t.key, Ok(discovered(&["10.0.0.1"], 1)), clock.at(0.0));
     }
+    read_attributes(&mut inv, clock.at(0.0));
     assert!(inv.finish_poll(clock.at(0.0)).initial_sync);
     // Three of four vanish: held.
     let report =
@@ -504,6 +505,7 @@ fn a_zero_confirm_period_lets_the_next_listing_confirm() {
     for t in inv.plan_next_poll(clock.at(0.0).instant).discover {
         inv.apply_instances(&t.key, Ok(discovered(&["10.0.0.1"], 1)), clock.at(0.0));
     }
+    read_attributes(&mut inv, clock.at(0.0));
     assert!(inv.finish_poll(clock.at(0.0)).initial_sync);
     assert_eq!(inv.apply_listing(Ok(listing(&[])), clock.at(60.0)).held.len(), 3);
     assert!(inv.listing_due(clock.at(60.0).instant), "confirmed at the next poll");
@@ -538,6 +540,7 @@ fn an_empty_first_listing_is_released_by_one_that_finds_services() {
     for t in inv.plan_next_poll(clock.at(60.0).instant).discover {
         inv.apply_instances(&t.key, Ok(discovered(&["10.0.0.1"], 1)), clock.at(60.1));
     }
+    read_attributes(&mut inv, clock.at(60.1));
     assert!(inv.finish_poll(clock.at(60.2)).initial_sync);
     assert_eq!(served(&inv), ["shop/a:1"]);
 }
