@@ -1,7 +1,6 @@
 //! Wiring: source → translate → snapshot → ADS/debug/admin servers, with a
 //! graceful drain. `build` binds every port first, so tests can use port 0.
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,13 +16,11 @@ use tracing::{error, info, warn};
 use crate::admin::{self, AdminState};
 use crate::config::ServeArgs;
 use crate::debug::DebugService;
-use crate::metrics::{Metrics, OutcomeLabels, ReasonLabels};
-use crate::model::Registry;
+use crate::metrics::{Metrics, OutcomeLabels};
 use crate::proto::cloudmap_xds::debug::v1::debug_server::DebugServer;
 use crate::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
-use crate::snapshot::{self, Publisher, Snapshot};
+use crate::snapshot::{self, Snapshot};
 use crate::source::{self, SourceView, registry_file};
-use crate::translate::{Options, Skipped, SkippedLabel};
 use crate::xds::{AdsServer, Clients};
 
 /// istiod's ADS client pings every 30 s and waits 10 s; we detect dead peers the same way.
@@ -59,7 +56,7 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
 
     let source_view = start_source(&args, &metrics, draining.clone()).await?;
     let (publisher, snapshots) = snapshot::channel();
-    tokio::spawn(build_snapshots(
+    tokio::spawn(snapshot::publish::run(
         source_view.registry.clone(),
         options,
         publisher,
@@ -155,70 +152,6 @@ async fn start_source(
             .await
             .context("starting the Cloud Map source"),
     }
-}
-
-/// Translates every new registry and publishes the snapshot when its content changed.
-async fn build_snapshots(
-    mut registries: watch::Receiver<Option<Arc<Registry>>>,
-    options: Options,
-    publisher: Publisher,
-    metrics: Metrics,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut builder = snapshot::Builder::new(options);
-    let mut logged_skips = BTreeSet::new();
-    let mut logged_labels = BTreeSet::new();
-    loop {
-        let registry = registries.borrow_and_update().clone();
-        if let Some(registry) = registry {
-            let started = Instant::now();
-            let snapshot = builder.build(&registry);
-            metrics.snapshot.build_duration.observe(started.elapsed().as_secs_f64());
-            log_new_skips(&snapshot.skipped, &mut logged_skips, builder.skipped_labels(), &mut logged_labels);
-            record_snapshot_metrics(&metrics, &snapshot, registry.services.len());
-            let (version, entries, endpoints) =
-                (snapshot.version.clone(), snapshot.resources.len(), snapshot.endpoints);
-            if publisher.publish(snapshot) {
-                metrics.snapshot.published.inc();
-                info!(%version, service_entries = entries, endpoints, "snapshot published");
-            }
-        }
-        tokio::select! {
-            changed = registries.changed() => if changed.is_err() { return },
-            _ = shutdown.wait_for(|d| *d) => return,
-        }
-    }
-}
-
-/// Logs each skipped instance and label once, not on every rebuild.
-fn log_new_skips<'a>(
-    skipped: &[Skipped],
-    logged: &mut BTreeSet<Skipped>,
-    labels: impl Iterator<Item = &'a SkippedLabel>,
-    logged_labels: &mut BTreeSet<SkippedLabel>,
-) {
-    for s in skipped.iter().filter(|s| !logged.contains(*s)) {
-        warn!(namespace = %s.namespace, service = %s.service, instance = s.instance.as_deref().unwrap_or("-"), reason = %s.reason, "instance skipped");
-    }
-    *logged = skipped.iter().cloned().collect();
-    let labels: BTreeSet<SkippedLabel> = labels.cloned().collect();
-    for l in labels.difference(logged_labels) {
-        warn!(namespace = %l.namespace, service = %l.service, key = %l.key, "custom attribute is not a valid label key/value; not used as a label");
-    }
-    *logged_labels = labels;
-}
-
-fn record_snapshot_metrics(metrics: &Metrics, snapshot: &Snapshot, services: usize) {
-    let m = &metrics.snapshot;
-    m.service_entries.set(i64::try_from(snapshot.resources.len()).unwrap_or(i64::MAX));
-    m.endpoints.set(i64::try_from(snapshot.endpoints).unwrap_or(i64::MAX));
-    m.skipped_labels.set(i64::try_from(snapshot.skipped_labels).unwrap_or(i64::MAX));
-    m.encoded_bytes.set(i64::try_from(snapshot.encoded_len()).unwrap_or(i64::MAX));
-    m.skipped_instances.clear();
-    for s in &snapshot.skipped {
-        m.skipped_instances.get_or_create(&ReasonLabels { reason: s.reason.kind() }).inc();
-    }
-    metrics.source.services.set(i64::try_from(services).unwrap_or(i64::MAX));
 }
 
 /// grpc.health.v1 says SERVING exactly when `/ready` does.

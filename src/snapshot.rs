@@ -5,6 +5,8 @@
 //! Snapshots travel on a `tokio::sync::watch`, so a burst of changes reaches a
 //! slow stream as its latest state, and an unchanged snapshot wakes nobody.
 
+pub mod publish;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;

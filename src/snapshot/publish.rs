@@ -1,0 +1,80 @@
+//! The snapshot stage's loop: every new registry from the source becomes a
+//! snapshot, published when its content changed, with its skips logged once and
+//! its figures recorded as metrics.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::{Builder, Publisher, Snapshot};
+use crate::metrics::{Metrics, ReasonLabels};
+use crate::model::Registry;
+use crate::translate::{Options, Skipped, SkippedLabel};
+
+/// Translates every new registry and publishes the snapshot when its content changed,
+/// until `shutdown` fires or the source goes away.
+pub async fn run(
+    mut registries: watch::Receiver<Option<Arc<Registry>>>,
+    options: Options,
+    publisher: Publisher,
+    metrics: Metrics,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut builder = Builder::new(options);
+    let mut logged_skips = BTreeSet::new();
+    let mut logged_labels = BTreeSet::new();
+    loop {
+        let registry = registries.borrow_and_update().clone();
+        if let Some(registry) = registry {
+            let started = Instant::now();
+            let snapshot = builder.build(&registry);
+            metrics.snapshot.build_duration.observe(started.elapsed().as_secs_f64());
+            log_new_skips(&snapshot.skipped, &mut logged_skips, builder.skipped_labels(), &mut logged_labels);
+            record_snapshot_metrics(&metrics, &snapshot, registry.services.len());
+            let (version, entries, endpoints) =
+                (snapshot.version.clone(), snapshot.resources.len(), snapshot.endpoints);
+            if publisher.publish(snapshot) {
+                metrics.snapshot.published.inc();
+                info!(%version, service_entries = entries, endpoints, "snapshot published");
+            }
+        }
+        tokio::select! {
+            changed = registries.changed() => if changed.is_err() { return },
+            _ = shutdown.wait_for(|d| *d) => return,
+        }
+    }
+}
+
+/// Logs each skipped instance and label once, not on every rebuild.
+fn log_new_skips<'a>(
+    skipped: &[Skipped],
+    logged: &mut BTreeSet<Skipped>,
+    labels: impl Iterator<Item = &'a SkippedLabel>,
+    logged_labels: &mut BTreeSet<SkippedLabel>,
+) {
+    for s in skipped.iter().filter(|s| !logged.contains(*s)) {
+        warn!(namespace = %s.namespace, service = %s.service, instance = s.instance.as_deref().unwrap_or("-"), reason = %s.reason, "instance skipped");
+    }
+    *logged = skipped.iter().cloned().collect();
+    let labels: BTreeSet<SkippedLabel> = labels.cloned().collect();
+    for l in labels.difference(logged_labels) {
+        warn!(namespace = %l.namespace, service = %l.service, key = %l.key, "custom attribute is not a valid label key/value; not used as a label");
+    }
+    *logged_labels = labels;
+}
+
+fn record_snapshot_metrics(metrics: &Metrics, snapshot: &Snapshot, services: usize) {
+    let m = &metrics.snapshot;
+    m.service_entries.set(i64::try_from(snapshot.resources.len()).unwrap_or(i64::MAX));
+    m.endpoints.set(i64::try_from(snapshot.endpoints).unwrap_or(i64::MAX));
+    m.skipped_labels.set(i64::try_from(snapshot.skipped_labels).unwrap_or(i64::MAX));
+    m.encoded_bytes.set(i64::try_from(snapshot.encoded_len()).unwrap_or(i64::MAX));
+    m.skipped_instances.clear();
+    for s in &snapshot.skipped {
+        m.skipped_instances.get_or_create(&ReasonLabels { reason: s.reason.kind() }).inc();
+    }
+    metrics.source.services.set(i64::try_from(services).unwrap_or(i64::MAX));
+}
