@@ -18,10 +18,9 @@ use crate::config::ServeArgs;
 use crate::debug::DebugService;
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::proto::cloudmap_xds::debug::v1::debug_server::DebugServer;
-use crate::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use crate::snapshot::{self, Snapshot};
 use crate::source::{self, SourceView, registry_file};
-use crate::xds::{AdsServer, Clients};
+use crate::xds::{AdsServer, AdsService, Clients};
 
 /// istiod's ADS client pings every 30 s and waits 10 s; we detect dead peers the same way.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -93,10 +92,7 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .tcp_nodelay(true)
-            .add_service(
-                // Responses carry the whole set; requests keep tonic's 4 MiB limit (istiod's are a few KB).
-                AggregatedDiscoveryServiceServer::new(ads).max_encoding_message_size(usize::MAX),
-            )
+            .add_service(AdsService::new(ads))
             .add_service(DebugServer::new(debug).max_encoding_message_size(usize::MAX))
             .add_service(health_service)
             .add_service(reflection_v1)
@@ -142,10 +138,14 @@ async fn start_source(
         Some(path) => {
             let (sink, view) = source::channel(format!("registry-file:{}", path.display()));
             let started = Instant::now();
-            let text = registry_file::start(path, &sink)?;
+            let (path, source_metrics) = (path.clone(), metrics.source.clone());
+            let watcher =
+                tokio::task::spawn_blocking(move || registry_file::start(&path, sink, source_metrics))
+                    .await
+                    .context("loading the registry file")??;
             metrics.source.load_duration.observe(started.elapsed().as_secs_f64());
             metrics.source.loads.get_or_create(&OutcomeLabels { outcome: "success" }).inc();
-            tokio::spawn(registry_file::watch(path.clone(), sink, text, metrics.source.clone(), shutdown));
+            tokio::spawn(registry_file::watch(watcher, shutdown));
             Ok(view)
         }
         None => source::cloudmap::start(&args.cloudmap, metrics, shutdown)

@@ -56,6 +56,10 @@ pub struct Snapshot {
     pub skipped: Vec<Skipped>,
     pub skipped_labels: usize,
     pub built_at: SystemTime,
+    /// Bytes the resources take as the repeated `resources` field of a
+    /// `DiscoveryResponse` (keys and lengths included), so a response knows its
+    /// size without walking them.
+    resources_field_len: usize,
 }
 
 impl Snapshot {
@@ -69,6 +73,7 @@ impl Snapshot {
             skipped: Vec::new(),
             skipped_labels: 0,
             built_at: SystemTime::now(),
+            resources_field_len: 0,
         }
     }
 
@@ -82,6 +87,7 @@ impl Snapshot {
         let resources = translate::first_per_name(resources, |r| (&r.name, &r.origin), &mut skipped);
         skipped.sort();
         let endpoints = resources.iter().map(|r| r.spec.endpoints.len()).sum();
+        let resources_field_len = resources.iter().map(|r| framed_len(&r.encoded)).sum();
         let mut hasher = Sha256::new();
         for r in &resources {
             hasher.update(r.name.as_bytes());
@@ -97,6 +103,7 @@ impl Snapshot {
             skipped,
             skipped_labels,
             built_at: SystemTime::now(),
+            resources_field_len,
         }
     }
 
@@ -105,10 +112,22 @@ impl Snapshot {
         self.resources.iter().map(|r| r.encoded.clone()).collect()
     }
 
+    /// See the field: the resources' share of a response's encoded length.
+    pub fn resources_field_len(&self) -> usize {
+        self.resources_field_len
+    }
+
     /// Total encoded bytes of one ServiceEntry response's resources.
     pub fn encoded_len(&self) -> usize {
         self.resources.iter().map(|r| r.encoded.value.len()).sum()
     }
+}
+
+/// One resource inside `DiscoveryResponse.resources` (field 2: a one-byte key), length prefix included.
+fn framed_len(any: &SharedAny) -> usize {
+    const RESOURCES_FIELD: u32 = 2;
+    let len = any.encoded_len();
+    prost::encoding::key_len(RESOURCES_FIELD) + prost::encoding::encoded_len_varint(len as u64) + len
 }
 
 fn encode_entry(entry: translate::Entry) -> Resource {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::{Builder, Publisher, Snapshot};
 use crate::metrics::{Metrics, ReasonLabels};
@@ -15,7 +15,8 @@ use crate::model::Registry;
 use crate::translate::{Options, Skipped, SkippedLabel};
 
 /// Translates every new registry and publishes the snapshot when its content changed,
-/// until `shutdown` fires or the source goes away.
+/// until `shutdown` fires or the source goes away. Each build runs on the blocking
+/// pool, never on the async workers that serve streams and probes.
 pub async fn run(
     mut registries: watch::Receiver<Option<Arc<Registry>>>,
     options: Options,
@@ -23,28 +24,66 @@ pub async fn run(
     metrics: Metrics,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut builder = Builder::new(options);
-    let mut logged_skips = BTreeSet::new();
-    let mut logged_labels = BTreeSet::new();
+    let mut stage = Stage {
+        builder: Builder::new(options),
+        logged_skips: BTreeSet::new(),
+        logged_labels: BTreeSet::new(),
+        publisher,
+        metrics,
+    };
     loop {
         let registry = registries.borrow_and_update().clone();
         if let Some(registry) = registry {
-            let started = Instant::now();
-            let snapshot = builder.build(&registry);
-            metrics.snapshot.build_duration.observe(started.elapsed().as_secs_f64());
-            log_new_skips(&snapshot.skipped, &mut logged_skips, builder.skipped_labels(), &mut logged_labels);
-            record_snapshot_metrics(&metrics, &snapshot, registry.services.len());
-            let (version, entries, endpoints) =
-                (snapshot.version.clone(), snapshot.resources.len(), snapshot.endpoints);
-            if publisher.publish(snapshot) {
-                metrics.snapshot.published.inc();
-                info!(%version, service_entries = entries, endpoints, "snapshot published");
-            }
+            stage = match tokio::task::spawn_blocking(move || {
+                stage.publish(&registry);
+                stage
+            })
+            .await
+            {
+                Ok(stage) => stage,
+                Err(err) => {
+                    error!(error = %err, "snapshot build failed; no further snapshots are published");
+                    return;
+                }
+            };
         }
         tokio::select! {
             changed = registries.changed() => if changed.is_err() { return },
             _ = shutdown.wait_for(|d| *d) => return,
         }
+    }
+}
+
+/// The builder and what was logged, carried from one registry to the next.
+struct Stage {
+    builder: Builder,
+    logged_skips: BTreeSet<Skipped>,
+    logged_labels: BTreeSet<SkippedLabel>,
+    publisher: Publisher,
+    metrics: Metrics,
+}
+
+impl Stage {
+    /// Builds `registry` and publishes it when it changed what is served; returns whether it did. CPU-bound.
+    fn publish(&mut self, registry: &Registry) -> bool {
+        let started = Instant::now();
+        let snapshot = self.builder.build(registry);
+        self.metrics.snapshot.build_duration.observe(started.elapsed().as_secs_f64());
+        log_new_skips(
+            &snapshot.skipped,
+            &mut self.logged_skips,
+            self.builder.skipped_labels(),
+            &mut self.logged_labels,
+        );
+        record_snapshot_metrics(&self.metrics, &snapshot, registry.services.len());
+        let (version, entries, endpoints) =
+            (snapshot.version.clone(), snapshot.resources.len(), snapshot.endpoints);
+        let published = self.publisher.publish(snapshot);
+        if published {
+            self.metrics.snapshot.published.inc();
+            info!(%version, service_entries = entries, endpoints, "snapshot published");
+        }
+        published
     }
 }
 

@@ -4,24 +4,21 @@
 use std::sync::Arc;
 
 use prost::Message;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info, warn};
 
 use super::connection::{Connection, RequestKind};
+use super::outbox::{self, Outbox, Outgoing, Queued};
+use super::response::DiscoveryResponse;
 use super::{Clients, type_label};
 use crate::metrics::{TypeLabels, XdsMetrics};
-use crate::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
-use crate::proto::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
+use crate::proto::envoy::service::discovery::v3::DiscoveryRequest;
 use crate::snapshot::Snapshot;
 
-/// Responses queued per stream; a slow client fills only its own queue.
+/// Responses of distinct types queued per stream; a slow client fills only its
+/// own queue, and a newer full set replaces an unsent one of its type.
 const STREAM_QUEUE: usize = 4;
-
-type ResponseStream<T> = ReceiverStream<Result<T, Status>>;
 
 #[derive(Debug, Clone)]
 pub struct AdsServer {
@@ -41,29 +38,25 @@ impl AdsServer {
     ) -> Self {
         AdsServer { snapshots, clients, metrics, draining }
     }
-}
 
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for AdsServer {
-    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
-    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
-
-    async fn stream_aggregated_resources(
+    /// Opens a state-of-the-world ADS stream: its task runs until the client
+    /// leaves or the server drains.
+    pub fn stream_aggregated_resources(
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+    ) -> Result<Response<Outgoing>, Status> {
         if *self.draining.borrow() {
             return Err(Status::unavailable("cloudmap-xds is shutting down; reconnect to another replica"));
         }
         let peer = request.remote_addr();
-        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        let (outbox, outgoing) = outbox::channel(STREAM_QUEUE);
         let id = self.clients.connect(peer);
         let span =
             tracing::info_span!("ads_stream", stream = id, peer = ?peer, node_id = tracing::field::Empty);
         let stream = Stream {
             id,
             requests: request.into_inner(),
-            responses: tx,
+            responses: outbox,
             snapshots: self.snapshots.clone(),
             draining: self.draining.clone(),
             clients: self.clients.clone(),
@@ -71,24 +64,14 @@ impl AggregatedDiscoveryService for AdsServer {
             connection: Connection::new(),
         };
         tokio::spawn(stream.run().instrument(span));
-        Ok(Response::new(ReceiverStream::new(rx)))
-    }
-
-    async fn delta_aggregated_resources(
-        &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Err(Status::unimplemented(
-            "cloudmap-xds serves state-of-the-world ADS only (StreamAggregatedResources), \
-             which is what istiod's xds:// config source uses",
-        ))
+        Ok(Response::new(outgoing))
     }
 }
 
 struct Stream {
     id: u64,
     requests: Streaming<DiscoveryRequest>,
-    responses: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    responses: Outbox,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     draining: watch::Receiver<bool>,
     clients: Clients,
@@ -202,9 +185,17 @@ impl Stream {
         self.metrics.sent_bytes.get_or_create(&labels).inc_by(response.encoded_len() as u64);
         debug!(type_url = %response.type_url, version = %response.version_info, nonce = %response.nonce, resources = response.resources.len(), "push");
         // A client that stopped reading must not hold up a drain.
-        tokio::select! {
-            sent = self.responses.send(Ok(response)) => sent.is_ok(),
-            _ = self.draining.wait_for(|d| *d) => false,
+        let queued = tokio::select! {
+            queued = self.responses.send(response) => queued,
+            _ = self.draining.wait_for(|d| *d) => return false,
+        };
+        match queued {
+            Ok(Queued::Added) => true,
+            Ok(Queued::Replaced) => {
+                self.metrics.superseded.get_or_create(&labels).inc();
+                true
+            }
+            Err(outbox::Closed) => false,
         }
     }
 }
