@@ -60,6 +60,7 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
         options,
         publisher,
         metrics.clone(),
+        args.min_push_interval,
         draining.clone(),
     ));
 

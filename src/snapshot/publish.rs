@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tracing::{error, info, warn};
@@ -17,11 +17,17 @@ use crate::translate::{Options, Skipped, SkippedLabel};
 /// Translates every new registry and publishes the snapshot when its content changed,
 /// until `shutdown` fires or the source goes away. Each build runs on the blocking
 /// pool, never on the async workers that serve streams and probes.
+///
+/// Publications are at least `min_push_interval` apart: every publication costs
+/// each istiod a decode of the full set, so changes that arrive within the
+/// interval after one are coalesced into the next, at its end. A change after a
+/// quiet interval is published at once.
 pub async fn run(
     mut registries: watch::Receiver<Option<Arc<Registry>>>,
     options: Options,
     publisher: Publisher,
     metrics: Metrics,
+    min_push_interval: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut stage = Stage {
@@ -31,25 +37,36 @@ pub async fn run(
         publisher,
         metrics,
     };
+    let mut last_published: Option<Instant> = None;
     loop {
         let registry = registries.borrow_and_update().clone();
         if let Some(registry) = registry {
-            stage = match tokio::task::spawn_blocking(move || {
-                stage.publish(&registry);
-                stage
+            let published;
+            (stage, published) = match tokio::task::spawn_blocking(move || {
+                let published = stage.publish(&registry);
+                (stage, published)
             })
             .await
             {
-                Ok(stage) => stage,
+                Ok(done) => done,
                 Err(err) => {
                     error!(error = %err, "snapshot build failed; no further snapshots are published");
                     return;
                 }
             };
+            if published {
+                last_published = Some(Instant::now());
+            }
         }
         tokio::select! {
             changed = registries.changed() => if changed.is_err() { return },
             _ = shutdown.wait_for(|d| *d) => return,
+        }
+        if let Some(last) = last_published {
+            tokio::select! {
+                _ = tokio::time::sleep_until((last + min_push_interval).into()) => {}
+                _ = shutdown.wait_for(|d| *d) => return,
+            }
         }
     }
 }
