@@ -9,7 +9,8 @@
 //! - with the ServiceEntries split over 8 config sources (stable shards by hash of
 //!   the name), per one-service change.
 //!
-//! `cargo bench --bench istiod` (env `ISTIOD_SHAPES`, default `1000x10,10000x10`);
+//! `cargo bench --bench istiod` (env `ISTIOD_SHAPES`, default `1000x10,10000x10`;
+//! `ISTIOD_INTERVALS_MS`, default `0,<the default --min-push-interval>`; `ISTIOD_SHARDS`, default 8, 0 for none);
 //! under `cargo test` a small smoke pass (20 services, one change, no churn).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed bench
 
@@ -57,17 +58,22 @@ fn main() {
     };
     let default_interval =
         humantime::parse_duration(cloudmap_xds::config::DEFAULT_MIN_PUSH_INTERVAL).unwrap();
+    // Churn is measured once per interval; the first also measures one change, and
+    // the sharded setup one change. ISTIOD_INTERVALS_MS and ISTIOD_SHARDS override.
+    let intervals: Vec<u64> = std::env::var("ISTIOD_INTERVALS_MS")
+        .map(|v| v.split(',').map(|i| i.trim().parse().unwrap()).collect())
+        .unwrap_or_else(|_| vec![0, default_interval.as_millis() as u64]);
+    let shards: usize = std::env::var("ISTIOD_SHARDS").ok().and_then(|v| v.parse().ok()).unwrap_or(SHARDS);
     let setups = if full {
-        vec![
-            Setup { shards: 1, interval_ms: 0, per_change: true, churn: true },
-            Setup {
-                shards: 1,
-                interval_ms: default_interval.as_millis() as u64,
-                per_change: false,
-                churn: true,
-            },
-            Setup { shards: SHARDS, interval_ms: 0, per_change: true, churn: false },
-        ]
+        let mut setups: Vec<Setup> = intervals
+            .iter()
+            .enumerate()
+            .map(|(i, &interval_ms)| Setup { shards: 1, interval_ms, per_change: i == 0, churn: true })
+            .collect();
+        if shards > 1 {
+            setups.push(Setup { shards, interval_ms: 0, per_change: true, churn: false });
+        }
+        setups
     } else {
         vec![Setup { shards: 1, interval_ms: 0, per_change: true, churn: false }]
     };

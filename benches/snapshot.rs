@@ -20,7 +20,7 @@ fn bench(c: &mut Criterion) {
             .expect("example registry parses");
     let mut group = c.benchmark_group("snapshot_build");
     group.bench_function("example_file", |b| b.iter(|| Builder::new(options()).build(&example)));
-    for (services, instances) in [(10_000, 1), (10_000, 10)] {
+    for (services, instances) in [(1_000, 10), (10_000, 1), (10_000, 10)] {
         let registry = generated(services, instances);
         let shape = format!("{services}x{instances}");
         group.sample_size(10);

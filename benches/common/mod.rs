@@ -319,3 +319,27 @@ pub fn serve_child(args: &[String]) -> bool {
     }
     true
 }
+
+/// [`generated`] as a registry file (the YAML `--registry-file` reads).
+pub fn registry_yaml(registry: &Registry) -> String {
+    use std::fmt::Write as _;
+    let mut by_namespace: BTreeMap<&str, Vec<&Service>> = BTreeMap::new();
+    for s in &registry.services {
+        by_namespace.entry(&s.namespace).or_default().push(s);
+    }
+    let mut out = String::from("namespaces:\n");
+    for (namespace, services) in by_namespace {
+        writeln!(out, "- name: {namespace}\n  services:").unwrap();
+        for s in services {
+            let created = humantime::format_rfc3339(s.created);
+            writeln!(out, "  - name: {}\n    created: {created}\n    instances:", s.name).unwrap();
+            for i in &s.instances {
+                writeln!(out, "    - id: {}\n      attributes:", i.id).unwrap();
+                for (k, v) in &i.attributes {
+                    writeln!(out, "        {k}: \"{v}\"").unwrap();
+                }
+            }
+        }
+    }
+    out
+}
