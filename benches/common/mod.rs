@@ -198,9 +198,10 @@ async fn serve_ads(snapshots: tokio::sync::watch::Receiver<Arc<Snapshot>>, clien
     tokio::spawn(async move {
         let _keep = _draining_tx;
         tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .add_service(AdsService::new(ads))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .serve_with_incoming(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            )
             .await
     });
     addr
