@@ -1,88 +1,66 @@
-//! Snapshot build cost: translate + encode (once per change) and response assembly
-//! (once per stream per change), for the example file and 10,000 generated services.
+//! Snapshot cost on the path production runs (`snapshot::Builder`, as the publish
+//! loop calls it): a full translate + encode (the first build, or every service
+//! changed), one changed service, and the per-stream encoding of a response.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
-use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime};
+mod common;
 
-use cloudmap_xds::model::{Health, HealthFilter, Instance, Registry, Service};
-use cloudmap_xds::snapshot::{Builder, Snapshot};
+use std::sync::Arc;
+
+use cloudmap_xds::snapshot::Builder;
 use cloudmap_xds::source::registry_file;
-use cloudmap_xds::translate::{Options, translate};
+use cloudmap_xds::xds::response::{DiscoveryResponse, Resources};
+use common::{change, generated, options};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-
-fn options() -> Options {
-    Options::new("istio-system", HealthFilter::HealthyOrElseAll)
-}
-
-/// `services` services of `instances` ECS-like instances each (port, zone, 3 custom attributes).
-fn generated(services: usize, instances: usize) -> Registry {
-    let services = (0..services)
-        .map(|s| Service {
-            namespace: format!("ns-{}", s % 10),
-            name: format!("service-{s}"),
-            created: SystemTime::UNIX_EPOCH + Duration::from_secs(s as u64),
-            attributes: Default::default(),
-            instances: (0..instances)
-                .map(|i| Instance {
-                    id: format!("task-{s}-{i}"),
-                    health: Health::Healthy,
-                    attributes: BTreeMap::from([
-                        ("AWS_INSTANCE_IPV4".into(), format!("10.{}.{}.{}", s / 256 % 256, s % 256, i)),
-                        ("AWS_INSTANCE_PORT".into(), "8080".into()),
-                        ("AVAILABILITY_ZONE".into(), format!("us-east-1{}", ['a', 'b', 'c'][i % 3])),
-                        ("REGION".into(), "us-east-1".into()),
-                        ("ECS_CLUSTER_NAME".into(), "prod".into()),
-                        ("ECS_SERVICE_NAME".into(), format!("service-{s}")),
-                        ("version".into(), "v2".into()),
-                    ]),
-                })
-                .collect(),
-        })
-        .collect();
-    Registry::new(services)
-}
+use prost::Message;
 
 fn bench(c: &mut Criterion) {
     let example =
         registry_file::load(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/registry.yaml").as_ref())
             .expect("example registry parses");
     let mut group = c.benchmark_group("snapshot_build");
-    group.bench_function("example_file", |b| b.iter(|| Snapshot::build(translate(&example, &options()))));
-    for (services, instances) in [(10_000, 1), (10_000, 10)] {
+    group.bench_function("example_file", |b| b.iter(|| Builder::new(options()).build(&example)));
+    for (services, instances) in [(1_000, 10), (10_000, 1), (10_000, 10)] {
         let registry = generated(services, instances);
+        let shape = format!("{services}x{instances}");
         group.sample_size(10);
-        group.bench_with_input(
-            BenchmarkId::new("generated", format!("{services}x{instances}")),
-            &registry,
-            |b, r| b.iter(|| Snapshot::build(translate(r, &options()))),
-        );
-        let snapshot = Snapshot::build(translate(&registry, &options()));
+        // A fresh builder: every service translated and encoded, as at start-up.
+        group.bench_with_input(BenchmarkId::new("full", &shape), &registry, |b, r| {
+            b.iter(|| Builder::new(options()).build(r))
+        });
+        let snapshot = Arc::new(Builder::new(options()).build(&registry));
         eprintln!(
             "{services} services x {instances} instances: {} ServiceEntries, {} bytes encoded",
             snapshot.resources.len(),
             snapshot.encoded_len()
         );
         // One service changed: the incremental builder re-translates and re-encodes only it.
-        let mut changed = registry.clone();
-        std::sync::Arc::make_mut(&mut changed.services[services / 2]).instances.pop();
+        let changed = change(&registry, 1);
         let mut builder = Builder::new(options());
         builder.build(&registry);
         let mut flip = false;
-        group.bench_function(
-            BenchmarkId::new("one_service_changed", format!("{services}x{instances}")),
-            |b| {
-                b.iter(|| {
-                    flip = !flip;
-                    builder.build(if flip { &changed } else { &registry })
-                })
-            },
-        );
-        group.bench_with_input(
-            BenchmarkId::new("response_assembly", format!("{services}x{instances}")),
-            &snapshot,
-            |b, s| b.iter(|| s.encoded_resources()),
-        );
+        group.bench_function(BenchmarkId::new("one_service_changed", &shape), |b| {
+            b.iter(|| {
+                flip = !flip;
+                builder.build(if flip { &changed } else { &registry })
+            })
+        });
+        // What each stream pays per push: the response encoded into its send buffer.
+        let response = DiscoveryResponse {
+            version_info: snapshot.version.clone(),
+            resources: Resources::of(snapshot.clone()),
+            type_url: "networking.istio.io/v1/ServiceEntry".into(),
+            nonce: "1".into(),
+            control_plane: None,
+        };
+        let mut buffer = Vec::with_capacity(response.encoded_len());
+        group.bench_function(BenchmarkId::new("response_encode", &shape), |b| {
+            b.iter(|| {
+                buffer.clear();
+                response.encode(&mut buffer).unwrap();
+                buffer.len()
+            })
+        });
     }
     group.finish();
 }

@@ -4,7 +4,6 @@
 //! drain, readiness and grpc.health turn false, the reason is logged, and the
 //! process drains and exits non-zero.
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,15 +19,12 @@ use crate::admin::{self, AdminState};
 use crate::config::ServeArgs;
 use crate::debug::DebugService;
 use crate::limits::{PerCall, Slots, limit_names};
-use crate::metrics::{Metrics, OutcomeLabels, ReasonLabels, SettingLabels};
-use crate::model::Registry;
+use crate::metrics::{Metrics, OutcomeLabels};
 use crate::proto::cloudmap_xds::debug::v1::debug_server::DebugServer;
-use crate::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
-use crate::snapshot::{self, Publisher, Snapshot};
+use crate::snapshot::{self, Snapshot};
 use crate::source::{self, SourceView, registry_file};
 use crate::supervise::{self, Ended, Supervisor, task_names};
-use crate::translate::{Options, SettingProblem, Skipped, SkippedLabel};
-use crate::xds::{AdsLimits, AdsServer, Clients};
+use crate::xds::{AdsLimits, AdsServer, AdsService, Clients};
 use crate::{incoming, tls};
 
 /// The gRPC health service names whose status follows readiness.
@@ -81,11 +77,12 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
     let (publisher, snapshots) = snapshot::channel();
     supervisor.spawn(
         task_names::SNAPSHOT_BUILDER,
-        build_snapshots(
+        snapshot::publish::run(
             source_view.registry.clone(),
             options.clone(),
             publisher,
             metrics.clone(),
+            args.min_push_interval,
             draining.clone(),
         ),
     );
@@ -146,11 +143,7 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
             // No ping policing either way: istiod's 30 s pings (and any other rate) are answered.
             .http2_keepalive_interval(Some(args.grpc_keepalive_interval))
             .http2_keepalive_timeout(Some(args.grpc_keepalive_timeout))
-            .add_service(
-                AggregatedDiscoveryServiceServer::new(ads)
-                    .max_decoding_message_size(args.max_request_size)
-                    .max_encoding_message_size(args.max_response_size),
-            )
+            .add_service(AdsService::new(ads))
             .add_service(PerCall::new(
                 DebugServer::new(debug)
                     .max_decoding_message_size(args.max_request_size)
@@ -206,13 +199,15 @@ async fn start_source(
         Some(path) => {
             let (sink, view) = source::channel(format!("registry-file:{}", path.display()));
             let started = Instant::now();
-            let text = registry_file::start(path, &sink)?;
+            let (path, source_metrics) = (path.clone(), metrics.source.clone());
+            // Parsing is CPU work: off the async workers.
+            let watcher =
+                tokio::task::spawn_blocking(move || registry_file::start(&path, sink, source_metrics))
+                    .await
+                    .context("loading the registry file")??;
             metrics.source.load_duration.observe(started.elapsed().as_secs_f64());
             metrics.source.loads.get_or_create(&OutcomeLabels { outcome: "success" }).inc();
-            supervisor.spawn(
-                task_names::REGISTRY_FILE_WATCHER,
-                registry_file::watch(path.clone(), sink, text, metrics.source.clone(), shutdown),
-            );
+            supervisor.spawn(task_names::REGISTRY_FILE_WATCHER, registry_file::watch(watcher, shutdown));
             Ok(view)
         }
         None => {
@@ -223,87 +218,6 @@ async fn start_source(
             Ok(view)
         }
     }
-}
-
-/// Translates every new registry and publishes the snapshot when its content changed.
-async fn build_snapshots(
-    mut registries: watch::Receiver<Option<Arc<Registry>>>,
-    options: Options,
-    publisher: Publisher,
-    metrics: Metrics,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut builder = snapshot::Builder::new(options);
-    let mut logged_skips = BTreeSet::new();
-    let mut logged_labels = BTreeSet::new();
-    let mut logged_settings = BTreeSet::new();
-    loop {
-        let registry = registries.borrow_and_update().clone();
-        if let Some(registry) = registry {
-            let started = Instant::now();
-            let snapshot = builder.build(&registry);
-            metrics.snapshot.build_duration.observe(started.elapsed().as_secs_f64());
-            log_new_skips(&snapshot.skipped, &mut logged_skips, builder.skipped_labels(), &mut logged_labels);
-            log_new_invalid_settings(&snapshot.invalid_settings, &mut logged_settings);
-            record_snapshot_metrics(&metrics, &snapshot, registry.services.len());
-            let (version, entries, endpoints) =
-                (snapshot.version.clone(), snapshot.resources.len(), snapshot.endpoints);
-            if publisher.publish(snapshot) {
-                metrics.snapshot.published.inc();
-                info!(%version, service_entries = entries, endpoints, "snapshot published");
-            }
-        }
-        let source_ended = tokio::select! {
-            changed = registries.changed() => changed.is_err(),
-            _ = shutdown.wait_for(|d| *d) => return,
-        };
-        if source_ended {
-            return supervise::upstream_ended().await;
-        }
-    }
-}
-
-/// Logs each skipped instance and label once, not on every rebuild.
-fn log_new_skips<'a>(
-    skipped: &[Skipped],
-    logged: &mut BTreeSet<Skipped>,
-    labels: impl Iterator<Item = &'a SkippedLabel>,
-    logged_labels: &mut BTreeSet<SkippedLabel>,
-) {
-    for s in skipped.iter().filter(|s| !logged.contains(*s)) {
-        warn!(namespace = %s.namespace, service = %s.service, instance = s.instance.as_deref().unwrap_or("-"), reason = %s.reason, "instance skipped");
-    }
-    *logged = skipped.iter().cloned().collect();
-    let labels: BTreeSet<SkippedLabel> = labels.cloned().collect();
-    for l in labels.difference(logged_labels) {
-        warn!(namespace = %l.namespace, service = %l.service, key = %l.key, "custom attribute is not a valid label key/value; not used as a label");
-    }
-    *logged_labels = labels;
-}
-
-/// Logs each unusable service attribute once, not on every rebuild.
-fn log_new_invalid_settings(problems: &[SettingProblem], logged: &mut BTreeSet<SettingProblem>) {
-    for p in problems.iter().filter(|p| !logged.contains(*p)) {
-        warn!(namespace = %p.namespace, service = %p.service, key = %p.setting.key, value = %p.setting.value, reason = %p.setting.reason, "service attribute ignored; the setting falls back to the flag or default");
-    }
-    *logged = problems.iter().cloned().collect();
-}
-
-fn record_snapshot_metrics(metrics: &Metrics, snapshot: &Snapshot, services: usize) {
-    let m = &metrics.snapshot;
-    m.service_entries.set(i64::try_from(snapshot.resources.len()).unwrap_or(i64::MAX));
-    m.endpoints.set(i64::try_from(snapshot.endpoints).unwrap_or(i64::MAX));
-    m.skipped_labels.set(i64::try_from(snapshot.skipped_labels).unwrap_or(i64::MAX));
-    m.encoded_bytes.set(i64::try_from(snapshot.encoded_len()).unwrap_or(i64::MAX));
-    m.skipped_instances.clear();
-    for s in &snapshot.skipped {
-        m.skipped_instances.get_or_create(&ReasonLabels { reason: s.reason.kind() }).inc();
-    }
-    m.invalid_settings.clear();
-    for p in &snapshot.invalid_settings {
-        m.invalid_settings.get_or_create(&SettingLabels { setting: p.setting.kind() }).inc();
-    }
-    metrics.source.services.set(i64::try_from(services).unwrap_or(i64::MAX));
 }
 
 /// grpc.health.v1 says SERVING exactly when `/ready` does.

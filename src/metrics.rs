@@ -81,6 +81,8 @@ pub struct XdsMetrics {
     pub sent_bytes: Family<TypeLabels, Counter>,
     pub acks: Family<TypeLabels, Counter>,
     pub nacks: Family<TypeLabels, Counter>,
+    /// Responses replaced, before they were sent, by a newer one of their type (slow clients).
+    pub superseded: Family<TypeLabels, Counter>,
     /// From a snapshot's publication to its response being queued on a stream.
     pub push_latency: Histogram,
     /// Streams, calls, requests and responses refused by a limit (ADS and debug services).
@@ -201,6 +203,7 @@ impl Metrics {
             sent_bytes: Family::default(),
             acks: Family::default(),
             nacks: Family::default(),
+            superseded: Family::default(),
             push_latency: seconds_histogram(),
             refusals: Family::default(),
             rejected_connections: Family::default(),
@@ -217,6 +220,11 @@ impl Metrics {
         );
         registry.register("ads_acks", "ACKs received, by type", xds.acks.clone());
         registry.register("ads_nacks", "NACKs received, by type", xds.nacks.clone());
+        registry.register(
+            "ads_superseded_responses",
+            "Responses a slow client never got because a newer full set of their type replaced them, by type",
+            xds.superseded.clone(),
+        );
         registry.register_with_unit(
             "push_latency",
             "Time from a snapshot's publication to its push being queued on a stream",

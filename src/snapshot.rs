@@ -5,6 +5,8 @@
 //! Snapshots travel on a `tokio::sync::watch`, so a burst of changes reaches a
 //! slow stream as its latest state, and an unchanged snapshot wakes nobody.
 
+pub mod publish;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -56,6 +58,10 @@ pub struct Snapshot {
     /// Service attributes of ours that could not be used (the setting fell back).
     pub invalid_settings: Vec<SettingProblem>,
     pub built_at: SystemTime,
+    /// Bytes the resources take as the repeated `resources` field of a
+    /// `DiscoveryResponse` (keys and lengths included), so a response knows its
+    /// size without walking them.
+    resources_field_len: usize,
 }
 
 impl Snapshot {
@@ -70,6 +76,7 @@ impl Snapshot {
             skipped_labels: 0,
             invalid_settings: Vec::new(),
             built_at: SystemTime::now(),
+            resources_field_len: 0,
         }
     }
 
@@ -94,6 +101,7 @@ impl Snapshot {
         skipped.sort();
         invalid_settings.sort();
         let endpoints = resources.iter().map(|r| r.spec.endpoints.len()).sum();
+        let resources_field_len = resources.iter().map(|r| framed_len(&r.encoded)).sum();
         let mut hasher = Sha256::new();
         for r in &resources {
             hasher.update(r.name.as_bytes());
@@ -110,6 +118,7 @@ impl Snapshot {
             skipped_labels,
             invalid_settings,
             built_at: SystemTime::now(),
+            resources_field_len,
         }
     }
 
@@ -118,10 +127,22 @@ impl Snapshot {
         self.resources.iter().map(|r| r.encoded.clone()).collect()
     }
 
+    /// See the field: the resources' share of a response's encoded length.
+    pub fn resources_field_len(&self) -> usize {
+        self.resources_field_len
+    }
+
     /// Total encoded bytes of one ServiceEntry response's resources.
     pub fn encoded_len(&self) -> usize {
         self.resources.iter().map(|r| r.encoded.value.len()).sum()
     }
+}
+
+/// One resource inside `DiscoveryResponse.resources` (field 2: a one-byte key), length prefix included.
+fn framed_len(any: &SharedAny) -> usize {
+    const RESOURCES_FIELD: u32 = 2;
+    let len = any.encoded_len();
+    prost::encoding::key_len(RESOURCES_FIELD) + prost::encoding::encoded_len_varint(len as u64) + len
 }
 
 fn encode_entry(entry: translate::Entry) -> Resource {

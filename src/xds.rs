@@ -1,15 +1,21 @@
 //! Istio's MCP-over-xDS: the ADS server istiod's `xds://` config source dials.
 //!
 //! Each stream is a synchronous [`connection::Connection`] state machine (what was
-//! sent, ACKed and NACKed per type URL) driven by a thin async loop in [`server`].
+//! sent, ACKed and NACKed per type URL) driven by a thin async loop in [`server`];
+//! responses borrow the snapshot's encoded resources ([`response`]) and wait in
+//! a per-stream [`outbox`] where a newer full set replaces an unsent one.
 
 pub mod clients;
 pub mod connection;
+pub mod outbox;
+pub mod response;
 pub mod server;
+pub mod service;
 
 pub use clients::{ClientInfo, Clients};
 pub use connection::Connection;
 pub use server::{AdsLimits, AdsServer};
+pub use service::AdsService;
 
 /// The ServiceEntry type URLs istiod asks for: `v1` from Istio 1.24,
 /// `v1alpha3` before; `v1beta1` is an alias served too.

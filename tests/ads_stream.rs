@@ -218,3 +218,67 @@ async fn a_stalled_client_does_not_delay_others() {
         live.ack(&push).await;
     }
 }
+
+#[tokio::test]
+async fn a_client_that_fell_behind_gets_the_newest_set_not_a_backlog() {
+    use cloudmap_xds::proto::envoy::service::discovery::v3::DiscoveryRequest;
+    let mut big = String::from(GOLDEN);
+    for n in 0..400 {
+        big.push_str(&format!(
+            "  - name: bulk-{n}\n    instances:\n    - attributes: {{AWS_INSTANCE_IPV4: 10.9.{}.{}}}\n",
+            n / 200,
+            n % 200
+        ));
+    }
+    let f = start(&big).await;
+    // HTTP/2's minimum windows (64 KiB), so that a ~100 KB response fills what the
+    // transport may hold for a client that does not read.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", f.server.grpc_addr))
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .unwrap();
+    let (requests, rx) = tokio::sync::mpsc::channel(8);
+    let request = |version: &str, nonce: &str| DiscoveryRequest {
+        type_url: SERVICE_ENTRY_V1.into(),
+        version_info: version.into(),
+        response_nonce: nonce.into(),
+        ..Default::default()
+    };
+    requests.send(request("", "bogus")).await.unwrap();
+    let mut behind = AggregatedDiscoveryServiceClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let served_version = || async {
+        let (_, body) = http_get(f.server.admin_addr, "/debug/snapshot").await.ok()?;
+        let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+        json["version"].as_str().map(str::to_owned)
+    };
+    let mut version = eventually("the first snapshot", DEADLINE, served_version).await;
+    // Eight full sets published while the client reads nothing.
+    for n in 0..8 {
+        f.edit(&format!("{big}  - name: extra-{n}\n"));
+        version = eventually("the edit to be published", DEADLINE, || async {
+            served_version().await.filter(|v| *v != version)
+        })
+        .await;
+    }
+    let mut received = Vec::new();
+    while received.last() != Some(&version) {
+        let push = tokio::time::timeout(DEADLINE, behind.message()).await.unwrap().unwrap().unwrap();
+        requests.send(request(&push.version_info, &push.nonce)).await.unwrap();
+        received.push(push.version_info);
+        // The first response, at most one the transport had taken, then the newest.
+        assert!(received.len() <= 3, "stale full sets were queued: {received:?}");
+    }
+    let (_, metrics) = http_get(f.server.admin_addr, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("cloudmap_xds_ads_superseded_responses_total{type=\"ServiceEntry\"}"),
+        "{metrics}"
+    );
+}

@@ -12,8 +12,13 @@ use super::SourceSink;
 use crate::metrics::{OutcomeLabels, SourceMetrics};
 use crate::model::{Health, Instance, Registry, Service};
 
-/// How often the file is re-read; an edit is served within about this long.
-pub const RELOAD_INTERVAL: Duration = Duration::from_millis(300);
+/// How often the file's metadata is checked; an edit is served within about
+/// twice this long (two reads must agree).
+pub const CHECK_INTERVAL: Duration = Duration::from_millis(300);
+/// A file modified less than this before it was read may change again without
+/// its metadata showing it (coarse file-system timestamps): until the file is
+/// older than this, every check reads it.
+pub const RACY_WINDOW: Duration = Duration::from_secs(2);
 
 /// The `created` of a service that gives none: the Unix epoch, which is also what
 /// istiod assumes for a missing `create_time`, so every replica and restart agrees.
@@ -203,63 +208,118 @@ fn read(path: &Path) -> Result<String, Error> {
     std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_owned(), source })
 }
 
-/// Loads the file at start-up; a missing or broken file is an error for the caller.
-/// Returns the text served, for [`watch`].
-pub fn start(path: &Path, sink: &SourceSink) -> Result<String, Error> {
+/// Loads the file at start-up (blocking: call it off the async workers); a
+/// missing or broken file is an error for the caller. Returns the watcher that
+/// keeps the source up to date from then on.
+pub fn start(path: &Path, sink: SourceSink, metrics: SourceMetrics) -> Result<Watcher, Error> {
+    let stamp = Stamp::of(path).ok();
+    let read_at = SystemTime::now();
     let text = read(path)?;
     sink.publish(parse(path, &text)?);
-    Ok(text)
+    Ok(Watcher {
+        path: path.to_owned(),
+        sink,
+        metrics,
+        served: Digest::of(&text),
+        seen: stamp.map(|stamp| (stamp, read_at)),
+        candidate: None,
+        unreadable: false,
+        reads: 0,
+    })
 }
 
-/// Re-reads the file until `shutdown` fires. A change is taken once two reads in a
-/// row agree, so a file caught half-written is never served; a change that parses
-/// is published, one that does not is logged with file, line and column and
-/// changes nothing.
-pub async fn watch(
+/// What identifies one version of the file without reading it: a write moves
+/// the modification or change time or the size, and an editor's or
+/// Kubernetes' atomic replace (rename, symlink swap) moves the inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    modified: SystemTime,
+    changed: (i64, i64),
+    len: u64,
+    inode: (u64, u64),
+}
+
+impl Stamp {
+    fn of(path: &Path) -> std::io::Result<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        Ok(Stamp {
+            modified: m.modified()?,
+            changed: (m.ctime(), m.ctime_nsec()),
+            len: m.len(),
+            inode: (m.dev(), m.ino()),
+        })
+    }
+}
+
+/// A content hash, so that neither the served text nor a candidate is kept in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Digest([u8; 32]);
+
+impl Digest {
+    fn of(text: &str) -> Digest {
+        use sha2::Digest as _;
+        Digest(sha2::Sha256::digest(text.as_bytes()).into())
+    }
+}
+
+/// Follows the file: re-reads it only when its metadata moved, and takes a
+/// change once two reads in a row agree, so a file caught half-written is never
+/// served. A change that parses is published; one that does not is logged with
+/// file, line and column and changes nothing.
+#[derive(Debug)]
+pub struct Watcher {
     path: PathBuf,
     sink: SourceSink,
-    mut served_text: String,
     metrics: SourceMetrics,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut candidate: Option<String> = None;
-    let mut unreadable = false;
-    let mut ticker = tokio::time::interval(RELOAD_INTERVAL);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = shutdown.changed() => return,
-        }
-        let text = match tokio::fs::read_to_string(&path).await {
-            Ok(text) => text,
-            Err(source) => {
-                // Editors that replace the file leave a moment without it; keep serving.
-                if !unreadable {
-                    let err = Error::Read { path: path.clone(), source };
-                    tracing::warn!(error = %err, "registry file unreadable; keeping the last good snapshot");
-                    sink.record_error(&err);
-                    metrics.loads.get_or_create(&OutcomeLabels { outcome: "error" }).inc();
-                    unreadable = true;
-                }
-                continue;
-            }
+    /// The content last taken (served or rejected).
+    served: Digest,
+    /// The metadata before the last read that found the taken content, and when that read was.
+    seen: Option<(Stamp, SystemTime)>,
+    /// A changed content seen once, waiting for a second read to agree.
+    candidate: Option<Digest>,
+    unreadable: bool,
+    /// Reads since start (the start-up load not counted).
+    reads: u64,
+}
+
+impl Watcher {
+    /// Checks the file once; blocking (a stat, and a read and parse only when it changed).
+    pub fn check(&mut self) {
+        let stamp = match Stamp::of(&self.path) {
+            Ok(stamp) => stamp,
+            Err(source) => return self.unreadable(source),
         };
-        unreadable = false;
-        if text == served_text {
-            candidate = None;
-            continue;
+        if self.candidate.is_none()
+            && let Some((seen, read_at)) = self.seen
+            && seen == stamp
+            && read_at.duration_since(stamp.modified).is_ok_and(|age| age >= RACY_WINDOW)
+        {
+            return;
         }
-        if candidate.as_deref() != Some(text.as_str()) {
-            candidate = Some(text);
-            continue;
+        let read_at = SystemTime::now();
+        self.reads += 1;
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(source) => return self.unreadable(source),
+        };
+        self.unreadable = false;
+        let digest = Digest::of(&text);
+        if digest == self.served {
+            self.candidate = None;
+            self.seen = Some((stamp, read_at));
+            return;
+        }
+        if self.candidate != Some(digest) {
+            self.candidate = Some(digest);
+            return;
         }
         let started = Instant::now();
-        let outcome = match parse(&path, &text) {
+        let outcome = match parse(&self.path, &text) {
             Ok(registry) => {
                 let services = registry.services.len();
-                if sink.publish(registry) {
-                    tracing::info!(path = %path.display(), services, "registry file reloaded");
+                if self.sink.publish(registry) {
+                    tracing::info!(path = %self.path.display(), services, "registry file reloaded");
                     "success"
                 } else {
                     "unchanged"
@@ -267,14 +327,57 @@ pub async fn watch(
             }
             Err(err) => {
                 tracing::error!(error = %err, "registry file rejected; keeping the last good snapshot");
-                sink.record_error(&err);
+                self.sink.record_error(&err);
                 "error"
             }
         };
-        metrics.loads.get_or_create(&OutcomeLabels { outcome }).inc();
-        metrics.load_duration.observe(started.elapsed().as_secs_f64());
-        served_text = text;
-        candidate = None;
+        self.metrics.loads.get_or_create(&OutcomeLabels { outcome }).inc();
+        self.metrics.load_duration.observe(started.elapsed().as_secs_f64());
+        self.served = digest;
+        self.seen = Some((stamp, read_at));
+        self.candidate = None;
+    }
+
+    /// How many times the file was read since start.
+    pub fn reads(&self) -> u64 {
+        self.reads
+    }
+
+    fn unreadable(&mut self, source: std::io::Error) {
+        // Editors that replace the file leave a moment without it; keep serving.
+        if !self.unreadable {
+            let err = Error::Read { path: self.path.clone(), source };
+            tracing::warn!(error = %err, "registry file unreadable; keeping the last good snapshot");
+            self.sink.record_error(&err);
+            self.metrics.loads.get_or_create(&OutcomeLabels { outcome: "error" }).inc();
+            self.unreadable = true;
+        }
+        self.seen = None;
+    }
+}
+
+/// Checks the file every [`CHECK_INTERVAL`] until `shutdown` fires, each check
+/// on the blocking pool, away from the workers that serve streams and probes.
+pub async fn watch(mut watcher: Watcher, mut shutdown: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(CHECK_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        watcher = match tokio::task::spawn_blocking(move || {
+            watcher.check();
+            watcher
+        })
+        .await
+        {
+            Ok(watcher) => watcher,
+            Err(err) => {
+                tracing::error!(error = %err, "registry file check failed; the file is no longer followed");
+                return;
+            }
+        };
     }
 }
 
@@ -341,6 +444,83 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("r.yaml:6:") && err.contains("GREAT"), "{err}");
+    }
+
+    const ONE: &str = "namespaces:\n- name: ns\n  services:\n  - name: a\n";
+    const TWO: &str = "namespaces:\n- name: ns\n  services:\n  - name: b\n";
+
+    /// A registry file last modified `age` ago, and a watcher that loaded it.
+    fn watched(text: &str, age: Duration) -> (tempfile::TempDir, PathBuf, Watcher, super::super::SourceView) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.yaml");
+        write_aged(&path, text, age);
+        let (sink, view) = super::super::channel("test");
+        let watcher = start(&path, sink, crate::metrics::Metrics::unregistered().source).unwrap();
+        (dir, path, watcher, view)
+    }
+
+    fn write_aged(path: &Path, text: &str, age: Duration) {
+        std::fs::write(path, text).unwrap();
+        let file = std::fs::File::options().write(true).open(path).unwrap();
+        file.set_modified(SystemTime::now() - age).unwrap();
+    }
+
+    fn served(view: &super::super::SourceView) -> String {
+        view.registry.borrow().as_ref().unwrap().services[0].name.clone()
+    }
+
+    #[test]
+    fn an_unchanged_file_is_not_read_again() {
+        let (_dir, _path, mut watcher, view) = watched(ONE, RACY_WINDOW * 2);
+        for _ in 0..5 {
+            watcher.check();
+        }
+        assert_eq!(watcher.reads(), 0);
+        assert_eq!(served(&view), "a");
+    }
+
+    #[test]
+    fn a_same_size_edit_with_the_old_modification_time_is_still_seen() {
+        let (_dir, path, mut watcher, view) = watched(ONE, RACY_WINDOW * 2);
+        let old = std::fs::metadata(&path).unwrap().modified().unwrap();
+        std::fs::write(&path, TWO).unwrap();
+        std::fs::File::options().write(true).open(&path).unwrap().set_modified(old).unwrap();
+        watcher.check();
+        assert_eq!(served(&view), "a", "one read is not enough: the file may be half-written");
+        watcher.check();
+        assert_eq!(served(&view), "b");
+        assert_eq!(watcher.reads(), 2);
+    }
+
+    #[test]
+    fn a_recently_modified_file_is_read_on_every_check_until_it_settles() {
+        let (_dir, path, mut watcher, view) = watched(ONE, Duration::ZERO);
+        watcher.check();
+        watcher.check();
+        assert_eq!(watcher.reads(), 2, "its metadata cannot be trusted yet");
+        write_aged(&path, ONE, RACY_WINDOW * 2);
+        watcher.check();
+        let settled = watcher.reads();
+        watcher.check();
+        watcher.check();
+        assert_eq!(watcher.reads(), settled);
+        assert_eq!(served(&view), "a");
+    }
+
+    #[test]
+    fn a_broken_edit_is_rejected_once_and_a_fix_is_taken() {
+        let (_dir, path, mut watcher, view) = watched(ONE, RACY_WINDOW * 2);
+        write_aged(&path, "namespaces: [\n", RACY_WINDOW * 2);
+        for _ in 0..4 {
+            watcher.check();
+        }
+        assert_eq!(served(&view), "a");
+        assert!(view.status().last_error.unwrap().contains("registry.yaml:"));
+        assert_eq!(watcher.reads(), 2, "a rejected file is not re-read while unchanged");
+        write_aged(&path, TWO, RACY_WINDOW * 2);
+        watcher.check();
+        watcher.check();
+        assert_eq!(served(&view), "b");
     }
 
     #[test]

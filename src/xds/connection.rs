@@ -7,8 +7,10 @@
 //! `error_detail`; any other request for a known type is stale and ignored.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use crate::proto::envoy::service::discovery::v3::{ControlPlane, DiscoveryRequest, DiscoveryResponse};
+use super::response::{DiscoveryResponse, Resources};
+use crate::proto::envoy::service::discovery::v3::{ControlPlane, DiscoveryRequest};
 use crate::snapshot::Snapshot;
 
 /// `version_info` of types this server does not serve (always an empty list).
@@ -84,7 +86,7 @@ impl Connection {
     }
 
     /// Handles one request against the current snapshot.
-    pub fn handle_request(&mut self, request: &DiscoveryRequest, snapshot: &Snapshot) -> Outcome {
+    pub fn handle_request(&mut self, request: &DiscoveryRequest, snapshot: &Arc<Snapshot>) -> Outcome {
         if let Some(node) = &request.node
             && self.node_id.is_none()
             && !node.id.is_empty()
@@ -131,7 +133,7 @@ impl Connection {
     }
 
     /// Responses for every subscribed type whose content the new snapshot changes.
-    pub fn handle_snapshot(&mut self, snapshot: &Snapshot) -> Vec<DiscoveryResponse> {
+    pub fn handle_snapshot(&mut self, snapshot: &Arc<Snapshot>) -> Vec<DiscoveryResponse> {
         let stale: Vec<String> = self
             .types
             .iter()
@@ -146,14 +148,14 @@ impl Connection {
     }
 
     /// Builds the full-state response for a type; `None` while ServiceEntries are withheld.
-    fn respond(&mut self, type_url: &str, snapshot: &Snapshot) -> Option<DiscoveryResponse> {
+    fn respond(&mut self, type_url: &str, snapshot: &Arc<Snapshot>) -> Option<DiscoveryResponse> {
         let (version, resources) = if super::is_service_entry(type_url) {
             if !snapshot.synced {
                 return None;
             }
-            (snapshot.version.clone(), snapshot.encoded_resources())
+            (snapshot.version.clone(), Resources::of(snapshot.clone()))
         } else {
-            (EMPTY_TYPE_VERSION.to_owned(), Vec::new())
+            (EMPTY_TYPE_VERSION.to_owned(), Resources::none())
         };
         self.nonces_sent += 1;
         let nonce = self.nonces_sent.to_string();
@@ -165,7 +167,6 @@ impl Connection {
         Some(DiscoveryResponse {
             version_info: version,
             resources,
-            canary: false,
             type_url: type_url.to_owned(),
             nonce,
             control_plane: Some(ControlPlane { identifier: CONTROL_PLANE_ID.into() }),

@@ -4,27 +4,22 @@
 use std::sync::Arc;
 
 use prost::Message;
-use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::{OwnedSemaphorePermit, watch};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, error, info, warn};
 
 use super::connection::{Connection, MAX_TYPE_URLS_PER_STREAM, RequestKind};
+use super::outbox::{self, Outbox, Outgoing, Queued};
+use super::response::DiscoveryResponse;
 use super::{Clients, type_label};
 use crate::limits::{Slots, limit_names};
 use crate::metrics::{LimitLabels, TypeLabels, XdsMetrics};
-use crate::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
-use crate::proto::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
+use crate::proto::envoy::service::discovery::v3::DiscoveryRequest;
 use crate::snapshot::Snapshot;
 
-/// Responses queued per stream; a slow client fills only its own queue.
+/// Responses of distinct types queued per stream; a slow client fills only its
+/// own queue, and a newer full set replaces an unsent one of its type.
 const STREAM_QUEUE: usize = 4;
-/// How long a stream ending in error waits for room to queue that error.
-const FINAL_STATUS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-
-type ResponseStream<T> = ReceiverStream<Result<T, Status>>;
 
 /// What one replica's ADS service accepts.
 #[derive(Debug, Clone, Copy)]
@@ -60,17 +55,17 @@ impl AdsServer {
             Slots::new(limits.streams, limit_names::MAX_ADS_STREAMS, "ADS streams", metrics.refusals.clone());
         AdsServer { snapshots, clients, metrics, draining, stream_slots, limits }
     }
-}
 
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for AdsServer {
-    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
-    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
+    pub fn limits(&self) -> AdsLimits {
+        self.limits
+    }
 
-    async fn stream_aggregated_resources(
+    /// Opens a state-of-the-world ADS stream: its task runs until the client
+    /// leaves or the server drains.
+    pub fn stream_aggregated_resources(
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+    ) -> Result<Response<Outgoing>, Status> {
         if *self.draining.borrow() {
             return Err(Status::unavailable("cloudmap-xds is shutting down; reconnect to another replica"));
         }
@@ -78,14 +73,14 @@ impl AggregatedDiscoveryService for AdsServer {
         let slot = self.stream_slots.try_take().inspect_err(|_| {
             warn!(peer = ?peer, limit = self.limits.streams, "ADS stream refused: --max-ads-streams reached");
         })?;
-        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        let (outbox, outgoing) = outbox::channel(STREAM_QUEUE);
         let id = self.clients.connect(peer);
         let span =
             tracing::info_span!("ads_stream", stream = id, peer = ?peer, node_id = tracing::field::Empty);
         let stream = Stream {
             id,
             requests: request.into_inner(),
-            responses: tx,
+            responses: outbox,
             snapshots: self.snapshots.clone(),
             draining: self.draining.clone(),
             clients: self.clients.clone(),
@@ -95,17 +90,7 @@ impl AggregatedDiscoveryService for AdsServer {
             _slot: slot,
         };
         tokio::spawn(stream.run().instrument(span));
-        Ok(Response::new(ReceiverStream::new(rx)))
-    }
-
-    async fn delta_aggregated_resources(
-        &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Err(Status::unimplemented(
-            "cloudmap-xds serves state-of-the-world ADS only (StreamAggregatedResources), \
-             which is what istiod's xds:// config source uses",
-        ))
+        Ok(Response::new(outgoing))
     }
 }
 
@@ -124,7 +109,7 @@ fn is_too_large(status: &Status) -> bool {
 struct Stream {
     id: u64,
     requests: Streaming<DiscoveryRequest>,
-    responses: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    responses: Outbox,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     draining: watch::Receiver<bool>,
     clients: Clients,
@@ -170,12 +155,8 @@ impl Stream {
         self.clients.disconnect(self.id);
         if let End::ClientError(status) | End::Refused(status) = end {
             // The stream ends with that error, not OK: a request that could not be read
-            // (malformed, too large) or broke a limit. Behind any queued responses, and
-            // not waited for long by a client that stopped reading.
-            tokio::select! {
-                _ = tokio::time::timeout(FINAL_STATUS_WAIT, self.responses.send(Err(status))) => {}
-                _ = self.draining.wait_for(|d| *d) => {}
-            }
+            // (malformed, too large) or broke a limit. Behind any queued responses.
+            self.responses.close_with(status);
         }
     }
 
@@ -274,6 +255,7 @@ impl Stream {
 
     async fn send(&mut self, response: DiscoveryResponse) -> bool {
         let size = response.encoded_len();
+        let labels = TypeLabels { r#type: type_label(&response.type_url) };
         if size > self.limits.response_size {
             // Not sent: the client keeps what it has, and the next snapshot that fits flows again.
             self.refused(limit_names::MAX_RESPONSE_SIZE);
@@ -286,14 +268,21 @@ impl Stream {
             );
             return true;
         }
-        let labels = TypeLabels { r#type: type_label(&response.type_url) };
         self.metrics.responses.get_or_create(&labels).inc();
         self.metrics.sent_bytes.get_or_create(&labels).inc_by(size as u64);
         debug!(type_url = %response.type_url, version = %response.version_info, nonce = %response.nonce, resources = response.resources.len(), "push");
         // A client that stopped reading must not hold up a drain.
-        tokio::select! {
-            sent = self.responses.send(Ok(response)) => sent.is_ok(),
-            _ = self.draining.wait_for(|d| *d) => false,
+        let queued = tokio::select! {
+            queued = self.responses.send(response) => queued,
+            _ = self.draining.wait_for(|d| *d) => return false,
+        };
+        match queued {
+            Ok(Queued::Added) => true,
+            Ok(Queued::Replaced) => {
+                self.metrics.superseded.get_or_create(&labels).inc();
+                true
+            }
+            Err(outbox::Closed) => false,
         }
     }
 }

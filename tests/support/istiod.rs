@@ -197,6 +197,11 @@ impl Istiod {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// istiod's process id (`scripts/run-istiod.sh` execs it), for CPU and memory readings.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// `Some(status)` once istiod has exited.
     pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())

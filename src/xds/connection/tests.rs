@@ -10,7 +10,7 @@ const SE_V1: &str = "networking.istio.io/v1/ServiceEntry";
 const SE_V1ALPHA3: &str = "networking.istio.io/v1alpha3/ServiceEntry";
 const VS: &str = "networking.istio.io/v1/VirtualService";
 
-fn snapshot(ips: &[&str]) -> Snapshot {
+fn snapshot(ips: &[&str]) -> Arc<Snapshot> {
     let registry = Registry::new(vec![Service {
         namespace: "my-namespace".into(),
         name: "getmesh-external-service".into(),
@@ -26,7 +26,7 @@ fn snapshot(ips: &[&str]) -> Snapshot {
             .collect(),
     }]);
     let options = Options::new("istio-system", HealthFilter::All);
-    Snapshot::build(translate(&registry, &options))
+    Arc::new(Snapshot::build(translate(&registry, &options)))
 }
 
 /// The first request of istiod's `pkg/adsc`: Node on the first only, a bogus nonce.
@@ -157,7 +157,7 @@ fn stale_nonces_are_ignored() {
 
 #[test]
 fn service_entries_wait_for_the_first_sync_but_other_types_do_not() {
-    let unsynced = Snapshot::unsynced();
+    let unsynced = Arc::new(Snapshot::unsynced());
     let mut conn = Connection::new();
     assert_eq!(
         conn.handle_request(&initial(SE_V1, true), &unsynced),

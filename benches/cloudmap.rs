@@ -1,0 +1,99 @@
+//! The release binary polling moto's Cloud Map at rest: our idle CPU and our CPU
+//! per AWS call (signing, HTTP, parsing, bookkeeping), with the default intervals
+//! (poll 5 s: one DiscoverInstancesRevision per service; full refresh and listing
+//! every 30 s). Calls are counted from our own `cloudmap_xds_aws_calls_total`.
+//!
+//! `cargo bench --bench cloudmap` (env `MOTO_SERVER`, `CLOUDMAP_XDS_BIN`,
+//! `CLOUDMAP_SHAPE` default `1000x10`, `CLOUDMAP_WINDOW_S` default 60); under
+//! `cargo test` a small smoke pass (needs `$MOTO_SERVER`, like the Cloud Map tests).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed bench
+
+mod common;
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{process_cpu, rss_bytes};
+use support::moto::{self, Moto};
+
+async fn aws_calls(admin: std::net::SocketAddr) -> f64 {
+    let (_, body) = cloudmap_xds::test_helpers::http_get(admin, "/metrics").await.unwrap();
+    body.lines()
+        .filter(|l| l.starts_with("cloudmap_xds_aws_calls_total"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let bin = std::env::var("CLOUDMAP_XDS_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_cloudmap-xds").into());
+    let (services, instances) = if full {
+        let shape = std::env::var("CLOUDMAP_SHAPE").unwrap_or_else(|_| "1000x10".into());
+        let (a, b) = shape.split_once('x').unwrap();
+        (a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap())
+    } else {
+        (5, 2)
+    };
+    let window = Duration::from_secs(if full {
+        std::env::var("CLOUDMAP_WINDOW_S").ok().and_then(|s| s.parse().ok()).unwrap_or(60)
+    } else {
+        6
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let moto = Moto::start().await;
+        let seeder = moto.seeder().await;
+        let seeding = Instant::now();
+        let ns = seeder.create_http_namespace("bench").await;
+        for s in 0..services {
+            let svc = seeder.create_service(&ns, &format!("service-{s}"), false).await;
+            seeder.register_many(&svc.id, instances, |i| format!("10.{}.{}.{i}", s / 256, s % 256)).await;
+        }
+        eprintln!("seeded {services} x {instances} in {:.1?}", seeding.elapsed());
+        let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let grpc = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let started = Instant::now();
+        let mut child = Command::new(&bin)
+            .args(["serve", "--aws-region", moto::REGION, "--aws-endpoint-url", &moto.endpoint()])
+            .args(["--grpc-addr", &grpc.to_string(), "--admin-addr", &admin.to_string(), "--log", "warn"])
+            .env("AWS_ACCESS_KEY_ID", moto::ACCESS_KEY_ID)
+            .env("AWS_SECRET_ACCESS_KEY", moto::SECRET_ACCESS_KEY)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        loop {
+            if let Ok((200, _)) = cloudmap_xds::test_helpers::http_get(admin, "/ready").await {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(600), "not ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let ready = started.elapsed();
+        // One full-refresh period to settle, then the window.
+        tokio::time::sleep(Duration::from_secs(if full { 30 } else { 1 })).await;
+        let pid = child.id();
+        let (cpu0, calls0) = (process_cpu(pid), aws_calls(admin).await);
+        tokio::time::sleep(window).await;
+        let (cpu, calls) = (process_cpu(pid) - cpu0, aws_calls(admin).await - calls0);
+        let rss = rss_bytes(pid);
+        let _ = child.kill();
+        let _ = child.wait();
+        let idle = cpu.as_secs_f64() * 1000.0 / window.as_secs_f64();
+        let per_call = if calls > 0.0 { cpu.as_secs_f64() * 1e6 / calls } else { 0.0 };
+        println!(
+            "Cloud Map on moto, {services} × {instances}: ready after {:.1} s, RSS {:.0} MB, idle CPU {idle:.1} ms/s, \
+             {:.0} AWS calls/s, {per_call:.0} µs CPU per call",
+            ready.as_secs_f64(),
+            rss as f64 / 1e6,
+            calls / window.as_secs_f64()
+        );
+        println!(
+            "BENCH_JSON {{\"bench\":\"cloudmap\",\"services\":{services},\"instances\":{instances},\"ready_ms\":{:.0},\"rss_mb\":{:.1},\"idle_cpu_ms_per_s\":{idle:.2},\"calls_per_s\":{:.1},\"cpu_per_call_us\":{per_call:.0}}}",
+            ready.as_millis(),
+            rss as f64 / 1e6,
+            calls / window.as_secs_f64()
+        );
+    });
+}
