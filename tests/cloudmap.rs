@@ -15,7 +15,7 @@ use cloudmap_xds::proto::istio::networking::v1alpha3::ServiceEntry;
 use cloudmap_xds::proto::istio::networking::v1alpha3::service_entry::Resolution;
 use cloudmap_xds::test_helpers::server::serve_args;
 use cloudmap_xds::test_helpers::{
-    AdsClient, SERVICE_ENTRY_V1, TestServer, eventually, http_get, service_entries,
+    AdsClient, DEADLINE, SERVICE_ENTRY_V1, TestServer, eventually, http_get, service_entries,
 };
 use support::fault_proxy::{Fault, FaultProxy};
 use support::moto::{self, Moto};
@@ -650,8 +650,16 @@ async fn readiness_waits_for_the_first_complete_sync() {
     .await;
     assert_eq!(http_get(server.admin_addr, "/ready").await.unwrap().0, 503);
     assert_eq!(health().await, ServingStatus::NotServing);
+    // A one-shot query (grpcurl half-closes after its request) made before the sync is
+    // answered once the sync completes, not ended empty.
+    let mut one_shot = AdsClient::connect(server.grpc_addr).await.unwrap();
+    one_shot.send_initial(&[SERVICE_ENTRY_V1]).await;
+    one_shot.half_close();
 
     moto.resume();
+    let response = one_shot.recv().await;
+    assert_eq!(service_entries(&response).len(), 1, "the withheld answer arrives after the sync");
+    assert!(one_shot.recv_timeout(DEADLINE).await.unwrap().is_none(), "then the stream ends");
     eventually("ready after the first sync", Duration::from_secs(30), || async {
         (http_get(server.admin_addr, "/ready").await.ok()?.0 == 200).then_some(())
     })

@@ -81,6 +81,11 @@ impl Connection {
         self.node_id.as_deref()
     }
 
+    /// Whether a requested type still waits for the source's first complete sync.
+    pub fn awaiting_sync(&self) -> bool {
+        self.types.values().any(|t| t.awaiting_sync)
+    }
+
     pub fn types(&self) -> &BTreeMap<String, TypeState> {
         &self.types
     }

@@ -161,7 +161,13 @@ impl Stream {
     }
 
     async fn serve(&mut self) -> End {
+        // A client that half-closed (a one-shot grpcurl query) still gets the answers it
+        // asked for, including those withheld until the first complete sync.
+        let mut client_closed = false;
         loop {
+            if client_closed && !self.connection.awaiting_sync() {
+                return End::ClientClosed;
+            }
             let event = tokio::select! {
                 biased;
                 _ = self.draining.wait_for(|d| *d) => Event::Drain,
@@ -169,7 +175,7 @@ impl Stream {
                     Ok(()) => Event::Snapshot,
                     Err(_) => Event::Drain,
                 },
-                message = self.requests.message() => Event::Request(Box::new(message)),
+                message = self.requests.message(), if !client_closed => Event::Request(Box::new(message)),
             };
             let delivered = match event {
                 Event::Drain => return End::Draining,
@@ -179,7 +185,10 @@ impl Stream {
                         Handled::Delivered(delivered) => delivered,
                         Handled::Refused(status) => return End::Refused(status),
                     },
-                    Ok(None) => return End::ClientClosed,
+                    Ok(None) => {
+                        client_closed = true;
+                        true
+                    }
                     Err(status) if is_too_large(&status) => {
                         self.refused(limit_names::MAX_REQUEST_SIZE);
                         return End::Refused(Status::resource_exhausted(format!(
