@@ -7,6 +7,9 @@
 //! helpers, hence the `dead_code` allowance.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod envoy;
 pub mod fault_proxy;
 pub mod istiod;
+pub mod kube;
 pub mod moto;
+pub mod sidecar;
