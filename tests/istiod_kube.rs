@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cloudmap_xds::proto::cloudmap_xds::debug::v1::ServiceEntryResource;
-use cloudmap_xds::test_helpers::GOLDEN_REGISTRY;
+use cloudmap_xds::test_helpers::{GOLDEN_NAME, GOLDEN_REGISTRY};
 use serde_json::Value;
 use support::envoy::{self, Cluster};
 use support::istiod::{
@@ -35,7 +35,6 @@ const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/registry.ya
 const README: &str = include_str!("../README.md");
 const GOLDEN_HOST: &str = "getmesh-external-service.my-namespace";
 const GOLDEN_SE: &str = "cloudmap-getmesh-external-service.my-namespace";
-const GOLDEN_NAME: &str = "istio-system/cloudmap-getmesh-external-service.my-namespace";
 const GOLDEN_IP: &str = "52.192.72.89";
 const ORDERS_HOST: &str = "orders.shop.internal";
 
@@ -566,14 +565,15 @@ async fn old_operator_entries_next_to_ours(bin: IstiodBin, same_name_delete: Sam
     assert_eq!(golden["metadata"]["resourceVersion"], in_kube["metadata"]["resourceVersion"]);
     assert!(configz.iter().any(|c| configz_name(c) == old_names[0]));
     assert!(configz.iter().any(|c| configz_name(c) == "istio-system/cloudmap-orders.shop.internal"));
-    let registry_then = registry_namespaces(&istiod, GOLDEN_HOST).await;
-    assert_eq!(
-        registry_then,
-        BTreeMap::from([
+    wait_for("registryz to hold both Kubernetes entries", CHANGE_DEADLINE, || async {
+        let have = registry_namespaces(&istiod, GOLDEN_HOST).await;
+        let want = BTreeMap::from([
             (ISTIO_NAMESPACE.to_owned(), "52.192.72.1".to_owned()),
-            (OLD_OPERATOR_NAMESPACE.to_owned(), "52.192.72.2".to_owned())
-        ])
-    );
+            (OLD_OPERATOR_NAMESPACE.to_owned(), "52.192.72.2".to_owned()),
+        ]);
+        if have == want { Ok(()) } else { Err(format!("{have:?}")) }
+    })
+    .await;
     // The two Kubernetes entries were created in the same second: which one a sidecar uses
     // is istiod's tie-break (name, then namespace). Never ours.
     let (_, endpoints) = sidecar_cluster(&istiod, 80, GOLDEN_HOST).await.unwrap().unwrap();
@@ -743,13 +743,13 @@ async fn discovery_selectors(bin: IstiodBin) {
     assert_eq!(kube_in_configz, wanted_kube, "Kubernetes objects in istiod: only the selected namespaces'");
     let ours: Vec<Value> = configz.into_iter().filter(|c| c["kind"] == "ServiceEntry").collect();
     assert_configz_is(&ours, &served);
-    let hosts: BTreeSet<String> = istiod.registryz_hostnames().await.into_iter().collect();
-    for entry in &served {
-        for host in &entry.spec.as_ref().unwrap().hosts {
-            assert!(hosts.contains(host), "{host} is not in registryz: {hosts:?}");
-        }
-    }
-    assert!(!hosts.contains("api.example.com"), "the unselected namespace's ServiceEntry is in registryz");
+    let our_hosts: BTreeSet<String> =
+        served.iter().flat_map(|e| e.spec.as_ref().unwrap().hosts.clone()).collect();
+    wait_for("registryz to hold our hosts, not the unselected namespace's", CHANGE_DEADLINE, || async {
+        let hosts: BTreeSet<String> = external_hosts(&istiod).await.into_iter().collect();
+        if hosts == our_hosts { Ok(()) } else { Err(format!("{hosts:?}")) }
+    })
+    .await;
     let clusters = sidecar_cluster_names(&istiod).await;
     let missing: Vec<_> = our_clusters(&served).difference(&clusters).cloned().collect();
     assert!(missing.is_empty(), "clusters missing for the sidecar: {missing:?}");

@@ -244,6 +244,16 @@ impl KubeApi {
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", api.bins.apiserver.display()));
         api.apiserver = Some(apiserver);
 
+        // TCP first (cheap), then `/readyz` through kubectl (a process per poll).
+        while !accepts_tcp(loopback(secure)).await {
+            api.assert_running("kube-apiserver's secure port");
+            assert!(
+                Instant::now() < until,
+                "kube-apiserver did not listen on {} within {KUBE_READY_DEADLINE:?}",
+                api.server
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
         loop {
             api.assert_running("/readyz");
             if let Ok(out) = api.kubectl(&["get", "--raw", "/readyz"], None).await
