@@ -95,8 +95,11 @@ install_etcd() {
     (cd "$w" && GOTOOLCHAIN=local GOFLAGS=-mod=mod CGO_ENABLED=0 \
         go build -trimpath -ldflags "-s -w" -o "$w/etcd" go.etcd.io/etcd/server/v3 >&2) \
         || die "building etcd $ETCD_VERSION failed (wrapper module kept in $w)"
-    "$w/etcd" --version | grep -q "etcd Version: ${ETCD_VERSION#v}" \
-        || die "the etcd built does not report version ${ETCD_VERSION#v}"
+    # Captured first: `| grep -q` would close the pipe early and fail the build under pipefail.
+    local reported
+    reported="$("$w/etcd" --version)"
+    [[ "$reported" == *"etcd Version: ${ETCD_VERSION#v}"* ]] \
+        || die "the etcd built does not report version ${ETCD_VERSION#v}: $reported"
     mkdir -p "$dest"
     mv "$w/etcd" "$dest/etcd.tmp" && mv "$dest/etcd.tmp" "$dest/etcd"
     rm -rf "$w"
@@ -134,10 +137,11 @@ install_kube() {
         go build -trimpath -ldflags "-s -w ${ldflags[*]}" -o "$w/bin/" \
         k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl >&2) \
         || die "building kubernetes $KUBE_VERSION failed (wrapper module kept in $w)"
-    "$w/bin/kube-apiserver" --version | grep -qx "Kubernetes $KUBE_VERSION" \
-        || die "kube-apiserver does not report $KUBE_VERSION"
-    "$w/bin/kubectl" version --client -o json | grep -q "\"gitVersion\": \"$KUBE_VERSION\"" \
-        || die "kubectl does not report $KUBE_VERSION"
+    local reported
+    reported="$("$w/bin/kube-apiserver" --version)"
+    [[ "$reported" == "Kubernetes $KUBE_VERSION" ]] || die "kube-apiserver reports $reported, not $KUBE_VERSION"
+    reported="$("$w/bin/kubectl" version --client -o json)"
+    [[ "$reported" == *"\"gitVersion\": \"$KUBE_VERSION\""* ]] || die "kubectl does not report $KUBE_VERSION: $reported"
     mkdir -p "$dest"
     for b in kube-apiserver kubectl; do
         mv "$w/bin/$b" "$dest/$b.tmp" && mv "$dest/$b.tmp" "$dest/$b"
