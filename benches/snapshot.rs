@@ -12,7 +12,7 @@ use cloudmap_xds::translate::{Options, translate};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 
 fn options() -> Options {
-    Options { publish_namespace: "istio-system".into(), health_filter: HealthFilter::HealthyOrElseAll }
+    Options::new("istio-system", HealthFilter::HealthyOrElseAll)
 }
 
 /// `services` services of `instances` ECS-like instances each (port, zone, 3 custom attributes).
@@ -22,6 +22,7 @@ fn generated(services: usize, instances: usize) -> Registry {
             namespace: format!("ns-{}", s % 10),
             name: format!("service-{s}"),
             created: SystemTime::UNIX_EPOCH + Duration::from_secs(s as u64),
+            attributes: Default::default(),
             instances: (0..instances)
                 .map(|i| Instance {
                     id: format!("task-{s}-{i}"),

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the real peers the end-to-end tests talk to, cached outside the repo:
-#   moto_server (Cloud Map stand-in, PyPI), grpcurl (Go module proxy) and istiod (pilot-discovery built
-#   from istio.io/istio through the Go module proxy), with each istiod's CRDs (crd-all.gen.yaml from the
-#   same istio module, for the Kubernetes-mode tests). Idempotent; seconds when the cache is warm.
+#   moto_server (Cloud Map stand-in, PyPI), grpcurl (Go module proxy), istiod (pilot-discovery built
+#   from istio.io/istio through the Go module proxy) with each istiod's CRDs (crd-all.gen.yaml from the
+#   same istio module, for the Kubernetes-mode tests), and se-validate (tools/se-validate: istiod's
+#   ServiceEntry validation, same istio module). Idempotent; seconds when the cache is warm.
 #
 # Usage:  eval "$(scripts/install-peers.sh)"
 #   stdout: only `export VAR=value` lines; all progress goes to stderr.
@@ -13,6 +14,7 @@
 #   CLOUDMAP_XDS_OLD_ISTIOD=0   skip the pre-1.24 istiod (v1alpha3 type URLs); default 1 = build it
 #   CLOUDMAP_XDS_MASTER_ISTIOD=0  skip the newest Istio master (unpatched; runs only with Kubernetes)
 #   CLOUDMAP_XDS_MASTER_KUBELESS_ISTIOD=1  also build that master with a one-line kube-less patch
+#   CLOUDMAP_XDS_SE_VALIDATE=0  skip tools/se-validate (istiod's ServiceEntry validation as a command)
 #   CLOUDMAP_XDS_VERIFY=1       re-run the start-up checks even when the cache is warm
 #
 # Cold cost on 2 cores (see tests/e2e/ISTIOD_NOTES.md): each istiod is a multi-minute Go build;
@@ -20,6 +22,7 @@
 set -euo pipefail
 
 CACHE="${CLOUDMAP_XDS_CACHE:-$HOME/.cache/cloudmap-xds}"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 # ---- pinned versions -------------------------------------------------------------------------------
 MOTO_VERSION=5.2.5            # newest 5.2.x on PyPI when pinned
@@ -100,38 +103,29 @@ install_grpcurl() {
 }
 
 # ---- istiod ----------------------------------------------------------------------------------------
-# build_istiod VERSION DEST_DIR [patch]
-# Builds istio.io/istio/pilot/cmd/pilot-discovery@VERSION from a throw-away wrapper module that
-# requires istio at VERSION, repeats istio's `replace` lines and carries istio's own go.sum. Why not
-# `go install pkg@version`: it refuses modules with replace lines, and it verifies every dependency
-# against the checksum database, which 404s here for some (e.g. go-control-plane for 1.26.0), while
-# istio's go.sum has the hashes.
-build_istiod() {
-    local version="$1" dest="$2" patch="${3:-}"
-    if [[ -x "$dest/pilot-discovery" ]]; then
-        [[ "${CLOUDMAP_XDS_VERIFY:-0}" == 1 ]] && "$dest/pilot-discovery" version >/dev/null 2>&1
-        return 0
-    fi
-    command -v go >/dev/null || die "go is required to build istiod"
-    local t0 w info dir gomod
-    t0=$(date +%s)
-    w="$(mktemp -d "${TMPDIR:-/tmp}/cloudmap-xds-istiod.XXXXXX")"
-    log "istiod $version${patch:+ (+$patch)}: fetching module (Go module proxy)"
-    info="$(cd "$w" && GOTOOLCHAIN=local go mod download -json "istio.io/istio@$version")" \
+# wire_istio_module VERSION WRAPPER_DIR
+# Makes the Go module in WRAPPER_DIR (its go.mod exists) build against istio.io/istio@VERSION:
+# sets the go directive and the requirement, repeats istio's `replace` lines and carries istio's own
+# go.sum. Why not `go install pkg@version`: it refuses modules with replace lines, and it verifies
+# every dependency against the checksum database, which 404s here for some (e.g. go-control-plane
+# for 1.26.0), while istio's go.sum has the hashes. Sets ISTIO_MODULE_DIR (the module's source).
+wire_istio_module() {
+    local version="$1" w="$2" info dir gomod godir
+    # Outside any module, so the download touches no go.mod or go.sum.
+    mkdir -p "$w.download"
+    info="$(cd "$w.download" && GOTOOLCHAIN=local go mod download -json "istio.io/istio@$version")" \
         || die "go mod download istio.io/istio@$version failed: $info"
+    rmdir "$w.download"
     read -r dir gomod < <(python3 -c '
 import json, sys
 d = json.loads(sys.argv[1])
 if d.get("Error"): sys.exit("module error: " + d["Error"])
 print(d["Dir"], d["GoMod"])' "$info") || true
     [[ -n "${gomod:-}" ]] || die "istio.io/istio@$version: no module from the proxy: $info"
+    godir="$(go mod edit -json "$gomod" | python3 -c 'import json,sys; print(json.load(sys.stdin).get("Go") or "1.21")')"
     (
         cd "$w"
-        local godir
-        godir="$(go mod edit -json "$gomod" | python3 -c 'import json,sys; print(json.load(sys.stdin).get("Go") or "1.21")')"
-        go mod init cloudmapxds.local/istiod-wrapper >/dev/null 2>&1
         go mod edit -go="$godir" -require="istio.io/istio@$version"
-        # repeat istio's replace lines
         go mod edit -json "$gomod" | python3 -c '
 import json, sys
 for r in json.load(sys.stdin).get("Replace") or []:
@@ -139,14 +133,38 @@ for r in json.load(sys.stdin).get("Replace") or []:
     old = o["Path"] + ("@" + o["Version"] if o.get("Version") else "")
     new = n["Path"] + ("@" + n["Version"] if n.get("Version") else "")
     print(old + "=" + new)' | while read -r rep; do
-            log "istiod $version: replace $rep"
+            log "istio $version: replace $rep"
             go mod edit -replace="$rep"
         done
         cp "$dir/go.sum" go.sum
+        chmod u+w go.sum
         python3 -c '
 import json, sys
 d = json.loads(sys.argv[1])
 print(d["Path"], d["Version"], d["Sum"]); print(d["Path"], d["Version"] + "/go.mod", d["GoModSum"])' "$info" >>go.sum
+    ) || die "wiring istio.io/istio@$version into $w failed"
+    ISTIO_MODULE_DIR="$dir"
+}
+
+# build_istiod VERSION DEST_DIR [patch]
+# Builds istio.io/istio/pilot/cmd/pilot-discovery@VERSION from a throw-away wrapper module
+# (wire_istio_module).
+build_istiod() {
+    local version="$1" dest="$2" patch="${3:-}"
+    if [[ -x "$dest/pilot-discovery" ]]; then
+        [[ "${CLOUDMAP_XDS_VERIFY:-0}" == 1 ]] && "$dest/pilot-discovery" version >/dev/null 2>&1
+        return 0
+    fi
+    command -v go >/dev/null || die "go is required to build istiod"
+    local t0 w
+    t0=$(date +%s)
+    w="$(mktemp -d "${TMPDIR:-/tmp}/cloudmap-xds-istiod.XXXXXX")"
+    log "istiod $version${patch:+ (+$patch)}: fetching module (Go module proxy)"
+    (
+        cd "$w"
+        go mod init cloudmapxds.local/istiod-wrapper >/dev/null 2>&1
+        wire_istio_module "$version" "$w"
+        local dir="$ISTIO_MODULE_DIR"
         if [[ "$patch" == kubeless ]]; then
             # Istio master (2026) dereferences the multicluster controller, which only exists with a
             # kube client (pilot/pkg/serviceregistry/serviceentry/controller.go). Give it an empty
@@ -205,6 +223,38 @@ istio_crds() {
     die "istio.io/istio@$version holds no manifests/charts/base/{files,crds}/crd-all.gen.yaml"
 }
 
+# ---- se-validate -----------------------------------------------------------------------------------
+# build_se_validate VERSION
+# tools/se-validate: istiod's own ServiceEntry validation (pkg/config/validation through the MCP
+# config store) as a command, for the property tests. Built from a copy of the tool's module wired to
+# istio VERSION like istiod; it shares the Go module and build caches with istiod's build, so warm it
+# takes seconds. Cached by istio version and a hash of the tool's sources.
+build_se_validate() {
+    local version="$1" src="$REPO/tools/se-validate" hash dest w t0
+    grep -q "^require istio.io/istio $version\$" "$src/go.mod" \
+        || die "tools/se-validate/go.mod must require istio.io/istio $version (ISTIOD_VERSION here)"
+    hash="$(cat "$src/go.mod" "$src"/*.go | sha256sum | cut -c1-12)"
+    dest="$CACHE/se-validate-$version-$hash"
+    if [[ ! -x "$dest/se-validate" ]]; then
+        command -v go >/dev/null || die "go is required to build se-validate"
+        t0=$(date +%s)
+        w="$(mktemp -d "${TMPDIR:-/tmp}/cloudmap-xds-se-validate.XXXXXX")"
+        log "se-validate (istio $version): go build"
+        (
+            cp "$src/go.mod" "$src"/*.go "$w/"
+            wire_istio_module "$version" "$w"
+            cd "$w"
+            GOTOOLCHAIN=local CGO_ENABLED=0 go build -mod=mod -trimpath -ldflags "-s -w" -o se-validate . >&2
+        ) || die "building se-validate failed (module kept in $w)"
+        mkdir -p "$dest"
+        mv "$w/se-validate" "$dest/se-validate.tmp"
+        mv "$dest/se-validate.tmp" "$dest/se-validate"
+        rm -rf "$w"
+        log "se-validate: built in $(($(date +%s) - t0))s -> $dest/se-validate"
+    fi
+    SE_VALIDATE_BIN="$dest/se-validate"
+}
+
 # ---- main ------------------------------------------------------------------------------------------
 install_moto
 install_grpcurl
@@ -215,6 +265,12 @@ exports=(
     "GRPCURL=$GRPCURL"
 )
 summary="moto $MOTO_VERSION, grpcurl $GRPCURL_VERSION"
+
+if [[ "${CLOUDMAP_XDS_SE_VALIDATE:-1}" != 0 ]]; then
+    build_se_validate "$ISTIOD_VERSION"
+    exports+=("SE_VALIDATE_BIN=$SE_VALIDATE_BIN")
+    summary+=", se-validate (istio $ISTIOD_VERSION)"
+fi
 
 if [[ "${CLOUDMAP_XDS_ISTIOD:-1}" != 0 ]]; then
     build_istiod "$ISTIOD_VERSION" "$CACHE/istiod-$ISTIOD_VERSION"

@@ -17,13 +17,13 @@ use tracing::{error, info, warn};
 use crate::admin::{self, AdminState};
 use crate::config::ServeArgs;
 use crate::debug::DebugService;
-use crate::metrics::{Metrics, OutcomeLabels, ReasonLabels};
+use crate::metrics::{Metrics, OutcomeLabels, ReasonLabels, SettingLabels};
 use crate::model::Registry;
 use crate::proto::cloudmap_xds::debug::v1::debug_server::DebugServer;
 use crate::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use crate::snapshot::{self, Publisher, Snapshot};
 use crate::source::{self, SourceView, registry_file};
-use crate::translate::{Options, Skipped, SkippedLabel};
+use crate::translate::{Options, SettingProblem, Skipped, SkippedLabel};
 use crate::xds::{AdsServer, Clients};
 
 /// istiod's ADS client pings every 30 s and waits 10 s; we detect dead peers the same way.
@@ -61,7 +61,7 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
     let (publisher, snapshots) = snapshot::channel();
     tokio::spawn(build_snapshots(
         source_view.registry.clone(),
-        options,
+        options.clone(),
         publisher,
         metrics.clone(),
         draining.clone(),
@@ -78,7 +78,7 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
     let admin_addr = admin_listener.local_addr()?;
 
     let ads = AdsServer::new(snapshots.clone(), clients.clone(), metrics.xds.clone(), draining.clone());
-    let debug = DebugService::new(snapshots.clone(), source_view.clone(), clients);
+    let debug = DebugService::new(snapshots.clone(), source_view.clone(), clients, options.clone());
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -151,7 +151,7 @@ async fn start_source(
             tokio::spawn(registry_file::watch(path.clone(), sink, text, metrics.source.clone(), shutdown));
             Ok(view)
         }
-        None => source::cloudmap::start(&args.cloudmap, metrics, shutdown)
+        None => source::cloudmap::start(&args.cloudmap.settings(), metrics, shutdown)
             .await
             .context("starting the Cloud Map source"),
     }
@@ -168,6 +168,7 @@ async fn build_snapshots(
     let mut builder = snapshot::Builder::new(options);
     let mut logged_skips = BTreeSet::new();
     let mut logged_labels = BTreeSet::new();
+    let mut logged_settings = BTreeSet::new();
     loop {
         let registry = registries.borrow_and_update().clone();
         if let Some(registry) = registry {
@@ -175,6 +176,7 @@ async fn build_snapshots(
             let snapshot = builder.build(&registry);
             metrics.snapshot.build_duration.observe(started.elapsed().as_secs_f64());
             log_new_skips(&snapshot.skipped, &mut logged_skips, builder.skipped_labels(), &mut logged_labels);
+            log_new_invalid_settings(&snapshot.invalid_settings, &mut logged_settings);
             record_snapshot_metrics(&metrics, &snapshot, registry.services.len());
             let (version, entries, endpoints) =
                 (snapshot.version.clone(), snapshot.resources.len(), snapshot.endpoints);
@@ -208,6 +210,14 @@ fn log_new_skips<'a>(
     *logged_labels = labels;
 }
 
+/// Logs each unusable service attribute once, not on every rebuild.
+fn log_new_invalid_settings(problems: &[SettingProblem], logged: &mut BTreeSet<SettingProblem>) {
+    for p in problems.iter().filter(|p| !logged.contains(*p)) {
+        warn!(namespace = %p.namespace, service = %p.service, key = %p.setting.key, value = %p.setting.value, reason = %p.setting.reason, "service attribute ignored; the setting falls back to the flag or default");
+    }
+    *logged = problems.iter().cloned().collect();
+}
+
 fn record_snapshot_metrics(metrics: &Metrics, snapshot: &Snapshot, services: usize) {
     let m = &metrics.snapshot;
     m.service_entries.set(i64::try_from(snapshot.resources.len()).unwrap_or(i64::MAX));
@@ -217,6 +227,10 @@ fn record_snapshot_metrics(metrics: &Metrics, snapshot: &Snapshot, services: usi
     m.skipped_instances.clear();
     for s in &snapshot.skipped {
         m.skipped_instances.get_or_create(&ReasonLabels { reason: s.reason.kind() }).inc();
+    }
+    m.invalid_settings.clear();
+    for p in &snapshot.invalid_settings {
+        m.invalid_settings.get_or_create(&SettingLabels { setting: p.setting.kind() }).inc();
     }
     metrics.source.services.set(i64::try_from(services).unwrap_or(i64::MAX));
 }

@@ -7,8 +7,13 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
+pub mod cloudmap;
+
+pub use self::cloudmap::CloudMapArgs;
 use crate::model::HealthFilter;
-use crate::source::cloudmap::CloudMapArgs;
+use crate::translate::settings::{
+    self, AddressMode, Defaults, ResolutionMode, parse_export_to, parse_location, parse_port_protocols,
+};
 
 pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:15099";
 pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:15098";
@@ -18,6 +23,8 @@ pub const DEFAULT_PUBLISH_NAMESPACE: &str = "istio-system";
 pub const POD_NAMESPACE_ENV: &str = "POD_NAMESPACE";
 pub const DEFAULT_SHUTDOWN_GRACE_PERIOD: &str = "10s";
 pub const DEFAULT_LOG_FILTER: &str = "info";
+/// How long `render` and `export` may take to read Cloud Map once, completely.
+pub const DEFAULT_READ_TIMEOUT: &str = "5m";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -34,8 +41,11 @@ pub struct Cli {
 pub enum Command {
     /// Run the MCP-over-xDS server istiod dials (`meshConfig.configSources: - address: xds://HOST:PORT`).
     Serve(Box<ServeArgs>),
-    /// Print the ServiceEntries of a registry file as Kubernetes YAML, to preview, diff or `kubectl apply`.
-    Render(RenderArgs),
+    /// Print the ServiceEntries as Kubernetes YAML (to preview, diff or `kubectl apply`): from a registry
+    /// file, or, without one, from one complete read of Cloud Map with the same flags as `serve`.
+    Render(Box<RenderArgs>),
+    /// Print Cloud Map's current state as a registry file, to reproduce offline what `serve` sees.
+    Export(Box<ExportArgs>),
 }
 
 #[derive(Debug, Clone, Args, Serialize)]
@@ -82,16 +92,74 @@ pub struct PublishArgs {
     /// Which instances become endpoints, by Cloud Map health status.
     #[arg(long, env = "CLOUDMAP_XDS_HEALTH_FILTER", value_enum, default_value_t = HealthFilter::HealthyOrElseAll)]
     pub health_filter: HealthFilter,
+
+    /// Protocols of instance ports for services that declare no ports (`cloudmap-xds/ports`), as
+    /// NUMBER=PROTOCOL pairs, e.g. `8080=HTTP,50051=GRPC`. 80 is HTTP and 443 HTTPS unless set here; others TCP.
+    #[arg(long, env = "CLOUDMAP_XDS_PORT_PROTOCOLS", default_value = "", value_parser = checked(parse_port_protocols))]
+    pub port_protocols: String,
+
+    /// `location` of services that set none (`cloudmap-xds/location`): MESH_EXTERNAL or MESH_INTERNAL [default: MESH_EXTERNAL].
+    #[arg(long, env = "CLOUDMAP_XDS_DEFAULT_LOCATION", value_parser = checked(parse_location))]
+    pub default_location: Option<String>,
+
+    /// `exportTo` of services that set none (`cloudmap-xds/export-to`): namespaces, `.` (the publish namespace), `*` or `~` [default: Istio's, everywhere].
+    #[arg(long, env = "CLOUDMAP_XDS_DEFAULT_EXPORT_TO", value_parser = checked(parse_export_to))]
+    pub default_export_to: Option<String>,
+
+    /// `resolution` of services that set none (`cloudmap-xds/resolution`): auto (STATIC when every endpoint is an IP, else DNS), STATIC, DNS, DNS_ROUND_ROBIN or NONE.
+    #[arg(long, env = "CLOUDMAP_XDS_DEFAULT_RESOLUTION", default_value = "auto", value_parser = checked(str::parse::<ResolutionMode>))]
+    pub default_resolution: String,
+
+    /// `addresses` of services that set none (`cloudmap-xds/addresses`): lowest (the lowest endpoint IP), all (every endpoint IP), none, or IPs/CIDRs.
+    #[arg(long, env = "CLOUDMAP_XDS_DEFAULT_ADDRESSES", default_value = DEFAULT_ADDRESSES, value_parser = checked(str::parse::<AddressMode>))]
+    pub default_addresses: String,
+}
+
+/// The built-in address choice, as a flag value.
+pub const DEFAULT_ADDRESSES: &str = "lowest";
+
+/// A clap value parser that checks a value with `parse` and keeps its text (for the logged configuration).
+fn checked<T>(
+    parse: impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static,
+) -> impl clap::builder::TypedValueParser<Value = String> {
+    move |s: &str| parse(s).map(|_| s.to_owned())
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct RenderArgs {
-    /// The registry file to render.
+    /// The registry file to render; without one, Cloud Map is read once, completely, with the same flags as `serve`.
     #[arg(long, env = "CLOUDMAP_XDS_REGISTRY_FILE")]
-    pub registry_file: PathBuf,
+    pub registry_file: Option<PathBuf>,
+
+    /// Instead of the YAML, explain one ServiceEntry: where each port, protocol and setting came from
+    /// (service attribute, flag, default) and which instances were left out and why. Give its name
+    /// (`cloudmap-<service>.<namespace>`) or the Cloud Map `NAMESPACE/SERVICE`.
+    #[arg(long, env = "CLOUDMAP_XDS_EXPLAIN")]
+    pub explain: Option<String>,
+
+    /// How long the one complete Cloud Map read may take.
+    #[arg(long, env = "CLOUDMAP_XDS_READ_TIMEOUT", default_value = DEFAULT_READ_TIMEOUT, value_parser = humantime::parse_duration)]
+    pub read_timeout: Duration,
 
     #[command(flatten)]
     pub publish: PublishArgs,
+
+    #[command(flatten)]
+    pub cloudmap: CloudMapArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExportArgs {
+    /// Write the registry file here instead of standard output.
+    #[arg(long, short, env = "CLOUDMAP_XDS_EXPORT_OUTPUT")]
+    pub output: Option<PathBuf>,
+
+    /// How long the one complete Cloud Map read may take.
+    #[arg(long, env = "CLOUDMAP_XDS_READ_TIMEOUT", default_value = DEFAULT_READ_TIMEOUT, value_parser = humantime::parse_duration)]
+    pub read_timeout: Duration,
+
+    #[command(flatten)]
+    pub cloudmap: CloudMapArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -107,6 +175,8 @@ pub enum Error {
         "invalid publish namespace {0:?}: it must be a Kubernetes namespace name (lower-case letters, digits and '-', at most 63)"
     )]
     PublishNamespace(String),
+    #[error("{flag}: {reason}")]
+    Flag { flag: &'static str, reason: String },
 }
 
 impl PublishArgs {
@@ -128,9 +198,38 @@ impl PublishArgs {
     }
 
     pub fn translate_options(&self) -> Result<crate::translate::Options, Error> {
+        let flag = |flag: &'static str| move |reason: String| Error::Flag { flag, reason };
+        let optional =
+            |value: &Option<String>| value.as_deref().filter(|v| !v.trim().is_empty()).map(str::to_owned);
+        let defaults = Defaults {
+            port_protocols: parse_port_protocols(&self.port_protocols)
+                .map_err(flag(settings::PORT_PROTOCOLS_FLAG))?,
+            location: optional(&self.default_location)
+                .map(|v| parse_location(&v))
+                .transpose()
+                .map_err(flag(settings::LOCATION_FLAG))?,
+            export_to: optional(&self.default_export_to)
+                .map(|v| parse_export_to(&v))
+                .transpose()
+                .map_err(flag(settings::EXPORT_TO_FLAG))?,
+            resolution: match self
+                .default_resolution
+                .parse::<ResolutionMode>()
+                .map_err(flag(settings::RESOLUTION_FLAG))?
+            {
+                ResolutionMode::Auto => None,
+                fixed => Some(fixed),
+            },
+            addresses: if self.default_addresses == DEFAULT_ADDRESSES {
+                None
+            } else {
+                Some(self.default_addresses.parse::<AddressMode>().map_err(flag(settings::ADDRESSES_FLAG))?)
+            },
+        };
         Ok(crate::translate::Options {
             publish_namespace: self.namespace()?,
             health_filter: self.health_filter,
+            defaults,
         })
     }
 }
@@ -171,15 +270,58 @@ mod tests {
         assert!(err.contains("HEALTHY_OR_ELSE_ALL"), "{err}");
         let err = parse(&["serve", "--shutdown-grace-period", "soon"]).unwrap_err().to_string();
         assert!(err.contains("--shutdown-grace-period"), "{err}");
+        let err = parse(&["serve", "--port-protocols", "8080=SPDY"]).unwrap_err().to_string();
+        assert!(err.contains("--port-protocols") && err.contains("unknown protocol"), "{err}");
+        let err = parse(&["serve", "--default-export-to", "*,a"]).unwrap_err().to_string();
+        assert!(err.contains("--default-export-to"), "{err}");
+        let err = parse(&["serve", "--default-addresses", "some"]).unwrap_err().to_string();
+        assert!(err.contains("--default-addresses"), "{err}");
+    }
+
+    #[test]
+    fn translation_defaults_come_from_the_flags() {
+        use crate::proto::istio::networking::v1alpha3::service_entry::Location;
+        use crate::translate::settings::Protocol;
+        let Command::Serve(args) = parse(&[
+            "serve",
+            "--port-protocols",
+            "8080=HTTP,50051=grpc",
+            "--default-location",
+            "MESH_INTERNAL",
+            "--default-export-to",
+            ".,team-a",
+            "--default-addresses",
+            "all",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not serve")
+        };
+        let options = args.publish.translate_options().unwrap();
+        let d = options.defaults;
+        assert_eq!(d.port_protocols.get(&8080), Some(&Protocol::Http));
+        assert_eq!(d.port_protocols.get(&50051), Some(&Protocol::Grpc));
+        assert_eq!(d.location, Some(Location::MeshInternal));
+        assert_eq!(d.export_to, Some(vec![".".to_string(), "team-a".to_string()]));
+        assert_eq!(d.addresses, Some(AddressMode::All));
+        assert_eq!(d.resolution, None);
+        let Command::Serve(args) = parse(&["serve"]).unwrap().command else { panic!("not serve") };
+        assert_eq!(args.publish.translate_options().unwrap().defaults, Defaults::default());
     }
 
     #[test]
     fn publish_namespace_must_be_a_namespace_name() {
-        let args =
-            PublishArgs { publish_namespace: Some("Istio_System".into()), health_filter: HealthFilter::All };
-        assert!(args.namespace().unwrap_err().to_string().contains("Istio_System"));
-        let args =
-            PublishArgs { publish_namespace: Some("mesh-config".into()), health_filter: HealthFilter::All };
-        assert_eq!(args.namespace().unwrap(), "mesh-config");
+        let Command::Render(args) =
+            parse(&["render", "--publish-namespace", "Istio_System"]).unwrap().command
+        else {
+            panic!("not render")
+        };
+        assert!(args.publish.namespace().unwrap_err().to_string().contains("Istio_System"));
+        let Command::Render(args) = parse(&["render", "--publish-namespace", "mesh-config"]).unwrap().command
+        else {
+            panic!("not render")
+        };
+        assert_eq!(args.publish.namespace().unwrap(), "mesh-config");
     }
 }

@@ -7,12 +7,15 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::proto::cloudmap_xds::debug::v1::{
-    Client, GetStatusRequest, GetStatusResponse, ListClientsRequest, ListClientsResponse,
-    ListServiceEntriesRequest, ListServiceEntriesResponse, ServiceEntryResource, ServiceSourceStatus,
-    TypeState, debug_server::Debug,
+    Client, EndpointExplanation, ExplainServiceEntryRequest, ExplainServiceEntryResponse, GetStatusRequest,
+    GetStatusResponse, IgnoredSetting, ListClientsRequest, ListClientsResponse, ListServiceEntriesRequest,
+    ListServiceEntriesResponse, PortExplanation, ServiceEntryResource, ServiceSourceStatus,
+    SettingExplanation, SkippedInstance, TypeState, debug_server::Debug,
 };
+use crate::render;
 use crate::snapshot::Snapshot;
 use crate::source::SourceView;
+use crate::translate::{self, Explanation, Options};
 use crate::xds::Clients;
 
 #[derive(Debug, Clone)]
@@ -20,11 +23,91 @@ pub struct DebugService {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     source: SourceView,
     clients: Clients,
+    /// What the snapshot builder translates with, so explanations match what is served.
+    options: Arc<Options>,
 }
 
 impl DebugService {
-    pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>, source: SourceView, clients: Clients) -> Self {
-        DebugService { snapshots, source, clients }
+    pub fn new(
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        source: SourceView,
+        clients: Clients,
+        options: Options,
+    ) -> Self {
+        DebugService { snapshots, source, clients, options: Arc::new(options) }
+    }
+}
+
+/// The explanation as the debug service returns it.
+fn explanation_response(
+    service: &crate::model::Service,
+    e: Explanation,
+    publish_namespace: &str,
+) -> ExplainServiceEntryResponse {
+    let setting = |setting: &str, value: String, origin: String| SettingExplanation {
+        setting: setting.into(),
+        value,
+        origin,
+    };
+    let mut skipped_instances: Vec<SkippedInstance> = e
+        .skipped
+        .iter()
+        .map(|(id, reason)| SkippedInstance {
+            instance: id.clone(),
+            kind: reason.kind().into(),
+            reason: reason.to_string(),
+        })
+        .collect();
+    skipped_instances.extend(e.health_filtered.iter().map(|(id, health)| SkippedInstance {
+        instance: id.clone(),
+        kind: "health_filter".into(),
+        reason: format!("{} and left out by the health filter", health.as_str()),
+    }));
+    ExplainServiceEntryResponse {
+        name: format!("{publish_namespace}/{}", e.name),
+        cloud_map_namespace: service.namespace.clone(),
+        cloud_map_service: service.name.clone(),
+        host: e.host.clone(),
+        ports_origin: render::ports_origin(&e),
+        ports: e
+            .ports
+            .iter()
+            .map(|p| PortExplanation {
+                name: p.spec.name.clone(),
+                number: u32::from(p.spec.number),
+                protocol: p.spec.protocol.as_str().into(),
+                origin: p.origin.to_string(),
+            })
+            .collect(),
+        settings: vec![
+            setting("location", e.location.value.as_str_name().into(), e.location.origin.to_string()),
+            setting("exportTo", e.export_to.value.join(","), e.export_to.origin.to_string()),
+            setting("resolution", e.resolution.value.as_str_name().into(), render::resolution_origin(&e)),
+            setting(
+                "addresses",
+                format!("{} ({})", e.spec.addresses.join(","), e.addresses.value),
+                e.addresses.origin.to_string(),
+            ),
+        ],
+        endpoints: e
+            .spec
+            .endpoints
+            .iter()
+            .zip(&e.endpoint_instances)
+            .map(|(endpoint, instances)| EndpointExplanation {
+                address: endpoint.address.clone(),
+                ports: endpoint.ports.clone().into_iter().collect(),
+                instances: instances.clone(),
+            })
+            .collect(),
+        skipped_instances,
+        ignored_settings: e
+            .invalid_settings
+            .iter()
+            .map(|i| IgnoredSetting { key: i.key.clone(), value: i.value.clone(), reason: i.reason.clone() })
+            .collect(),
+        notes: e.notes.clone(),
+        spec: Some(e.spec),
     }
 }
 
@@ -118,5 +201,31 @@ impl Debug for DebugService {
             })
             .collect();
         Ok(Response::new(ListClientsResponse { clients }))
+    }
+
+    async fn explain_service_entry(
+        &self,
+        request: Request<ExplainServiceEntryRequest>,
+    ) -> Result<Response<ExplainServiceEntryResponse>, Status> {
+        let target = request.into_inner().name;
+        let Some(registry) = self.source.registry.borrow().clone() else {
+            return Err(Status::unavailable("the source has not completed its first sync yet"));
+        };
+        let options = self.options.clone();
+        // Translation is CPU work: keep it off the workers that serve streams.
+        let found = tokio::task::spawn_blocking(move || {
+            translate::explain(&registry, &target, &options)
+                .map(|(service, e)| explanation_response(&service, e, &options.publish_namespace))
+                .ok_or(target)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("explaining failed: {e}")))?;
+        match found {
+            Ok(response) => Ok(Response::new(response)),
+            Err(target) => Err(Status::not_found(format!(
+                "no ServiceEntry {target:?}: give cloudmap-<service>.<namespace> (optionally with the publish \
+                 namespace and a slash before it) or the Cloud Map NAMESPACE/SERVICE"
+            ))),
+        }
     }
 }

@@ -26,6 +26,11 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SettingLabels {
+    pub setting: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TypeLabels {
     pub r#type: &'static str,
 }
@@ -36,8 +41,10 @@ pub struct SourceMetrics {
     /// Loads or polls by outcome (`success`, `error`, `unchanged`).
     pub loads: Family<OutcomeLabels, Counter>,
     pub load_duration: Histogram,
-    /// AWS API calls by API and outcome (`success`, `error`, `throttled`, `timeout`).
+    /// AWS API calls by API and outcome (`success`, `error`, `throttled`, `timeout`, `denied`).
     pub aws_calls: Family<ApiLabels, Counter>,
+    /// 1 while the IAM policy denies GetServiceAttributes (optional: the defaults apply).
+    pub service_attributes_unavailable: Gauge,
     /// Unix time of the last complete sync of every service.
     pub last_full_sync: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub services: Gauge,
@@ -50,6 +57,8 @@ pub struct SnapshotMetrics {
     pub endpoints: Gauge,
     pub skipped_instances: Family<ReasonLabels, Gauge>,
     pub skipped_labels: Gauge,
+    /// Service attributes of ours that could not be used, by setting (`ports`, `location`, ..., `unknown`).
+    pub invalid_settings: Family<SettingLabels, Gauge>,
     pub published: Counter,
     pub build_duration: Histogram,
     pub encoded_bytes: Gauge,
@@ -86,6 +95,7 @@ impl Metrics {
             loads: Family::default(),
             load_duration: seconds_histogram(),
             aws_calls: Family::default(),
+            service_attributes_unavailable: Gauge::default(),
             last_full_sync: Gauge::default(),
             services: Gauge::default(),
         };
@@ -101,6 +111,12 @@ impl Metrics {
             "AWS Cloud Map API calls, by API and outcome",
             source.aws_calls.clone(),
         );
+        registry.register(
+            "service_attributes_unavailable",
+            "1 while the IAM policy does not allow servicediscovery:GetServiceAttributes (optional: services are served \
+             without their cloudmap-xds/ attributes)",
+            source.service_attributes_unavailable.clone(),
+        );
         registry.register_with_unit(
             "last_full_sync_timestamp",
             "Unix time of the last complete sync of every service; alert on time() minus this",
@@ -114,6 +130,7 @@ impl Metrics {
             endpoints: Gauge::default(),
             skipped_instances: Family::default(),
             skipped_labels: Gauge::default(),
+            invalid_settings: Family::default(),
             published: Counter::default(),
             build_duration: seconds_histogram(),
             encoded_bytes: Gauge::default(),
@@ -133,6 +150,11 @@ impl Metrics {
             "skipped_labels",
             "Custom attributes of the current snapshot that are not valid labels",
             snapshot.skipped_labels.clone(),
+        );
+        registry.register(
+            "invalid_service_settings",
+            "Service attributes (cloudmap-xds/...) of the current snapshot that could not be used, by setting",
+            snapshot.invalid_settings.clone(),
         );
         registry.register(
             "snapshots_published",

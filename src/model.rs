@@ -30,6 +30,10 @@ pub struct Service {
     /// The service's creation time; becomes the MCP `create_time`, which istiod
     /// uses to order ServiceEntries that claim the same host.
     pub created: SystemTime,
+    /// The service's own Cloud Map *service attributes* (`GetServiceAttributes`); the
+    /// keys under `cloudmap-xds/` set its ports, location, exportTo, resolution and
+    /// addresses (see `translate::settings`), the others are ignored.
+    pub attributes: BTreeMap<String, String>,
     pub instances: Vec<Instance>,
 }
 

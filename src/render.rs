@@ -3,8 +3,9 @@
 
 use serde_json::{Map, Value, json};
 
+use crate::model::Service;
 use crate::proto::istio::networking::v1alpha3::{ServiceEntry, WorkloadEntry};
-use crate::translate::Entry;
+use crate::translate::{Entry, Explanation};
 
 pub const API_VERSION: &str = "networking.istio.io/v1";
 
@@ -78,6 +79,71 @@ pub fn yaml(entries: &[Entry]) -> Result<String, serde_norway::Error> {
     Ok(out)
 }
 
+/// One service's [`Explanation`] in the shape `render --explain` prints.
+pub fn explanation_json(service: &Service, explanation: &Explanation, publish_namespace: &str) -> Value {
+    let ports: Vec<Value> = explanation
+        .ports
+        .iter()
+        .map(|p| {
+            json!({"name": p.spec.name, "number": p.spec.number, "protocol": p.spec.protocol.as_str(),
+                   "from": p.origin.to_string()})
+        })
+        .collect();
+    let endpoints: Vec<Value> = explanation
+        .spec
+        .endpoints
+        .iter()
+        .zip(&explanation.endpoint_instances)
+        .map(|(e, instances)| json!({"address": e.address, "ports": e.ports, "instances": instances}))
+        .collect();
+    let mut skipped: Vec<Value> = explanation
+        .skipped
+        .iter()
+        .map(|(id, reason)| json!({"instance": id, "reason": reason.to_string()}))
+        .collect();
+    skipped.extend(explanation.health_filtered.iter().map(|(id, health)| {
+        json!({"instance": id, "reason": format!("{} and left out by the health filter", health.as_str())})
+    }));
+    json!({
+        "serviceEntry": format!("{publish_namespace}/{}", explanation.name),
+        "cloudMapService": format!("{}/{}", service.namespace, service.name),
+        "host": explanation.host,
+        "ports": {"from": ports_origin(explanation), "ports": ports},
+        "location": {"value": explanation.location.value.as_str_name(), "from": explanation.location.origin.to_string()},
+        "exportTo": {"value": explanation.export_to.value, "from": explanation.export_to.origin.to_string()},
+        "resolution": {"value": explanation.resolution.value.as_str_name(), "from": resolution_origin(explanation)},
+        "addresses": {"value": explanation.spec.addresses, "mode": explanation.addresses.value.to_string(),
+                      "from": explanation.addresses.origin.to_string()},
+        "endpoints": endpoints,
+        "skippedInstances": skipped,
+        "invalidSettings": explanation.invalid_settings.iter()
+            .map(|i| json!({"key": i.key, "value": i.value, "reason": i.reason})).collect::<Vec<_>>(),
+        "skippedLabels": explanation.skipped_labels,
+        "notes": explanation.notes,
+        "spec": spec_json(&explanation.spec),
+    })
+}
+
+/// Where the port list came from, in words.
+pub fn ports_origin(explanation: &Explanation) -> String {
+    match explanation.ports_origin {
+        crate::translate::settings::Origin::Default => {
+            "derived from the instances' AWS_INSTANCE_PORT (each port's protocol: see `from`)".into()
+        }
+        ref origin => origin.to_string(),
+    }
+}
+
+/// Where the resolution came from, in words.
+pub fn resolution_origin(explanation: &Explanation) -> String {
+    match explanation.resolution.origin {
+        crate::translate::settings::Origin::Default => {
+            "default: STATIC when every endpoint is an IP, else DNS".into()
+        }
+        ref origin => origin.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::SystemTime;
@@ -92,13 +158,14 @@ mod tests {
             namespace: "my-namespace".into(),
             name: "getmesh-external-service".into(),
             created: SystemTime::UNIX_EPOCH,
+            attributes: Default::default(),
             instances: vec![Instance {
                 id: "i-1".into(),
                 health: Health::Healthy,
                 attributes: [("AWS_INSTANCE_IPV4".to_string(), "52.192.72.89".to_string())].into(),
             }],
         }]);
-        let options = Options { publish_namespace: "istio-system".into(), health_filter: HealthFilter::All };
+        let options = Options::new("istio-system", HealthFilter::All);
         let text = yaml(&translate(&registry, &options).entries).unwrap();
         let expected = "---
 apiVersion: networking.istio.io/v1

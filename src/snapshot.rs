@@ -17,7 +17,7 @@ use crate::model::{Registry, Service};
 use crate::proto::SharedAny;
 use crate::proto::istio::mcp::v1alpha1::{Metadata, Resource as McpResource};
 use crate::proto::istio::networking::v1alpha3::ServiceEntry;
-use crate::translate::{self, Options, Skipped, SkippedLabel, Translation};
+use crate::translate::{self, Options, SettingProblem, Skipped, SkippedLabel, Translation};
 
 /// `Any` type of every resource in a ServiceEntry response.
 pub const MCP_RESOURCE_TYPE_URL: &str = "type.googleapis.com/istio.mcp.v1alpha1.Resource";
@@ -53,6 +53,8 @@ pub struct Snapshot {
     pub endpoints: usize,
     pub skipped: Vec<Skipped>,
     pub skipped_labels: usize,
+    /// Service attributes of ours that could not be used (the setting fell back).
+    pub invalid_settings: Vec<SettingProblem>,
     pub built_at: SystemTime,
 }
 
@@ -66,6 +68,7 @@ impl Snapshot {
             endpoints: 0,
             skipped: Vec::new(),
             skipped_labels: 0,
+            invalid_settings: Vec::new(),
             built_at: SystemTime::now(),
         }
     }
@@ -73,12 +76,23 @@ impl Snapshot {
     /// Encodes a translation. Deterministic: the same translation gives the same bytes and versions.
     pub fn build(translation: Translation) -> Self {
         let resources = translation.entries.into_iter().map(|e| Arc::new(encode_entry(e))).collect();
-        Self::assemble(resources, translation.skipped, translation.skipped_labels.len())
+        Self::assemble(
+            resources,
+            translation.skipped,
+            translation.skipped_labels.len(),
+            translation.invalid_settings,
+        )
     }
 
-    fn assemble(resources: Vec<Arc<Resource>>, mut skipped: Vec<Skipped>, skipped_labels: usize) -> Self {
+    fn assemble(
+        resources: Vec<Arc<Resource>>,
+        mut skipped: Vec<Skipped>,
+        skipped_labels: usize,
+        mut invalid_settings: Vec<SettingProblem>,
+    ) -> Self {
         let resources = translate::first_per_name(resources, |r| (&r.name, &r.origin), &mut skipped);
         skipped.sort();
+        invalid_settings.sort();
         let endpoints = resources.iter().map(|r| r.spec.endpoints.len()).sum();
         let mut hasher = Sha256::new();
         for r in &resources {
@@ -94,6 +108,7 @@ impl Snapshot {
             endpoints,
             skipped,
             skipped_labels,
+            invalid_settings,
             built_at: SystemTime::now(),
         }
     }
@@ -153,6 +168,7 @@ struct Cached {
     resource: Option<Arc<Resource>>,
     skipped: Vec<Skipped>,
     skipped_labels: Vec<SkippedLabel>,
+    invalid_settings: Vec<SettingProblem>,
 }
 
 impl Builder {
@@ -174,6 +190,7 @@ impl Builder {
                         resource: t.entries.into_iter().next().map(|e| Arc::new(encode_entry(e))),
                         skipped: t.skipped,
                         skipped_labels: t.skipped_labels,
+                        invalid_settings: t.invalid_settings,
                     }
                 }
             };
@@ -183,7 +200,8 @@ impl Builder {
         let resources = self.cache.values().filter_map(|c| c.resource.clone()).collect();
         let skipped = self.cache.values().flat_map(|c| c.skipped.iter().cloned()).collect();
         let skipped_labels = self.cache.values().map(|c| c.skipped_labels.len()).sum();
-        Snapshot::assemble(resources, skipped, skipped_labels)
+        let invalid_settings = self.cache.values().flat_map(|c| c.invalid_settings.iter().cloned()).collect();
+        Snapshot::assemble(resources, skipped, skipped_labels, invalid_settings)
     }
 
     /// Skipped custom attributes of the last build, for logging.
@@ -235,6 +253,7 @@ mod tests {
                 namespace: "ns".into(),
                 name: format!("svc-{n}"),
                 created: SystemTime::UNIX_EPOCH + Duration::from_secs(n as u64),
+                attributes: Default::default(),
                 instances: (0..3)
                     .map(|i| Instance {
                         id: format!("i-{i}"),
@@ -254,7 +273,7 @@ mod tests {
     }
 
     fn build(registry: &Registry) -> Snapshot {
-        let options = Options { publish_namespace: "istio-system".into(), health_filter: HealthFilter::All };
+        let options = Options::new("istio-system", HealthFilter::All);
         Snapshot::build(translate(registry, &options))
     }
 
@@ -305,7 +324,7 @@ mod tests {
 
     #[test]
     fn the_incremental_builder_matches_a_full_build() {
-        let options = Options { publish_namespace: "istio-system".into(), health_filter: HealthFilter::All };
+        let options = Options::new("istio-system", HealthFilter::All);
         let mut builder = Builder::new(options);
         let first = builder.build(&registry(&[0, 1, 2, 3]));
         assert_eq!(first.version, build(&registry(&[0, 1, 2, 3])).version);
@@ -322,7 +341,7 @@ mod tests {
 
     #[test]
     fn the_builder_resolves_name_clashes_the_same_way_every_time() {
-        let options = Options { publish_namespace: "istio-system".into(), health_filter: HealthFilter::All };
+        let options = Options::new("istio-system", HealthFilter::All);
         let mut clash = registry(&[0, 1]);
         let first = Arc::make_mut(&mut clash.services[0]);
         (first.namespace, first.name) = ("corp.local".into(), "api.prod".into());

@@ -1,7 +1,9 @@
 //! Measurement, not a pass/fail test: AWS calls per idle poll, per full refresh
-//! and per listing, and the time from a registration to the push on the ADS
-//! stream, for 100 and 1,000 services on moto. Calls are counted on the wire
-//! by a proxy in front of moto. Run it explicitly:
+//! and per listing, the first sync's time and calls at the default rates, and
+//! the time from a registration to the push on the ADS stream, for 100 and 1,000
+//! services on moto. Calls are counted on the wire by a proxy in front of moto;
+//! the few rules the numbers must keep (an idle poll makes revision calls only,
+//! GetServiceAttributes comes exactly with listings) are asserted. Run it explicitly:
 //!
 //! ```text
 //! MOTO_SERVER=/path/to/moto_server cargo test --release --test cloudmap_cost -- --ignored --nocapture
@@ -52,7 +54,14 @@ async fn start(proxy: &FaultProxy, poll: &str, full_refresh: &str) -> (TestServe
     let server = TestServer::start(args).await.unwrap();
     let mut client = AdsClient::connect(server.grpc_addr).await.unwrap();
     client.send_initial(&[SERVICE_ENTRY_V1]).await;
-    client.recv_type(SERVICE_ENTRY_V1).await;
+    // The first sync of 1,000 services takes about 100 s at the default attribute budget.
+    loop {
+        let response = client.recv_timeout(Duration::from_secs(600)).await.unwrap().unwrap();
+        client.ack(&response).await;
+        if response.type_url == SERVICE_ENTRY_V1 {
+            break;
+        }
+    }
     (server, client, started.elapsed())
 }
 
@@ -92,7 +101,18 @@ async fn measure(services: usize, poll: &str) {
     let idle_revisions = delta(&c1, &c0, "DiscoverInstancesRevision") as f64;
     let idle_other = delta(&c1, &c0, "DiscoverInstances")
         + delta(&c1, &c0, "ListServices")
-        + delta(&c1, &c0, "ListNamespaces");
+        + delta(&c1, &c0, "ListNamespaces")
+        + delta(&c1, &c0, "GetServiceAttributes");
+    // No control-plane call between listings (a DiscoverInstances may follow a revision that moved).
+    let idle_control_plane = delta(&c1, &c0, "ListServices")
+        + delta(&c1, &c0, "ListNamespaces")
+        + delta(&c1, &c0, "GetServiceAttributes");
+    assert_eq!(idle_control_plane, 0, "idle polls make no control-plane call: {c1:?}");
+    assert_eq!(
+        initial_calls.get("GetServiceAttributes").copied().unwrap_or(0),
+        services as u64,
+        "one attribute read per service for the first sync"
+    );
 
     // 2. Registration -> push, at random moments of the poll cycle.
     let poll_interval = humantime::parse_duration(poll).unwrap();
@@ -128,13 +148,24 @@ async fn measure(services: usize, poll: &str) {
     let (q1, f1) = (polls(&server).await, proxy.calls());
     let per_refresh = |op: &str| delta(&f1, &f0, op) as f64 / 3.0;
     drop(server);
+    // Attribute reads come with listings only (at most one per service per listing, counting the
+    // listing whose reads were still out when the window opened) and within their budget.
+    let listings = delta(&f1, &f0, "ListNamespaces") as f64;
+    let attribute_reads = delta(&f1, &f0, "GetServiceAttributes") as f64;
+    let rate = cloudmap_xds::source::cloudmap::defaults::RATE_ATTRIBUTES;
+    assert!(
+        attribute_reads <= (listings + 1.0) * services as f64 && attribute_reads <= 30.0 * rate + rate,
+        "{attribute_reads} GetServiceAttributes for {listings} listings of {services} services"
+    );
 
     println!("services={services} poll={poll} (seeding took {seeding:.1?})");
     println!(
-        "  first complete sync served after {initial_sync:.2?}: {} ListNamespaces, {} ListServices, {} DiscoverInstances",
+        "  first complete sync served after {initial_sync:.2?}: {} ListNamespaces, {} ListServices, {} DiscoverInstances, \
+         {} GetServiceAttributes",
         initial_calls.get("ListNamespaces").unwrap_or(&0),
         initial_calls.get("ListServices").unwrap_or(&0),
         initial_calls.get("DiscoverInstances").unwrap_or(&0),
+        initial_calls.get("GetServiceAttributes").unwrap_or(&0),
     );
     println!(
         "  idle poll: {:.1} DiscoverInstancesRevision per poll ({idle_revisions} in {idle_polls} polls), {idle_other} other calls",
@@ -142,12 +173,13 @@ async fn measure(services: usize, poll: &str) {
     );
     println!(
         "  per 10 s full refresh + listing ({:.0} polls): DiscoverInstances {:.0}, DiscoverInstancesRevision {:.0}, \
-         ListNamespaces {:.1}, ListServices {:.1}",
+         ListNamespaces {:.1}, ListServices {:.1}, GetServiceAttributes {:.0}",
         (q1 - q0) / 3.0,
         per_refresh("DiscoverInstances"),
         per_refresh("DiscoverInstancesRevision"),
         per_refresh("ListNamespaces"),
         per_refresh("ListServices"),
+        per_refresh("GetServiceAttributes"),
     );
     println!(
         "  registration -> push ({} samples): min {:.2?}, mean {mean:.2?}, median {:.2?}, max {:.2?}",

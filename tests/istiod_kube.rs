@@ -5,7 +5,7 @@
 //!
 //! Everything is asserted from istiod's debug endpoints (`/ready`, `/debug/configz`,
 //! `/debug/registryz`) and from what it tells a sidecar over ADS (CDS, EDS and RDS,
-//! decoded with hand-written Envoy messages: tests/support/envoy.rs). Each test has its
+//! decoded with hand-written Envoy messages: tests/support/xds.rs). Each test has its
 //! own API server, so tests never see each other's objects.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use cloudmap_xds::proto::cloudmap_xds::debug::v1::ServiceEntryResource;
 use cloudmap_xds::test_helpers::{GOLDEN_NAME, GOLDEN_REGISTRY};
 use serde_json::Value;
-use support::envoy::{self, Cluster};
 use support::istiod::{
     CHANGE_DEADLINE, ISTIOD_KUBE_READY_DEADLINE, ISTIOD_SYNC_DEADLINE, Istiod, IstiodBin, ServerProcess,
     WAITING_LINE, assert_configz_is, configz_name, restart_our_server_without_loss, versions_in,
@@ -28,7 +27,7 @@ use support::istiod::{
 };
 use support::kube::{ISTIO_NAMESPACE, KubeApi};
 use support::moto::{self, Moto};
-use support::sidecar;
+use support::xds::{self, Cluster, Sidecar};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cloudmap-xds");
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/registry.yaml");
@@ -248,9 +247,10 @@ async fn sidecar_cluster(
     host: &str,
 ) -> Result<Option<(Cluster, Vec<String>)>, String> {
     let name = outbound(port, host);
-    Ok(sidecar::cluster(istiod.grpc, &istiod.bin.istio_version, &name)
-        .await?
-        .map(|(cluster, endpoints)| (cluster, endpoints.map(|e| e.addresses()).unwrap_or_default())))
+    let sidecar = Sidecar::new(&istiod.bin.istio_version);
+    let Some(cluster) = xds::cluster(istiod.grpc, &sidecar, &name).await? else { return Ok(None) };
+    let endpoints = xds::load_assignment(istiod.grpc, &sidecar, &name).await?;
+    Ok(Some((cluster, endpoints.map(|e| e.addresses()).unwrap_or_default())))
 }
 
 /// Waits until the sidecar's cluster `outbound|80||host` has exactly `want` endpoints.
@@ -276,12 +276,11 @@ fn destination_rule_applied(c80: &Cluster, c443: &Cluster) -> Result<(), String>
     if pool80 != (Some(17), Some(23), Some(29), Some(4)) {
         return Err(format!("80: circuit breakers {t80:?}"));
     }
-    if envoy::millis(c80.connect_timeout.as_ref()) != Some(3000) {
+    if xds::millis(c80.connect_timeout.as_ref()) != Some(3000) {
         return Err(format!("80: connect timeout {:?}", c80.connect_timeout));
     }
     let http = c80.http_options().ok_or("80: no HTTP protocol options")?;
-    if (envoy::millis(http.idle_timeout.as_ref()), http.max_requests_per_connection)
-        != (Some(41_000), Some(31))
+    if (xds::millis(http.idle_timeout.as_ref()), http.max_requests_per_connection) != (Some(41_000), Some(31))
     {
         return Err(format!("80: HTTP options {http:?}"));
     }
@@ -293,7 +292,7 @@ fn destination_rule_applied(c80: &Cluster, c443: &Cluster) -> Result<(), String>
         return Err(format!("443: SNI {:?}", tls.sni));
     }
     let t443 = c443.default_thresholds().ok_or("no circuit breakers on 443")?;
-    if t443.max_connections != Some(13) || envoy::millis(c443.connect_timeout.as_ref()) != Some(2000) {
+    if t443.max_connections != Some(13) || xds::millis(c443.connect_timeout.as_ref()) != Some(2000) {
         return Err(format!("443: pool {t443:?}, connect timeout {:?}", c443.connect_timeout));
     }
     Ok(())
@@ -319,8 +318,9 @@ async fn wait_destination_rule_applied(istiod: &Istiod, endpoints: &[&str]) {
 /// [`TRAFFIC_RULES`]: its timeout and retry policy.
 async fn wait_virtual_service_applied(istiod: &Istiod) {
     wait_for("the VirtualService in the sidecar's routes", CHANGE_DEADLINE, || async {
-        let config =
-            sidecar::route(istiod.grpc, &istiod.bin.istio_version, "80").await?.ok_or("no route 80")?;
+        let config = xds::route(istiod.grpc, &Sidecar::new(&istiod.bin.istio_version), "80")
+            .await?
+            .ok_or("no route 80")?;
         let vhost = config
             .virtual_hosts
             .iter()
@@ -334,9 +334,9 @@ async fn wait_virtual_service_applied(istiod: &Istiod) {
         let retry = action.retry_policy.as_ref().ok_or("no retry policy")?;
         let seen = (
             action.cluster.as_str(),
-            envoy::millis(action.timeout.as_ref()),
+            xds::millis(action.timeout.as_ref()),
             retry.num_retries,
-            envoy::millis(retry.per_try_timeout.as_ref()),
+            xds::millis(retry.per_try_timeout.as_ref()),
             retry.retry_on.as_str(),
         );
         let want = (&outbound(80, GOLDEN_HOST)[..], Some(7000), Some(5), Some(2000), "5xx,connect-failure");

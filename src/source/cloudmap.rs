@@ -11,7 +11,8 @@
 //! no control-plane call; DiscoverInstances only for services whose revision
 //! changed, and for every service once per `--full-refresh-interval` (health
 //! changes do not move the revision); ListNamespaces and ListServices once per
-//! `--list-interval`.
+//! `--list-interval`, and GetServiceAttributes for every service each listing
+//! lists (within `--rate-attributes`; one probe per listing while IAM denies it).
 
 pub mod api;
 pub mod client;
@@ -23,8 +24,6 @@ pub mod rate;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::Args;
-use serde::Serialize;
 use tokio::sync::watch;
 
 use self::api::CloudMapApi;
@@ -33,91 +32,61 @@ use self::inventory::Inventory;
 use self::poller::{Limits, Poller};
 use super::SourceView;
 use crate::metrics::Metrics;
+use crate::model::Registry;
 
-pub const DEFAULT_POLL_INTERVAL: &str = "5s";
-pub const DEFAULT_FULL_REFRESH_INTERVAL: &str = "30s";
-pub const DEFAULT_LIST_INTERVAL: &str = "30s";
-pub const DEFAULT_AWS_REQUEST_TIMEOUT: &str = "5s";
-/// Per second; AWS's own controller uses 2/s for ListServices (AWS publishes no quota).
-pub const DEFAULT_RATE_LIST: &str = "2";
-/// Per second; the account quota is 1,000/s (burst 2,000).
-pub const DEFAULT_RATE_DISCOVER: &str = "100";
-/// Per second; the account quota is 3,000/s.
-pub const DEFAULT_RATE_REVISION: &str = "300";
-pub const DEFAULT_MASS_REMOVAL_THRESHOLD: &str = "0.5";
-
-#[derive(Debug, Clone, Args, Serialize)]
-pub struct CloudMapArgs {
-    /// AWS region of the Cloud Map namespaces [default: the AWS environment/profile].
-    #[arg(long, env = "AWS_REGION")]
-    pub aws_region: Option<String>,
-
-    /// Cloud Map endpoint override, e.g. a moto_server on loopback. AWS_ENDPOINT_URL_SERVICEDISCOVERY also works.
-    #[arg(long, env = "AWS_ENDPOINT_URL")]
-    pub aws_endpoint_url: Option<String>,
-
-    /// How often instances are polled (one DiscoverInstancesRevision per service).
-    #[arg(long, env = "CLOUDMAP_XDS_POLL_INTERVAL", default_value = DEFAULT_POLL_INTERVAL, value_parser = humantime::parse_duration)]
-    #[serde(with = "crate::config::humantime_serde_shim")]
+/// How the Cloud Map source reads AWS: plain values, set by `config` (the flags)
+/// or by tests and embedders through [`Settings::new`].
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub region: Option<String>,
+    /// A custom Cloud Map endpoint (moto on loopback, a proxy).
+    pub endpoint_url: Option<String>,
+    /// One DiscoverInstancesRevision per service per poll.
     pub poll_interval: Duration,
-
-    /// How often each service is read in full (DiscoverInstances), spread evenly; health changes are seen at this pace.
-    #[arg(long, env = "CLOUDMAP_XDS_FULL_REFRESH_INTERVAL", default_value = DEFAULT_FULL_REFRESH_INTERVAL, value_parser = humantime::parse_duration)]
-    #[serde(with = "crate::config::humantime_serde_shim")]
+    /// Each service is read in full (DiscoverInstances) once per this long.
     pub full_refresh_interval: Duration,
-
-    /// How often namespaces and services are listed (ListNamespaces, ListServices); new services appear at this pace.
-    #[arg(long, env = "CLOUDMAP_XDS_LIST_INTERVAL", default_value = DEFAULT_LIST_INTERVAL, value_parser = humantime::parse_duration)]
-    #[serde(with = "crate::config::humantime_serde_shim")]
+    /// Namespaces and services are listed once per this long.
     pub list_interval: Duration,
-
-    /// Only these namespaces (names or globs with * and ?, comma-separated) [default: all].
-    #[arg(long, env = "CLOUDMAP_XDS_INCLUDE_NAMESPACES", value_delimiter = ',')]
     pub include_namespaces: Vec<String>,
-
-    /// Never these namespaces (names or globs); wins over --include-namespaces.
-    #[arg(long, env = "CLOUDMAP_XDS_EXCLUDE_NAMESPACES", value_delimiter = ',')]
     pub exclude_namespaces: Vec<String>,
-
-    /// Only these services: SERVICE or NAMESPACE/SERVICE, names or globs, comma-separated [default: all].
-    #[arg(long, env = "CLOUDMAP_XDS_INCLUDE_SERVICES", value_delimiter = ',')]
     pub include_services: Vec<String>,
-
-    /// Never these services (SERVICE or NAMESPACE/SERVICE globs); wins over --include-services.
-    #[arg(long, env = "CLOUDMAP_XDS_EXCLUDE_SERVICES", value_delimiter = ',')]
     pub exclude_services: Vec<String>,
-
-    /// Budget for ListNamespaces + ListServices, in requests per second.
-    #[arg(long, env = "CLOUDMAP_XDS_RATE_LIST", default_value = DEFAULT_RATE_LIST, value_parser = positive_rate)]
+    /// Requests per second for ListNamespaces + ListServices.
     pub rate_list: f64,
-
-    /// Budget for DiscoverInstances, in requests per second.
-    #[arg(long, env = "CLOUDMAP_XDS_RATE_DISCOVER", default_value = DEFAULT_RATE_DISCOVER, value_parser = positive_rate)]
     pub rate_discover: f64,
-
-    /// Budget for DiscoverInstancesRevision, in requests per second.
-    #[arg(long, env = "CLOUDMAP_XDS_RATE_REVISION", default_value = DEFAULT_RATE_REVISION, value_parser = positive_rate)]
     pub rate_revision: f64,
-
-    /// Longest one AWS request attempt may take; a call with its retries is bounded by 3x this plus 3s.
-    #[arg(long, env = "CLOUDMAP_XDS_AWS_REQUEST_TIMEOUT", default_value = DEFAULT_AWS_REQUEST_TIMEOUT, value_parser = humantime::parse_duration)]
-    #[serde(with = "crate::config::humantime_serde_shim")]
-    pub aws_request_timeout: Duration,
-
-    /// A listing that would remove more than this share (0 to 1) of all services at once is held until the next listing confirms it.
-    #[arg(long, env = "CLOUDMAP_XDS_MASS_REMOVAL_THRESHOLD", default_value = DEFAULT_MASS_REMOVAL_THRESHOLD, value_parser = share)]
+    /// Requests per second for GetServiceAttributes.
+    pub rate_attributes: f64,
+    /// The longest one request attempt may take.
+    pub request_timeout: Duration,
+    /// Share (0..=1) of all services one listing may remove without confirmation.
     pub mass_removal_threshold: f64,
-
-    /// Publish whatever was read after this long even if the first complete sync has not finished [default: wait forever].
-    #[arg(long, env = "CLOUDMAP_XDS_INITIAL_SYNC_TIMEOUT", value_parser = humantime::parse_duration)]
-    #[serde(serialize_with = "optional_duration")]
+    /// Publish whatever was read after this long even without a complete sync.
     pub initial_sync_timeout: Option<Duration>,
-
-    /// Static credentials for tests and embedders; never read from flags or the
-    /// environment (the default credential chain is used when unset).
-    #[arg(skip)]
-    #[serde(skip)]
+    /// Static keys instead of the default credential chain (tests and embedders).
     pub static_credentials: Option<StaticCredentials>,
+}
+
+/// Defaults of [`Settings`]; the flags' defaults are the same values (a test checks).
+pub mod defaults {
+    use std::time::Duration;
+
+    pub const POLL_INTERVAL: Duration = Duration::from_secs(5);
+    pub const FULL_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
+    pub const LIST_INTERVAL: Duration = Duration::from_secs(30);
+    pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Per second; AWS's own controller uses 2/s for ListServices (AWS publishes no quota).
+    pub const RATE_LIST: f64 = 2.0;
+    /// Per second; the account quota is 1,000/s (burst 2,000).
+    pub const RATE_DISCOVER: f64 = 100.0;
+    /// Per second; the account quota is 3,000/s.
+    pub const RATE_REVISION: f64 = 300.0;
+    /// Per second. AWS publishes no quota for GetServiceAttributes (a control-plane
+    /// read); AWS's usual per-API refill for control-plane reads is 20/s (EC2's
+    /// `Describe*`), and the two replicas we recommend poll independently, so each
+    /// takes half. 1,000 services are read in about 100 s.
+    pub const RATE_ATTRIBUTES: f64 = 10.0;
+    pub const MASS_REMOVAL_THRESHOLD: f64 = 0.5;
 }
 
 /// An access key pair given in code.
@@ -135,46 +104,25 @@ impl std::fmt::Debug for StaticCredentials {
     }
 }
 
-fn positive_rate(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
-        _ => Err(format!("{s:?} is not a positive number of requests per second")),
-    }
-}
-
-fn share(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
-        _ => Err(format!("{s:?} is not a share between 0 and 1")),
-    }
-}
-
-fn optional_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-    match d {
-        Some(d) => crate::config::humantime_serde_shim::serialize(d, s),
-        None => s.serialize_none(),
-    }
-}
-
-impl CloudMapArgs {
-    /// Every flag at its default, read from nothing (no environment): for tests and embedders.
+impl Settings {
+    /// Every setting at its default: for tests and embedders.
     pub fn new(region: impl Into<String>) -> Self {
-        let secs = Duration::from_secs;
-        CloudMapArgs {
-            aws_region: Some(region.into()),
-            aws_endpoint_url: None,
-            poll_interval: secs(5),
-            full_refresh_interval: secs(30),
-            list_interval: secs(30),
+        Settings {
+            region: Some(region.into()),
+            endpoint_url: None,
+            poll_interval: defaults::POLL_INTERVAL,
+            full_refresh_interval: defaults::FULL_REFRESH_INTERVAL,
+            list_interval: defaults::LIST_INTERVAL,
             include_namespaces: Vec::new(),
             exclude_namespaces: Vec::new(),
             include_services: Vec::new(),
             exclude_services: Vec::new(),
-            rate_list: 2.0,
-            rate_discover: 100.0,
-            rate_revision: 300.0,
-            aws_request_timeout: secs(5),
-            mass_removal_threshold: 0.5,
+            rate_list: defaults::RATE_LIST,
+            rate_discover: defaults::RATE_DISCOVER,
+            rate_revision: defaults::RATE_REVISION,
+            rate_attributes: defaults::RATE_ATTRIBUTES,
+            request_timeout: defaults::REQUEST_TIMEOUT,
+            mass_removal_threshold: defaults::MASS_REMOVAL_THRESHOLD,
             initial_sync_timeout: None,
             static_credentials: None,
         }
@@ -188,12 +136,13 @@ impl CloudMapArgs {
         self
     }
 
-    fn check(&self) -> Result<NameFilter, Error> {
+    /// Checks what the flag parsers cannot; returns the name filter.
+    pub fn check(&self) -> Result<NameFilter, Error> {
         for (flag, d) in [
             ("--poll-interval", self.poll_interval),
             ("--full-refresh-interval", self.full_refresh_interval),
             ("--list-interval", self.list_interval),
-            ("--aws-request-timeout", self.aws_request_timeout),
+            ("--aws-request-timeout", self.request_timeout),
         ] {
             if d.is_zero() {
                 return Err(Error::Setting(format!("{flag} must be more than zero")));
@@ -229,32 +178,36 @@ pub enum Error {
     Filter(#[from] filter::Error),
     #[error("{0}")]
     Setting(String),
+    #[error(
+        "Cloud Map was not read completely within {timeout:?} (instances of {read} of {listed} services read); last error: {last_error}"
+    )]
+    ReadTimeout { timeout: Duration, read: usize, listed: usize, last_error: String },
 }
 
 /// Checks the settings, builds the AWS client (failing clearly without a region
 /// or credentials), and starts polling. The view's registry stays `None` until
 /// the first complete sync.
 pub async fn start(
-    args: &CloudMapArgs,
+    settings: &Settings,
     metrics: &Metrics,
     shutdown: watch::Receiver<bool>,
 ) -> Result<SourceView, Error> {
-    let filter = args.check()?;
-    let settings = client::Settings {
-        region: args.aws_region.clone(),
-        endpoint_url: args.aws_endpoint_url.clone(),
-        request_timeout: args.aws_request_timeout,
-        static_credentials: args
+    let filter = settings.check()?;
+    let connection = client::Connection {
+        region: settings.region.clone(),
+        endpoint_url: settings.endpoint_url.clone(),
+        request_timeout: settings.request_timeout,
+        static_credentials: settings
             .static_credentials
             .as_ref()
             .map(|c| (c.access_key_id.clone(), c.secret_access_key.clone())),
     };
-    let (api, region) = client::connect(&settings).await?;
-    let call_timeout = settings.operation_timeout() + Duration::from_secs(1);
+    let (api, region) = client::connect(&connection).await?;
+    let call_timeout = connection.operation_timeout() + Duration::from_secs(1);
     Ok(start_with_api(
         Arc::new(api),
         format!("cloudmap:{region}"),
-        args,
+        settings,
         filter,
         metrics,
         call_timeout,
@@ -262,19 +215,60 @@ pub async fn start(
     ))
 }
 
+/// One complete read of Cloud Map, exactly what `serve` publishes first (same
+/// settings, filters and health handling), for `render` and `export`.
+pub async fn read_once(settings: &Settings, timeout: Duration) -> Result<Registry, Error> {
+    let metrics = Metrics::unregistered();
+    let (stop, shutdown) = watch::channel(false);
+    let view = start(settings, &metrics, shutdown).await?;
+    let result = first_complete(view, timeout).await;
+    stop.send_replace(true);
+    result
+}
+
+/// Waits for a source's first complete registry.
+async fn first_complete(mut view: SourceView, timeout: Duration) -> Result<Registry, Error> {
+    let waited = tokio::time::timeout(timeout, view.registry.wait_for(Option::is_some))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .and_then(|registry| registry.as_ref().map(|r| Registry::clone(r)));
+    if let Some(registry) = waited {
+        return Ok(registry);
+    }
+    let status = view.status();
+    let listed = status.services.keys().filter(|(_, service)| !service.is_empty()).count();
+    let read = status
+        .services
+        .iter()
+        .filter(|((_, service), s)| !service.is_empty() && s.last_success.is_some())
+        .count();
+    Err(Error::ReadTimeout {
+        timeout,
+        read,
+        listed,
+        last_error: status.last_error.unwrap_or_else(|| "none".into()),
+    })
+}
+
 /// Starts polling any [`CloudMapApi`] (tests use fakes).
 pub fn start_with_api<A: CloudMapApi>(
     api: Arc<A>,
     source_name: String,
-    args: &CloudMapArgs,
+    settings: &Settings,
     filter: NameFilter,
     metrics: &Metrics,
     call_timeout: Duration,
     shutdown: watch::Receiver<bool>,
 ) -> SourceView {
     let (sink, view) = super::channel(source_name);
-    let inventory = Inventory::new(args.inventory_config(filter), Instant::now(), fastrand::u64(..));
-    let limits = Limits::new(args.rate_list, args.rate_discover, args.rate_revision);
+    let inventory = Inventory::new(settings.inventory_config(filter), Instant::now(), fastrand::u64(..));
+    let limits = Limits::new(
+        settings.rate_list,
+        settings.rate_discover,
+        settings.rate_revision,
+        settings.rate_attributes,
+    );
     let poller = Poller::new(
         api,
         inventory,
@@ -282,7 +276,7 @@ pub fn start_with_api<A: CloudMapApi>(
         metrics.source.clone(),
         limits,
         call_timeout,
-        args.initial_sync_timeout,
+        settings.initial_sync_timeout,
     );
     tokio::spawn(poller.run(shutdown));
     view
@@ -290,64 +284,18 @@ pub fn start_with_api<A: CloudMapApi>(
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use super::*;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: CloudMapArgs,
-    }
-
-    fn parse(args: &[&str]) -> Result<CloudMapArgs, clap::Error> {
-        Cli::try_parse_from(std::iter::once("x").chain(args.iter().copied())).map(|c| c.args)
-    }
-
-    #[test]
-    fn new_matches_the_flag_defaults() {
-        let parsed = parse(&["--aws-region", "eu-west-1"]).unwrap();
-        let built = CloudMapArgs::new("eu-west-1");
-        assert_eq!(serde_json::to_value(&parsed).unwrap(), serde_json::to_value(&built).unwrap());
-    }
-
-    #[test]
-    fn lists_and_numbers_parse() {
-        let args = parse(&[
-            "--include-namespaces",
-            "prod-*,shared",
-            "--exclude-services",
-            "*-canary",
-            "--rate-discover",
-            "50.5",
-            "--initial-sync-timeout",
-            "2m",
-        ])
-        .unwrap();
-        assert_eq!(args.include_namespaces, ["prod-*", "shared"]);
-        assert_eq!(args.exclude_services, ["*-canary"]);
-        assert!((args.rate_discover - 50.5).abs() < f64::EPSILON);
-        assert_eq!(args.initial_sync_timeout, Some(Duration::from_secs(120)));
-        assert!(args.check().is_ok());
-    }
-
-    #[test]
-    fn bad_values_are_clear_errors() {
-        let err = parse(&["--rate-list", "0"]).unwrap_err().to_string();
-        assert!(err.contains("not a positive number"), "{err}");
-        let err = parse(&["--mass-removal-threshold", "1.5"]).unwrap_err().to_string();
-        assert!(err.contains("between 0 and 1"), "{err}");
-        let args = parse(&["--poll-interval", "0s"]).unwrap();
-        assert!(args.check().unwrap_err().to_string().contains("--poll-interval"));
-        let args = parse(&["--include-services", "a/b/c"]).unwrap();
-        assert!(args.check().unwrap_err().to_string().contains("--include-services"));
-    }
 
     #[test]
     fn static_credentials_are_never_logged() {
-        let args = CloudMapArgs::new("us-east-1").with_static_credentials("AKIDEXAMPLE", "very-secret");
-        assert!(!format!("{args:?}").contains("very-secret"));
-        assert!(!serde_json::to_string(&args).unwrap().contains("AKIDEXAMPLE"));
+        let settings = Settings::new("us-east-1").with_static_credentials("AKIDEXAMPLE", "very-secret");
+        assert!(!format!("{settings:?}").contains("very-secret"));
+    }
+
+    #[test]
+    fn zero_intervals_are_refused() {
+        let settings = Settings { poll_interval: Duration::ZERO, ..Settings::new("x") };
+        assert!(settings.check().unwrap_err().to_string().contains("--poll-interval"));
     }
 
     #[test]

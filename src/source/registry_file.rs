@@ -50,6 +50,9 @@ struct ServiceEntry {
     name: String,
     #[serde(default, deserialize_with = "deserialize_time")]
     created: Option<SystemTime>,
+    /// Cloud Map service attributes (`cloudmap-xds/ports`, ...).
+    #[serde(default)]
+    attributes: BTreeMap<String, Scalar>,
     #[serde(default)]
     instances: Vec<InstanceEntry>,
 }
@@ -106,10 +109,13 @@ fn deserialize_time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Sys
 /// Parses registry-file text into the model. Pure; `path` only labels errors.
 pub fn parse(path: &Path, text: &str) -> Result<Registry, Error> {
     let file: RegistryFile = serde_norway::from_str(text).map_err(|e| {
-        let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
         let text = e.to_string();
         let message = text.split(" at line ").next().unwrap_or(&text).to_owned();
-        Error::Parse { path: path.to_owned(), line, column, message }
+        match e.location() {
+            Some(l) => Error::Parse { path: path.to_owned(), line: l.line(), column: l.column(), message },
+            // A few errors have no position (a second YAML document, say); no `0:0`.
+            None => Error::Invalid { path: path.to_owned(), message },
+        }
     })?;
     let invalid = |message: String| Error::Invalid { path: path.to_owned(), message };
     let mut seen = BTreeSet::new();
@@ -146,11 +152,46 @@ pub fn parse(path: &Path, text: &str) -> Result<Registry, Error> {
                 namespace: ns.name.clone(),
                 name: svc.name,
                 created: svc.created.unwrap_or(DEFAULT_CREATED),
+                attributes: svc.attributes.into_iter().map(|(k, v)| (k, v.into_string())).collect(),
                 instances,
             });
         }
     }
     Ok(Registry::new(services))
+}
+
+/// A registry as registry-file YAML (what `export` prints); [`parse`] reads it back unchanged.
+pub fn to_yaml(registry: &Registry) -> Result<String, serde_norway::Error> {
+    let mut namespaces: BTreeMap<&str, Vec<serde_json::Value>> = BTreeMap::new();
+    let mut services: Vec<&Service> = registry.services.iter().map(|s| &**s).collect();
+    services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    for service in services {
+        let mut instances: Vec<&Instance> = service.instances.iter().collect();
+        instances.sort_by(|a, b| a.id.cmp(&b.id));
+        let instances: Vec<serde_json::Value> = instances
+            .into_iter()
+            .map(|i| serde_json::json!({"id": i.id, "health": i.health.as_str(), "attributes": i.attributes}))
+            .collect();
+        let mut entry = serde_json::json!({
+            "name": service.name,
+            "created": humantime::format_rfc3339(service.created).to_string(),
+        });
+        if !service.attributes.is_empty() {
+            entry["attributes"] = serde_json::json!(service.attributes);
+        }
+        entry["instances"] = serde_json::Value::Array(instances);
+        namespaces.entry(&service.namespace).or_default().push(entry);
+    }
+    let file = serde_json::json!({
+        "namespaces": namespaces
+            .into_iter()
+            .map(|(name, services)| serde_json::json!({"name": name, "services": services}))
+            .collect::<Vec<_>>(),
+    });
+    Ok(format!(
+        "# Cloud Map as read by cloudmap-xds export; serve or render it with --registry-file.\n{}",
+        serde_norway::to_string(&file)?
+    ))
 }
 
 /// Reads and parses the file once.
@@ -300,6 +341,31 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("r.yaml:6:") && err.contains("GREAT"), "{err}");
+    }
+
+    #[test]
+    fn export_yaml_reads_back_unchanged() {
+        let registry = parse_str(
+            "namespaces:\n- name: ns\n  services:\n  - name: s\n    created: 2024-05-01T12:00:00Z\n    attributes:\n      cloudmap-xds/ports: http=80/HTTP\n    instances:\n    - id: b\n      health: UNKNOWN\n      attributes: {AWS_INSTANCE_PORT: 8080, AWS_INSTANCE_IPV4: 10.0.0.2, note: 'a: b'}\n    - id: a\n      attributes: {AWS_INSTANCE_IPV4: 10.0.0.1}\n- name: other\n",
+        )
+        .unwrap();
+        let text = to_yaml(&registry).unwrap();
+        let mut again = parse_str(&text).unwrap();
+        for s in &mut again.services {
+            std::sync::Arc::make_mut(s).instances.sort_by(|a, b| b.id.cmp(&a.id));
+        }
+        assert_eq!(again, registry, "{text}");
+        assert_eq!(registry.services[0].attributes["cloudmap-xds/ports"], "http=80/HTTP");
+    }
+
+    #[test]
+    fn an_error_without_a_position_still_says_what_is_wrong() {
+        let err = parse_str("namespaces: []\n---\nnamespaces: []\n").unwrap_err();
+        assert!(matches!(err, Error::Invalid { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "registry file r.yaml: deserializing from YAML containing more than one document is not supported"
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ pub fn serve_args(extra: &[&str]) -> ServeArgs {
     argv.extend_from_slice(extra);
     match Cli::try_parse_from(argv).expect("valid test arguments").command {
         Command::Serve(args) => *args,
-        Command::Render(_) => unreachable!("serve was parsed"),
+        Command::Render(_) | Command::Export(_) => unreachable!("serve was parsed"),
     }
 }
 

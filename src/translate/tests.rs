@@ -1,11 +1,11 @@
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
 
 use super::*;
 use crate::model::Health;
 
 fn options() -> Options {
-    Options { publish_namespace: "istio-system".into(), health_filter: HealthFilter::HealthyOrElseAll }
+    Options::new("istio-system", HealthFilter::HealthyOrElseAll)
 }
 
 fn instance(id: &str, attrs: &[(&str, &str)]) -> Instance {
@@ -21,6 +21,7 @@ fn service(ns: &str, name: &str, instances: Vec<Instance>) -> Service {
         namespace: ns.into(),
         name: name.into(),
         created: SystemTime::UNIX_EPOCH + Duration::from_secs(1_714_564_800),
+        attributes: Default::default(),
         instances,
     }
 }
@@ -68,8 +69,26 @@ fn golden_case_field_by_field() {
 }
 
 #[test]
-fn instance_ports_name_80_http_443_https_others_unique_tcp() {
-    let (entry, _) = one(service(
+fn instance_ports_get_unique_names_and_a_protocol_each() {
+    let (entry, t) = one(service(
+        "ns",
+        "web",
+        vec![
+            instance("c", &[("AWS_INSTANCE_IPV4", "10.0.0.3"), ("AWS_INSTANCE_PORT", "9090")]),
+            instance("d", &[("AWS_INSTANCE_IPV4", "10.0.0.4"), ("AWS_INSTANCE_PORT", "8080")]),
+        ],
+    ));
+    assert!(t.skipped.is_empty());
+    let spec = &entry.spec;
+    assert_eq!(service_ports(spec), [(8080, "tcp-8080", "TCP"), (9090, "tcp-9090", "TCP")]);
+    let names: BTreeSet<_> = spec.ports.iter().map(|p| &p.name).collect();
+    assert_eq!(names.len(), spec.ports.len(), "port names are unique");
+}
+
+#[test]
+fn instances_of_different_protocols_never_get_each_others_traffic() {
+    // 443 (HTTPS), 80 (HTTP) and two TCP ports share no protocol: TCP, served by the most, wins.
+    let (entry, t) = one(service(
         "ns",
         "web",
         vec![
@@ -79,13 +98,31 @@ fn instance_ports_name_80_http_443_https_others_unique_tcp() {
             instance("d", &[("AWS_INSTANCE_IPV4", "10.0.0.4"), ("AWS_INSTANCE_PORT", "8080")]),
         ],
     ));
+    assert_eq!(service_ports(&entry.spec), [(8080, "tcp-8080", "TCP"), (9090, "tcp-9090", "TCP")]);
+    let addresses: Vec<_> = entry.spec.endpoints.iter().map(|e| e.address.as_str()).collect();
+    assert_eq!(addresses, ["10.0.0.3", "10.0.0.4"]);
+    let skipped: Vec<_> =
+        t.skipped.iter().map(|s| (s.instance.as_deref().unwrap(), s.reason.kind())).collect();
+    assert_eq!(skipped, [("a", "port_conflict"), ("b", "port_conflict")]);
+    assert!(t.skipped[0].reason.to_string().contains("cloudmap-xds/ports"), "{}", t.skipped[0].reason);
+}
+
+#[test]
+fn a_tls_instance_next_to_a_portless_one_is_never_sent_plain_http() {
+    // The issue's case: one instance registers 443, another no port. Only HTTPS on 443 is common.
+    let (entry, t) = one(service(
+        "ns",
+        "mixed",
+        vec![
+            instance("tls", &[("AWS_INSTANCE_IPV4", "10.0.0.1"), ("AWS_INSTANCE_PORT", "443")]),
+            instance("plain", &[("AWS_INSTANCE_IPV4", "10.0.0.2")]),
+        ],
+    ));
+    assert!(t.skipped.is_empty());
     let spec = &entry.spec;
-    assert_eq!(
-        service_ports(spec),
-        [(80, "http", "HTTP"), (443, "https", "HTTPS"), (8080, "tcp-8080", "TCP"), (9090, "tcp-9090", "TCP")]
-    );
-    let names: BTreeSet<_> = spec.ports.iter().map(|p| &p.name).collect();
-    assert_eq!(names.len(), spec.ports.len(), "port names are unique");
+    assert_eq!(service_ports(spec), [(443, "https", "HTTPS")]);
+    assert_eq!(ports_of(&spec.endpoints[0]), [("https", 443)]);
+    assert_eq!(ports_of(&spec.endpoints[1]), [("https", 443)]);
 }
 
 #[test]
@@ -107,8 +144,8 @@ fn bridge_mode_instances_stay_reachable_at_their_own_port() {
 }
 
 #[test]
-fn instances_without_port_keep_the_service_port_numbers() {
-    let (entry, _) = one(service(
+fn a_portless_instance_next_to_a_tcp_one_is_left_out_not_misrouted() {
+    let (entry, t) = one(service(
         "ns",
         "mixed",
         vec![
@@ -117,12 +154,12 @@ fn instances_without_port_keep_the_service_port_numbers() {
         ],
     ));
     let spec = &entry.spec;
-    assert_eq!(
-        service_ports(spec),
-        [(80, "http", "HTTP"), (443, "https", "HTTPS"), (8080, "tcp-8080", "TCP")]
-    );
-    assert_eq!(ports_of(&spec.endpoints[0]), [("http", 80), ("https", 443), ("tcp-8080", 8080)]);
-    assert_eq!(ports_of(&spec.endpoints[1]), [("http", 8080), ("https", 8080), ("tcp-8080", 8080)]);
+    // A tie between HTTP/HTTPS (a) and TCP (b): the instance that registered a port wins.
+    assert_eq!(service_ports(spec), [(8080, "tcp-8080", "TCP")]);
+    assert_eq!(spec.endpoints.len(), 1);
+    assert_eq!(ports_of(&spec.endpoints[0]), [("tcp-8080", 8080)]);
+    assert_eq!(t.skipped.len(), 1);
+    assert_eq!((t.skipped[0].instance.as_deref(), t.skipped[0].reason.kind()), (Some("a"), "port_conflict"));
 }
 
 #[test]
@@ -358,4 +395,370 @@ fn two_services_giving_one_name_keep_the_first_and_report_the_other() {
             ("prod.corp.local", "duplicate_name")
         );
     }
+}
+
+// ---- service attributes and the defaults flags (issue: mesh semantics) ----------------------------
+
+fn with_attributes(mut svc: Service, attrs: &[(&str, &str)]) -> Service {
+    svc.attributes = attrs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    svc
+}
+
+fn ecs_tasks() -> Vec<Instance> {
+    vec![
+        instance("t1", &[("AWS_INSTANCE_IPV4", "10.0.0.7"), ("AWS_INSTANCE_PORT", "32768")]),
+        instance("t2", &[("AWS_INSTANCE_IPV4", "10.0.0.7"), ("AWS_INSTANCE_PORT", "32769")]),
+        instance("t3", &[("AWS_INSTANCE_IPV4", "10.0.0.8"), ("AWS_INSTANCE_PORT", "32770")]),
+    ]
+}
+
+#[test]
+fn http_on_8080_becomes_http_through_the_port_protocols_flag() {
+    let svc = service(
+        "ns",
+        "orders",
+        vec![instance("a", &[("AWS_INSTANCE_IPV4", "10.0.0.1"), ("AWS_INSTANCE_PORT", "8080")])],
+    );
+    let mut options = options();
+    options.defaults.port_protocols = BTreeMap::from([(8080, settings::Protocol::Http)]);
+    let t = translate(&Registry::new(vec![svc]), &options);
+    assert_eq!(service_ports(&t.entries[0].spec), [(8080, "http-8080", "HTTP")]);
+    // Without the flag the same service is opaque TCP, as before.
+    let (entry, _) = one(service(
+        "ns",
+        "orders",
+        vec![instance("a", &[("AWS_INSTANCE_IPV4", "10.0.0.1"), ("AWS_INSTANCE_PORT", "8080")])],
+    ));
+    assert_eq!(service_ports(&entry.spec), [(8080, "tcp-8080", "TCP")]);
+}
+
+#[test]
+fn bridge_mode_gets_one_stable_port_reaching_each_task_at_its_host_port() {
+    let (entry, t) =
+        one(with_attributes(service("ns", "api", ecs_tasks()), &[("cloudmap-xds/ports", "http=80/HTTP")]));
+    assert!(t.skipped.is_empty() && t.invalid_settings.is_empty(), "{t:?}");
+    let spec = &entry.spec;
+    assert_eq!(service_ports(spec), [(80, "http", "HTTP")]);
+    let endpoints: Vec<_> = spec.endpoints.iter().map(|e| (e.address.as_str(), ports_of(e))).collect();
+    assert_eq!(
+        endpoints,
+        [
+            ("10.0.0.7", vec![("http", 32768)]),
+            ("10.0.0.7", vec![("http", 32769)]),
+            ("10.0.0.8", vec![("http", 32770)]),
+        ]
+    );
+}
+
+#[test]
+fn declared_ports_keep_extra_ports_at_their_number_and_portless_instances_at_the_service_port() {
+    let (entry, _) = one(with_attributes(
+        service(
+            "ns",
+            "api",
+            vec![
+                instance("a", &[("AWS_INSTANCE_IPV4", "10.0.0.1"), ("AWS_INSTANCE_PORT", "8080")]),
+                instance("b", &[("AWS_INSTANCE_IPV4", "10.0.0.2")]),
+            ],
+        ),
+        &[("cloudmap-xds/ports", "80/HTTP, grpc=9090/GRPC")],
+    ));
+    let spec = &entry.spec;
+    assert_eq!(service_ports(spec), [(80, "http", "HTTP"), (9090, "grpc", "GRPC")]);
+    assert_eq!(ports_of(&spec.endpoints[0]), [("grpc", 9090), ("http", 8080)]);
+    assert_eq!(ports_of(&spec.endpoints[1]), [("grpc", 9090), ("http", 80)]);
+}
+
+#[test]
+fn location_export_to_and_resolution_come_from_attributes() {
+    let (entry, t) = one(with_attributes(
+        service("ns", "vm", vec![instance("a", &[("AWS_INSTANCE_IPV4", "10.0.0.1")])]),
+        &[
+            ("cloudmap-xds/location", "MESH_INTERNAL"),
+            ("cloudmap-xds/export-to", "team-a,team-b"),
+            ("cloudmap-xds/resolution", "DNS"),
+        ],
+    ));
+    assert!(t.invalid_settings.is_empty(), "{:?}", t.invalid_settings);
+    let spec = &entry.spec;
+    assert_eq!(spec.location(), Location::MeshInternal);
+    assert_eq!(spec.export_to, ["team-a", "team-b"]);
+    assert_eq!(spec.resolution(), Resolution::Dns);
+}
+
+#[test]
+fn flags_set_what_services_do_not_and_attributes_win() {
+    let mut options = options();
+    options.defaults.location = Some(Location::MeshInternal);
+    options.defaults.export_to = Some(vec![".".into()]);
+    let t = translate(
+        &Registry::new(vec![
+            service("ns", "plain", vec![]),
+            with_attributes(service("ns", "own", vec![]), &[("cloudmap-xds/location", "mesh_external")]),
+        ]),
+        &options,
+    );
+    let by_name: BTreeMap<_, _> = t.entries.iter().map(|e| (e.name.as_str(), &e.spec)).collect();
+    assert_eq!(by_name["cloudmap-plain.ns"].location(), Location::MeshInternal);
+    assert_eq!(by_name["cloudmap-plain.ns"].export_to, ["."]);
+    assert_eq!(by_name["cloudmap-own.ns"].location(), Location::MeshExternal);
+}
+
+#[test]
+fn invalid_attributes_are_reported_and_the_rest_is_still_served() {
+    let (entry, t) = one(with_attributes(
+        service(
+            "ns",
+            "s",
+            vec![instance("a", &[("AWS_INSTANCE_IPV4", "10.0.0.1"), ("AWS_INSTANCE_PORT", "8080")])],
+        ),
+        &[
+            ("cloudmap-xds/ports", "http=80/SPDY"),
+            ("cloudmap-xds/location", "INSIDE"),
+            ("cloudmap-xds/export-to", "*,team-a"),
+            ("cloudmap-xds/resolution", "sometimes"),
+            ("cloudmap-xds/addresses", "10.0.0.0/99"),
+            ("cloudmap-xds/protocol", "HTTP"),
+            ("owner", "team-a"),
+        ],
+    ));
+    // Everything falls back to the defaults: the instance is still served.
+    let spec = &entry.spec;
+    assert_eq!(service_ports(spec), [(8080, "tcp-8080", "TCP")]);
+    assert_eq!(spec.location(), Location::MeshExternal);
+    assert!(spec.export_to.is_empty());
+    assert_eq!(spec.resolution(), Resolution::Static);
+    assert_eq!(spec.addresses, ["10.0.0.1"]);
+    let kinds: Vec<_> = t.invalid_settings.iter().map(|p| p.setting.kind()).collect();
+    assert_eq!(kinds, ["addresses", "export-to", "location", "ports", "unknown", "resolution"]);
+    assert!(t.invalid_settings.iter().all(|p| p.namespace == "ns" && p.service == "s"));
+}
+
+#[test]
+fn dns_round_robin_with_several_instances_falls_back_with_a_reason() {
+    let (entry, t) = one(with_attributes(
+        service(
+            "ns",
+            "s",
+            vec![
+                instance("a", &[("AWS_INSTANCE_IPV4", "10.0.0.1")]),
+                instance("b", &[("AWS_INSTANCE_IPV4", "10.0.0.2")]),
+            ],
+        ),
+        &[("cloudmap-xds/resolution", "DNS_ROUND_ROBIN")],
+    ));
+    assert_eq!(entry.spec.resolution(), Resolution::Static);
+    assert_eq!(t.invalid_settings.len(), 1);
+    assert!(t.invalid_settings[0].setting.reason.contains("at most one endpoint"));
+    let (entry, t) = one(with_attributes(
+        service("ns", "s", vec![instance("a", &[("AWS_INSTANCE_CNAME", "db.example.com")])]),
+        &[("cloudmap-xds/resolution", "DNS_ROUND_ROBIN")],
+    ));
+    assert_eq!(entry.spec.resolution(), Resolution::DnsRoundRobin);
+    assert!(t.invalid_settings.is_empty());
+    // Found by the property tests: one address registered twice with different localities is
+    // two endpoints, which DNS_ROUND_ROBIN does not allow either.
+    let (entry, t) = one(with_attributes(
+        service(
+            "ns",
+            "s",
+            vec![
+                instance("a", &[("AWS_INSTANCE_IPV4", "10.0.0.1")]),
+                instance("a", &[("AWS_INSTANCE_IPV4", "10.0.0.1"), ("REGION", "us-east-1")]),
+            ],
+        ),
+        &[("cloudmap-xds/resolution", "DNS_ROUND_ROBIN")],
+    ));
+    assert_eq!(entry.spec.resolution(), Resolution::Static);
+    assert_eq!(entry.spec.endpoints.len(), 2);
+    assert_eq!(t.invalid_settings.len(), 1);
+}
+
+#[test]
+fn static_resolution_leaves_dns_named_instances_out() {
+    let (entry, t) = one(with_attributes(
+        service(
+            "ns",
+            "s",
+            vec![
+                instance("ip", &[("AWS_INSTANCE_IPV4", "10.0.0.1")]),
+                instance("name", &[("AWS_INSTANCE_CNAME", "x.example.com")]),
+            ],
+        ),
+        &[("cloudmap-xds/resolution", "STATIC")],
+    ));
+    assert_eq!(entry.spec.resolution(), Resolution::Static);
+    assert_eq!(entry.spec.endpoints.len(), 1);
+    assert_eq!(t.skipped[0].reason.kind(), "not_an_ip");
+}
+
+#[test]
+fn resolution_none_lists_no_endpoints_but_keeps_the_addresses() {
+    let (entry, _) = one(with_attributes(
+        service(
+            "ns",
+            "s",
+            vec![
+                instance("a", &[("AWS_INSTANCE_IPV4", "10.0.0.2")]),
+                instance("b", &[("AWS_INSTANCE_IPV4", "10.0.0.1")]),
+            ],
+        ),
+        &[("cloudmap-xds/resolution", "NONE"), ("cloudmap-xds/addresses", "all")],
+    ));
+    assert_eq!(entry.spec.resolution(), Resolution::None);
+    assert!(entry.spec.endpoints.is_empty());
+    assert_eq!(entry.spec.addresses, ["10.0.0.1", "10.0.0.2"]);
+}
+
+#[test]
+fn address_modes() {
+    let tasks = || {
+        vec![
+            instance("a", &[("AWS_INSTANCE_IPV4", "10.0.0.9")]),
+            instance("b", &[("AWS_INSTANCE_IPV4", "10.0.0.10")]),
+            instance("c", &[("AWS_INSTANCE_IPV6", "2001:db8::1")]),
+        ]
+    };
+    let addresses = |mode: &str| {
+        let (entry, t) =
+            one(with_attributes(service("ns", "s", tasks()), &[("cloudmap-xds/addresses", mode)]));
+        (entry.spec.addresses, t.invalid_settings.len())
+    };
+    assert_eq!(addresses("lowest"), (vec!["10.0.0.9".to_string()], 0));
+    assert_eq!(addresses("all"), (vec!["10.0.0.9".into(), "10.0.0.10".into(), "2001:db8::1".into()], 0));
+    assert_eq!(addresses("none"), (vec![], 0));
+    assert_eq!(addresses("240.240.0.1"), (vec!["240.240.0.1".into()], 0));
+    assert_eq!(addresses("10.0.0.0/24"), (vec!["10.0.0.0/24".into()], 0));
+    // With DNS resolution (a DNS-named instance), lowest/all give none, and a CIDR is refused.
+    let dns = || {
+        vec![
+            instance("a", &[("AWS_INSTANCE_IPV4", "10.0.0.9")]),
+            instance("n", &[("AWS_INSTANCE_CNAME", "x.example.com")]),
+        ]
+    };
+    let (entry, t) = one(with_attributes(service("ns", "s", dns()), &[("cloudmap-xds/addresses", "all")]));
+    assert!(entry.spec.addresses.is_empty() && t.invalid_settings.is_empty());
+    let (entry, t) =
+        one(with_attributes(service("ns", "s", dns()), &[("cloudmap-xds/addresses", "10.0.0.0/24")]));
+    assert!(entry.spec.addresses.is_empty());
+    assert!(t.invalid_settings[0].setting.reason.contains("CIDR"), "{:?}", t.invalid_settings);
+}
+
+#[test]
+fn export_to_dot_next_to_the_publish_namespace_is_refused_as_istiod_would() {
+    let (entry, t) =
+        one(with_attributes(service("ns", "s", vec![]), &[("cloudmap-xds/export-to", ".,istio-system")]));
+    assert!(entry.spec.export_to.is_empty());
+    assert_eq!(t.invalid_settings[0].setting.kind(), "export-to");
+}
+
+#[test]
+fn explain_says_where_everything_came_from() {
+    let mut sick = instance("sick", &[("AWS_INSTANCE_IPV4", "10.0.0.3"), ("AWS_INSTANCE_PORT", "32771")]);
+    sick.health = Health::Unhealthy;
+    let mut instances = ecs_tasks();
+    instances.push(sick);
+    instances.push(instance("broken", &[("AWS_INSTANCE_IPV4", "10.0.0.300")]));
+    let svc = with_attributes(
+        service("ns", "api", instances),
+        &[("cloudmap-xds/ports", "http=80/HTTP"), ("cloudmap-xds/location", "nowhere")],
+    );
+    let mut options = options();
+    options.defaults.export_to = Some(vec!["team-a".into()]);
+    let registry = Registry::new(vec![svc, service("ns", "other", vec![])]);
+    for target in ["cloudmap-api.ns", "istio-system/cloudmap-api.ns", "ns/api"] {
+        let (service, e) = explain(&registry, target, &options).unwrap();
+        assert_eq!(service.name, "api");
+        assert_eq!(e.name, "cloudmap-api.ns");
+        assert_eq!(e.ports_origin, settings::Origin::Attribute(settings::PORTS_KEY));
+        assert_eq!(e.location.origin, settings::Origin::Default);
+        assert_eq!(e.export_to.origin, settings::Origin::Flag(settings::EXPORT_TO_FLAG));
+        assert_eq!(e.resolution.origin, settings::Origin::Default);
+        assert_eq!(e.invalid_settings.len(), 1);
+        assert_eq!(e.health_filtered, [("sick".to_string(), Health::Unhealthy)]);
+        assert_eq!(
+            e.skipped,
+            [(
+                "broken".to_string(),
+                SkipReason::InvalidAddress { attribute: "AWS_INSTANCE_IPV4", value: "10.0.0.300".into() }
+            )]
+        );
+        assert_eq!(e.endpoint_instances, [vec!["t1".to_string()], vec!["t2".into()], vec!["t3".into()]]);
+    }
+    assert!(explain(&registry, "cloudmap-nothing.ns", &options).is_none());
+}
+
+#[test]
+fn explain_notes_what_the_addresses_cost_or_catch() {
+    let tasks = || {
+        (1..=3)
+            .map(|n| {
+                let ip = format!("10.0.0.{n}");
+                instance(&format!("t{n}"), &[("AWS_INSTANCE_IPV4", &ip), ("AWS_INSTANCE_PORT", "5432")])
+            })
+            .collect::<Vec<_>>()
+    };
+    let notes = |attrs: &[(&str, &str)]| {
+        let (_, e) = explain(
+            &Registry::new(vec![with_attributes(service("ns", "pg", tasks()), attrs)]),
+            "ns/pg",
+            &options(),
+        )
+        .unwrap();
+        e.notes
+    };
+    assert_eq!(notes(&[]), Vec::<String>::new(), "lowest, the default, needs no note");
+    let all = notes(&[("cloudmap-xds/addresses", "all")]);
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert!(all[0].contains("3 listeners per TCP port") && all[0].contains("3 x 3 = 9 endpoints"), "{all:?}");
+    let none = notes(&[("cloudmap-xds/addresses", "none")]);
+    assert_eq!(none.len(), 1, "{none:?}");
+    assert!(none[0].contains("port(s) 5432 on a wildcard listener"), "{none:?}");
+    // HTTP and TLS are told apart by Host or SNI: no address needed, no note.
+    assert_eq!(
+        notes(&[("cloudmap-xds/addresses", "none"), ("cloudmap-xds/ports", "http=5432/HTTP")]),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        notes(&[("cloudmap-xds/addresses", "none"), ("cloudmap-xds/ports", "5432/TLS")]),
+        Vec::<String>::new()
+    );
+    // A DNS-named TCP endpoint gets no address from lowest either.
+    let db = service(
+        "ns",
+        "db",
+        vec![instance("rds", &[("AWS_INSTANCE_CNAME", "db.example.com"), ("AWS_INSTANCE_PORT", "5432")])],
+    );
+    let (_, e) = explain(&Registry::new(vec![db]), "ns/db", &options()).unwrap();
+    assert!(e.notes.iter().any(|n| n.contains("wildcard listener")), "{:?}", e.notes);
+}
+
+#[test]
+fn an_all_numeric_top_level_label_is_never_emitted() {
+    // istiod: "top level domain \"2024\" cannot be all-numeric", for hosts and DNS endpoints.
+    let t = translate(
+        &Registry::new(vec![
+            service("2024", "api", vec![]),
+            service("corp.local", "web", vec![instance("c", &[("AWS_INSTANCE_CNAME", "db.10")])]),
+            service("corp.local", "ip", vec![instance("i", &[("AWS_INSTANCE_CNAME", "10.1.2.3")])]),
+        ]),
+        &options(),
+    );
+    let skipped: Vec<_> = t.skipped.iter().map(|s| (s.service.as_str(), s.reason.kind())).collect();
+    assert_eq!(skipped, [("api", "invalid_host"), ("web", "invalid_address")]);
+    let ip = t.entries.iter().find(|e| e.origin.1 == "ip").unwrap();
+    assert_eq!(ip.spec.endpoints[0].address, "10.1.2.3");
+    assert_eq!(ip.spec.resolution(), Resolution::Dns);
+}
+
+#[test]
+fn one_service_reports_skips_as_the_whole_registry_does() {
+    // A registry file may repeat an instance id; the snapshot builder sums per-service reports.
+    let broken = instance("i-1", &[("AWS_INSTANCE_PORT", "x"), ("bad key", "v")]);
+    let svc = service("ns", "s", vec![broken.clone(), broken]);
+    let one = translate_service(&svc, &options());
+    let all = translate(&Registry::new(vec![svc]), &options());
+    assert_eq!(one.skipped, all.skipped);
+    assert_eq!(one.skipped_labels, all.skipped_labels);
+    assert_eq!((one.skipped.len(), one.skipped_labels.len()), (1, 1));
 }

@@ -1,137 +1,50 @@
-"""Offline checks of deploy/, the Dockerfile and the IAM policy (no cluster needed).
+"""Offline checks of deploy/ (the plain files, the kustomize base, the Helm chart with default values), the
+Dockerfile and the IAM policy. No cluster needed.
 
 Tools: `eval "$(scripts/install-manifest-tools.sh)"; "$PYTEST_BIN" tests/manifests`
-(PyYAML, kubernetes-validate for the Kubernetes OpenAPI schemas, and $KUSTOMIZE for `kustomize build`).
+(PyYAML, kubernetes-validate for the Kubernetes OpenAPI schemas, $KUSTOMIZE and $HELM; rendering goes through
+scripts/render-manifests.sh). Chart-specific checks (values, lint, parity with kustomize) are in test_helm_chart.py.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import shlex
-import shutil
-import subprocess
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
-import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-DEPLOY = REPO / "deploy"
-ISTIOD_DIR = DEPLOY / "istiod"
+from manifest_support import (
+    ADMIN_PORT, DEPLOY, EXPECTED_KINDS, GRPC_PORT, ISTIOD_DIR, K8S_VERSIONS, NAME, NAMESPACE, NONROOT_UID, REPO,
+    XDS_ADDRESS, container, env_by_name, helm_docs, k8s_manifest_files, kustomize_docs, load_docs, matches,
+    network_policy_admits, one, plain_docs, pod_labels, port_by_name, quantity, seconds, validate_strict,
+)
 
-# Kubernetes versions whose OpenAPI schemas (strict: unknown fields rejected) the manifests must pass.
-K8S_VERSIONS = ("1.31", "1.37")
-
-NAME = "cloudmap-xds"
-NAMESPACE = "istio-system"
-GRPC_PORT = 15099  # default of --grpc-addr
-ADMIN_PORT = 15098  # default of --admin-addr
-XDS_ADDRESS = f"xds://{NAME}.{NAMESPACE}.svc:{GRPC_PORT}"
-NONROOT_UID = 65532
 READ_ACTIONS = {
     "servicediscovery:ListNamespaces",
     "servicediscovery:ListServices",
     "servicediscovery:DiscoverInstances",
     "servicediscovery:DiscoverInstancesRevision",
+    # Optional (service attributes; without it the defaults apply), in a statement of its own.
+    "servicediscovery:GetServiceAttributes",
 }
-EXPECTED_KINDS = {"ServiceAccount", "Secret", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget"}
+SOURCES = ("plain", "kustomize", "helm")
 
 
-# ---------------------------------------------------------------------------------------------- helpers
+def all_sources():
+    """The invariants hold for the plain files, the kustomize output and the chart's default rendering."""
+    return pytest.mark.parametrize("source", SOURCES)
 
 
-def load_docs(path: Path) -> list[dict]:
-    with path.open() as f:
-        return [d for d in yaml.safe_load_all(f) if d is not None]
-
-
-def k8s_manifest_files() -> list[Path]:
-    """Every YAML file under deploy/ that holds core Kubernetes resources."""
-    files = sorted(p for p in DEPLOY.rglob("*.y*ml") if p.suffix in (".yaml", ".yml"))
-    return [p for p in files if ISTIOD_DIR not in p.parents and p.name != "kustomization.yaml"]
-
-
-def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
-    found = [d for d in docs if d.get("kind") == kind and (name is None or d["metadata"]["name"] == name)]
-    assert len(found) == 1, f"expected exactly one {kind} {name or ''}, found {len(found)}"
-    return found[0]
-
-
-def plain_docs() -> list[dict]:
-    return [d for p in k8s_manifest_files() for d in load_docs(p)]
-
-
-def kustomize_bin() -> str:
-    exe = os.environ.get("KUSTOMIZE") or shutil.which("kustomize")
-    if not exe:
-        pytest.fail("no kustomize: run `eval \"$(scripts/install-manifest-tools.sh)\"` to set $KUSTOMIZE")
-    return exe
-
-
-_RENDERED: list[dict] | None = None
-
-
-def rendered_docs() -> list[dict]:
-    global _RENDERED
-    if _RENDERED is None:
-        out = subprocess.run([kustomize_bin(), "build", str(DEPLOY)], capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, f"kustomize build deploy/ failed:\n{out.stderr}"
-        _RENDERED = [d for d in yaml.safe_load_all(out.stdout) if d is not None]
-    return copy.deepcopy(_RENDERED)
-
-
-def both_sources():
-    """The invariants hold for the plain files and for the kustomize output."""
-    return pytest.mark.parametrize("source", ["plain", "rendered"])
+def rendered_sources():
+    return pytest.mark.parametrize("source", ("kustomize", "helm"))
 
 
 def docs_for(source: str) -> list[dict]:
-    return plain_docs() if source == "plain" else rendered_docs()
-
-
-def container(deploy: dict) -> dict:
-    containers = deploy["spec"]["template"]["spec"]["containers"]
-    assert [c["name"] for c in containers] == [NAME], "exactly one container named cloudmap-xds"
-    return containers[0]
-
-
-def port_by_name(c: dict, name: str) -> int:
-    ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
-    assert name in ports, f"container has no port named {name!r}: {ports}"
-    return ports[name]
-
-
-def env_by_name(c: dict) -> dict[str, dict]:
-    env = c.get("env", [])
-    names = [e["name"] for e in env]
-    assert len(names) == len(set(names)), f"duplicate env vars: {names}"
-    return {e["name"]: e for e in env}
-
-
-def matches(selector: dict, labels: dict) -> bool:
-    assert set(selector) <= {"matchLabels"}, "only matchLabels selectors are expected here"
-    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
-
-
-def quantity(q: str) -> float:
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)(m|Ki|Mi|Gi|k|M|G)?", str(q))
-    assert m, f"unparsed quantity {q!r}"
-    mult = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}[m.group(2)]
-    return float(m.group(1)) * mult
-
-
-def seconds(d: str) -> float:
-    m = re.fullmatch(r"(\d+)(ms|s|m)", d)
-    assert m, f"unparsed duration {d!r}"
-    return int(m.group(1)) * {"ms": 1e-3, "s": 1, "m": 60}[m.group(2)]
-
-
-def validate_strict(doc: dict, version: str) -> None:
-    kubernetes_validate.validate(doc, version, strict=True)
+    return {"plain": plain_docs, "kustomize": kustomize_docs, "helm": helm_docs}[source]()
 
 
 # ---------------------------------------------------------------------------------------------- schemas
@@ -140,8 +53,9 @@ def validate_strict(doc: dict, version: str) -> None:
 def test_manifest_files_present():
     names = {p.relative_to(DEPLOY).as_posix() for p in DEPLOY.rglob("*") if p.is_file()}
     for required in ("kustomization.yaml", "serviceaccount.yaml", "deployment.yaml", "pdb.yaml", "service.yaml",
-                     "aws-config.yaml", "iam-policy.json", "istiod/istio-operator.yaml", "istiod/helm-values.yaml",
-                     "README.md"):
+                     "aws-config.yaml", "networkpolicy.yaml", "iam-policy.json", "istiod/istio-operator.yaml",
+                     "istiod/helm-values.yaml", "README.md", "helm/cloudmap-xds/Chart.yaml",
+                     "helm/cloudmap-xds/values.yaml", "helm/cloudmap-xds/values.schema.json"):
         assert required in names, f"deploy/{required} missing"
 
 
@@ -155,9 +69,11 @@ def test_plain_manifest_valid_against_openapi(path: Path, version: str):
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-def test_rendered_kustomization_valid_against_openapi(version: str):
-    docs = rendered_docs()
+@rendered_sources()
+def test_rendered_manifests_valid_against_openapi(source: str, version: str):
+    docs = docs_for(source)
     assert {d["kind"] for d in docs} == EXPECTED_KINDS
+    assert len(docs) == len(EXPECTED_KINDS), "one object of each kind"
     for doc in docs:
         validate_strict(doc, version)
 
@@ -184,8 +100,9 @@ def test_kustomization_lists_every_manifest_and_sets_namespace_and_labels():
     assert pairs.get("app.kubernetes.io/name") == NAME
 
 
-def test_rendered_objects_are_namespaced_and_labelled():
-    for doc in rendered_docs():
+@rendered_sources()
+def test_rendered_objects_are_namespaced_and_labelled(source):
+    for doc in docs_for(source):
         meta = doc["metadata"]
         assert meta.get("namespace") == NAMESPACE, f"{doc['kind']}/{meta['name']} not in {NAMESPACE}"
         assert meta.get("labels", {}).get("app.kubernetes.io/name") == NAME, f"{doc['kind']}/{meta['name']}"
@@ -194,7 +111,7 @@ def test_rendered_objects_are_namespaced_and_labelled():
 # ---------------------------------------------------------------------------------------------- Deployment
 
 
-@both_sources()
+@all_sources()
 def test_deployment_shape(source):
     deploy = one(docs_for(source), "Deployment", NAME)
     spec = deploy["spec"]
@@ -209,14 +126,14 @@ def test_deployment_shape(source):
     assert "--registry-file" not in flat and "REGISTRY_FILE" not in flat, "Cloud Map mode only"
 
 
-@both_sources()
+@all_sources()
 def test_sidecar_injection_disabled(source):
     tmpl = one(docs_for(source), "Deployment", NAME)["spec"]["template"]["metadata"]
     assert tmpl["annotations"]["sidecar.istio.io/inject"] == "false"
     assert tmpl["labels"]["sidecar.istio.io/inject"] == "false"
 
 
-@both_sources()
+@all_sources()
 def test_ports_and_listen_addresses(source):
     c = container(one(docs_for(source), "Deployment", NAME))
     assert port_by_name(c, "grpc-xds") == GRPC_PORT
@@ -228,7 +145,7 @@ def test_ports_and_listen_addresses(source):
             assert env[var]["value"].rsplit(":", 1)[1] == str(port), f"{var}={env[var]['value']}"
 
 
-@both_sources()
+@all_sources()
 def test_probes_hit_admin_port(source):
     c = container(one(docs_for(source), "Deployment", NAME))
     assert port_by_name(c, "admin") == ADMIN_PORT
@@ -240,7 +157,7 @@ def test_probes_hit_admin_port(source):
         assert get["port"] in ("admin", ADMIN_PORT), f"{probe} port {get['port']}"
 
 
-@both_sources()
+@all_sources()
 def test_security_context(source):
     pod = one(docs_for(source), "Deployment", NAME)["spec"]["template"]["spec"]
     c = container({"spec": {"template": {"spec": pod}}})
@@ -261,7 +178,7 @@ def test_security_context(source):
     assert pod.get("automountServiceAccountToken") is False, "the server never calls the Kubernetes API"
 
 
-@both_sources()
+@all_sources()
 def test_resources_set(source):
     res = container(one(docs_for(source), "Deployment", NAME))["resources"]
     for kind in ("cpu", "memory"):
@@ -269,7 +186,7 @@ def test_resources_set(source):
         assert 0 < req <= lim, f"{kind}: request {req} limit {lim}"
 
 
-@both_sources()
+@all_sources()
 def test_graceful_shutdown_fits(source):
     deploy = one(docs_for(source), "Deployment", NAME)
     env = env_by_name(container(deploy))
@@ -278,17 +195,36 @@ def test_graceful_shutdown_fits(source):
     assert deploy["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > grace
 
 
-@both_sources()
-def test_spread_across_nodes_is_soft(source):
-    pod = one(docs_for(source), "Deployment", NAME)["spec"]["template"]["spec"]
-    labels = one(docs_for(source), "Deployment", NAME)["spec"]["template"]["metadata"]["labels"]
-    by_host = [t for t in pod.get("topologySpreadConstraints", []) if t["topologyKey"] == "kubernetes.io/hostname"]
-    assert len(by_host) == 1
-    assert by_host[0]["whenUnsatisfiable"] == "ScheduleAnyway"
-    assert matches(by_host[0]["labelSelector"], labels)
+@all_sources()
+@pytest.mark.parametrize("topology_key", ["topology.kubernetes.io/zone", "kubernetes.io/hostname"])
+def test_replicas_spread_over_zones_and_nodes(source, topology_key):
+    """One zone or node lost leaves a replica serving istiod; soft, so a one-zone/one-node cluster still runs all."""
+    deploy = one(docs_for(source), "Deployment", NAME)
+    pod = deploy["spec"]["template"]["spec"]
+    found = [t for t in pod.get("topologySpreadConstraints", []) if t["topologyKey"] == topology_key]
+    assert len(found) == 1, f"one spread constraint on {topology_key}"
+    spread = found[0]
+    assert spread["maxSkew"] == 1
+    assert spread["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert matches(spread["labelSelector"], pod_labels(deploy)), "the constraint counts our own pods"
+    # Count only the pods of one ReplicaSet, so a rollout spreads the new pods by themselves.
+    assert spread.get("matchLabelKeys") == ["pod-template-hash"]
 
 
-@both_sources()
+@all_sources()
+def test_replicas_prefer_distinct_nodes(source):
+    deploy = one(docs_for(source), "Deployment", NAME)
+    anti = deploy["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in anti, "hard anti-affinity blocks small clusters"
+    terms = anti["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert len(terms) == 1
+    assert terms[0]["weight"] == 100
+    term = terms[0]["podAffinityTerm"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert matches(term["labelSelector"], pod_labels(deploy))
+
+
+@all_sources()
 def test_env_wiring(source):
     docs = docs_for(source)
     deploy = one(docs, "Deployment", NAME)
@@ -328,7 +264,7 @@ def test_service_account_and_irsa_hint():
 # ---------------------------------------------------------------------------------------------- Service, PDB
 
 
-@both_sources()
+@all_sources()
 def test_service_targets_pods(source):
     docs = docs_for(source)
     deploy = one(docs, "Deployment", NAME)
@@ -354,7 +290,7 @@ def test_service_targets_pods(source):
     assert ann.get("prometheus.io/path", "/metrics") == "/metrics"
 
 
-@both_sources()
+@all_sources()
 def test_pdb_selects_deployment_pods(source):
     docs = docs_for(source)
     deploy = one(docs, "Deployment", NAME)
@@ -362,6 +298,82 @@ def test_pdb_selects_deployment_pods(source):
     assert pdb["spec"]["minAvailable"] == 1
     assert pdb["spec"]["minAvailable"] < deploy["spec"]["replicas"], "a PDB at replicas would block drains"
     assert matches(pdb["spec"]["selector"], deploy["spec"]["template"]["metadata"]["labels"])
+
+
+# ---------------------------------------------------------------------------------------------- NetworkPolicy
+
+ISTIOD_POD = {"app": "istiod", "istio": "pilot", "istio.io/rev": "default"}
+PROMETHEUS_POD = {"app.kubernetes.io/name": "prometheus", "app.kubernetes.io/instance": "kube-prometheus-stack"}
+OTHER_POD = {"app": "sleep"}
+
+
+def network_policy_case(source):
+    docs = docs_for(source)
+    return one(docs, "NetworkPolicy", NAME), one(docs, "Deployment", NAME), one(docs, "Service", NAME)
+
+
+@all_sources()
+def test_network_policy_selects_our_pods_and_isolates_ingress_only(source):
+    policy, deploy, _ = network_policy_case(source)
+    assert matches(policy["spec"]["podSelector"], pod_labels(deploy))
+    assert policy["spec"]["podSelector"] != {}, "must not isolate every pod of the namespace"
+    # Egress stays open: Cloud Map endpoints have no fixed addresses.
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+
+
+@all_sources()
+def test_network_policy_ports_match_service_and_container(source):
+    policy, deploy, svc = network_policy_case(source)
+    c = container(deploy)
+    svc_targets = {p["name"]: port_by_name(c, p["targetPort"]) for p in svc["spec"]["ports"]}
+    policy_ports = sorted(p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"])
+    assert policy_ports == sorted([port_by_name(c, "grpc-xds"), port_by_name(c, "admin")])
+    assert sorted(svc_targets.values()) == policy_ports, "every Service port reaches a port the policy opens"
+
+
+@all_sources()
+def test_network_policy_admits_istiod_to_grpc_only(source):
+    policy, deploy, _ = network_policy_case(source)
+
+    def admits(pod, namespace, port, **kw):
+        return network_policy_admits(policy, deploy, pod=pod, namespace=namespace, port=port, **kw)
+
+    assert admits(ISTIOD_POD, "istio-system", GRPC_PORT)
+    assert admits({"app": "istiod", "istio.io/rev": "1-26-0"}, "istio-system", GRPC_PORT), "revisioned istiod"
+    assert not admits(ISTIOD_POD, "default", GRPC_PORT), "an app=istiod pod outside istio-system"
+    assert not admits(OTHER_POD, "istio-system", GRPC_PORT)
+    assert not admits(OTHER_POD, "default", GRPC_PORT)
+    assert not admits(PROMETHEUS_POD, "monitoring", GRPC_PORT)
+    # Our other replicas (same namespace) may dial the gRPC port; the same labels elsewhere may not.
+    assert admits(pod_labels(deploy), NAMESPACE, GRPC_PORT)
+    assert not admits(pod_labels(deploy), "default", GRPC_PORT)
+
+
+@all_sources()
+def test_network_policy_admits_scrapers_to_admin_only(source):
+    policy, deploy, _ = network_policy_case(source)
+
+    def admits(pod, namespace, port):
+        return network_policy_admits(policy, deploy, pod=pod, namespace=namespace, port=port)
+
+    for namespace in ("monitoring", "istio-system", "prometheus"):
+        assert admits(PROMETHEUS_POD, namespace, ADMIN_PORT), namespace
+    assert not admits(OTHER_POD, "monitoring", ADMIN_PORT)
+    assert not admits(OTHER_POD, "istio-system", ADMIN_PORT)
+    assert not admits(ISTIOD_POD, "istio-system", ADMIN_PORT)
+    for port in (8080, 15010, 15014):
+        assert not admits(PROMETHEUS_POD, "monitoring", port) and not admits(ISTIOD_POD, "istio-system", port)
+
+
+def test_network_policy_evaluator_sees_a_kustomize_injected_label():
+    """The istiod check is not vacuous: a peer selector that also requires our name label (what kustomize's
+    includeSelectors does to a podSelector.matchLabels) admits no istiod pod."""
+    policy, deploy, _ = network_policy_case("kustomize")
+    broken = copy.deepcopy(policy)
+    peer = broken["spec"]["ingress"][0]["from"][0]
+    peer["podSelector"] = {"matchLabels": {"app": "istiod", "app.kubernetes.io/name": NAME}}
+    assert network_policy_admits(policy, deploy, pod=ISTIOD_POD, namespace="istio-system", port=GRPC_PORT)
+    assert not network_policy_admits(broken, deploy, pod=ISTIOD_POD, namespace="istio-system", port=GRPC_PORT)
 
 
 # ---------------------------------------------------------------------------------------------- IAM
@@ -406,8 +418,9 @@ def test_istiod_config_sources_keep_k8s(fname):
     assert re.search(r"^#.*k8s://", text, re.M), "comment explaining why k8s:// must stay"
 
 
-def test_xds_address_matches_service():
-    svc = one(rendered_docs(), "Service", NAME)
+@rendered_sources()
+def test_xds_address_matches_service(source):
+    svc = one(docs_for(source), "Service", NAME)
     port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc-xds")
     assert XDS_ADDRESS == f"xds://{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc:{port}"
 

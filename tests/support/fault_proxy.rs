@@ -3,7 +3,8 @@
 //! throttles, and cannot fail one service while serving the others).
 //!
 //! Requests are the AWS JSON 1.1 protocol: the operation is the suffix of
-//! `X-Amz-Target` and the service name is the `ServiceName` of the JSON body.
+//! `X-Amz-Target` and the service is the `ServiceName` (Discover calls) or
+//! `ServiceId` (GetServiceAttributes) of the JSON body.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -18,6 +19,8 @@ pub enum Fault {
     Throttle,
     /// HTTP 400 `InvalidInput`: a plain, non-retried failure.
     Error,
+    /// HTTP 400 `AccessDeniedException`, as AWS answers a call the IAM policy does not allow.
+    Denied,
 }
 
 #[derive(Debug, Clone)]
@@ -32,6 +35,8 @@ struct Shared {
     rules: Vec<Rule>,
     /// Every request by operation, faulted or not.
     calls: BTreeMap<String, u64>,
+    /// By (operation, service name or ID) for the calls that name one.
+    calls_by_service: BTreeMap<(String, String), u64>,
     faulted: u64,
 }
 
@@ -63,7 +68,8 @@ impl FaultProxy {
         format!("http://{}", self.addr)
     }
 
-    /// Fails `operation` (e.g. `DiscoverInstancesRevision`), for one service or all.
+    /// Fails `operation` (e.g. `DiscoverInstancesRevision`), for one service (its name, or
+    /// its ID for calls that take one) or all.
     pub fn fail(&self, operation: &str, service: Option<&str>, fault: Fault) {
         self.shared.lock().unwrap().rules.push(Rule {
             operation: operation.to_owned(),
@@ -79,6 +85,11 @@ impl FaultProxy {
     /// Requests seen, by operation (SDK retries included).
     pub fn calls(&self) -> BTreeMap<String, u64> {
         self.shared.lock().unwrap().calls.clone()
+    }
+
+    /// Calls per (operation, service name or ID).
+    pub fn calls_by_service(&self) -> BTreeMap<(String, String), u64> {
+        self.shared.lock().unwrap().calls_by_service.clone()
     }
 
     pub fn faulted(&self) -> u64 {
@@ -109,9 +120,9 @@ impl Request {
         self.header("x-amz-target").and_then(|t| t.rsplit('.').next()).unwrap_or("").to_owned()
     }
 
-    fn service_name(&self) -> Option<String> {
+    fn service(&self) -> Option<String> {
         let body: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
-        body.get("ServiceName")?.as_str().map(ToOwned::to_owned)
+        body.get("ServiceName").or_else(|| body.get("ServiceId"))?.as_str().map(ToOwned::to_owned)
     }
 }
 
@@ -152,10 +163,13 @@ async fn serve(
     let mut buffer = Vec::new();
     while let Some(request) = read_request(&mut client, &mut buffer).await? {
         let operation = request.operation();
-        let service = request.service_name();
+        let service = request.service();
         let fault = {
             let mut s = shared.lock().unwrap();
             *s.calls.entry(operation.clone()).or_default() += 1;
+            if let Some(service) = &service {
+                *s.calls_by_service.entry((operation.clone(), service.clone())).or_default() += 1;
+            }
             let fault = s
                 .rules
                 .iter()
@@ -177,9 +191,18 @@ async fn serve(
 
 fn error_response(operation: &str, fault: Fault) -> Vec<u8> {
     let (code, message) = match fault {
-        Fault::Throttle if operation == "DiscoverInstances" => ("RequestLimitExceeded", "Rate exceeded"),
-        Fault::Throttle => ("ThrottlingException", "Rate exceeded"),
-        Fault::Error => ("InvalidInput", "injected failure"),
+        Fault::Throttle if operation == "DiscoverInstances" => {
+            ("RequestLimitExceeded", "Rate exceeded".to_owned())
+        }
+        Fault::Throttle => ("ThrottlingException", "Rate exceeded".to_owned()),
+        Fault::Error => ("InvalidInput", "injected failure".to_owned()),
+        Fault::Denied => (
+            "AccessDeniedException",
+            format!(
+                "User: arn:aws:sts::123456789012:assumed-role/cloudmap-xds/test is not authorized to perform: \
+                 servicediscovery:{operation} because no identity-based policy allows the servicediscovery:{operation} action"
+            ),
+        ),
     };
     let body = format!(r#"{{"__type":"{code}","message":"{message}"}}"#);
     format!(

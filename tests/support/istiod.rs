@@ -388,7 +388,7 @@ impl Istiod {
 
     /// Asks istiod for clusters as a sidecar in namespace `default` would, and returns their names.
     pub async fn sidecar_clusters(&self) -> Result<Vec<String>, String> {
-        super::sidecar::cluster_names(self.grpc, &self.bin.istio_version).await
+        super::xds::clusters(self.grpc, &super::xds::Sidecar::new(&self.bin.istio_version)).await
     }
 }
 

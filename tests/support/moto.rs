@@ -253,6 +253,15 @@ impl Seeder {
         }
     }
 
+    /// Sets (merges) service attributes, as `aws servicediscovery update-service-attributes` does.
+    pub async fn update_service_attributes(&self, service_id: &str, attributes: &[(&str, &str)]) {
+        let mut request = self.client.update_service_attributes().service_id(service_id);
+        for (k, v) in attributes {
+            request = request.attributes(*k, *v);
+        }
+        request.send().await.unwrap();
+    }
+
     pub async fn deregister(&self, service_id: &str, instance_id: &str) {
         self.client
             .deregister_instance()

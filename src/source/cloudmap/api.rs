@@ -1,7 +1,8 @@
-//! The four Cloud Map reads the poller makes, in plain types: the seam between
+//! The five Cloud Map reads the poller makes, in plain types: the seam between
 //! the AWS SDK (`client.rs`) and the poller, so the poller can be tested
 //! without a network. No AWS SDK type crosses this line.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::SystemTime;
 
@@ -14,6 +15,7 @@ pub enum Api {
     ListServices,
     DiscoverInstances,
     DiscoverInstancesRevision,
+    GetServiceAttributes,
 }
 
 impl Api {
@@ -23,6 +25,7 @@ impl Api {
             Api::ListServices => "ListServices",
             Api::DiscoverInstances => "DiscoverInstances",
             Api::DiscoverInstancesRevision => "DiscoverInstancesRevision",
+            Api::GetServiceAttributes => "GetServiceAttributes",
         }
     }
 }
@@ -88,7 +91,10 @@ pub enum ErrorKind {
     Timeout,
     /// `NamespaceNotFound` or `ServiceNotFound`.
     NotFound,
-    /// Everything else: connection refused, access denied, 5xx, unparsable responses.
+    /// `AccessDeniedException` (HTTP 400, how AWS JSON services answer) or `AccessDenied` /
+    /// HTTP 403: the IAM policy does not allow the action.
+    Denied,
+    /// Everything else: connection refused, 5xx, unparsable responses.
     Other,
 }
 
@@ -110,6 +116,7 @@ impl ApiError {
         match self.kind {
             ErrorKind::Throttled => "throttled",
             ErrorKind::Timeout => "timeout",
+            ErrorKind::Denied => "denied",
             ErrorKind::NotFound | ErrorKind::Other => "error",
         }
     }
@@ -142,4 +149,10 @@ pub trait CloudMapApi: Send + Sync + 'static {
         namespace_http_name: &str,
         service: &str,
     ) -> impl Future<Output = Result<i64, ApiError>> + Send;
+
+    /// `GetServiceAttributes`: the service-level key/values (at most 30; none is an empty map).
+    fn get_service_attributes(
+        &self,
+        service_id: &str,
+    ) -> impl Future<Output = Result<BTreeMap<String, String>, ApiError>> + Send;
 }

@@ -3,7 +3,7 @@
 //! custom endpoints; and the conversion of SDK types into `api` types, which
 //! is where AWS types end.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -61,19 +61,19 @@ pub enum Error {
 
 /// How to reach Cloud Map.
 #[derive(Clone, Default)]
-pub struct Settings {
+pub struct Connection {
     pub region: Option<String>,
     pub endpoint_url: Option<String>,
     /// The longest one attempt may take; a whole call, retries included, is
-    /// bounded by [`Settings::operation_timeout`].
+    /// bounded by [`Connection::operation_timeout`].
     pub request_timeout: Duration,
     /// Static keys instead of the default chain (tests and embedders).
     pub static_credentials: Option<(String, String)>,
 }
 
-impl std::fmt::Debug for Settings {
+impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Settings")
+        f.debug_struct("Connection")
             .field("region", &self.region)
             .field("endpoint_url", &self.endpoint_url)
             .field("request_timeout", &self.request_timeout)
@@ -82,7 +82,7 @@ impl std::fmt::Debug for Settings {
     }
 }
 
-impl Settings {
+impl Connection {
     /// Bound of one call with every retry and the backoff between them.
     pub fn operation_timeout(&self) -> Duration {
         self.request_timeout.saturating_mul(MAX_ATTEMPTS) + RETRY_BACKOFF_BUDGET
@@ -97,7 +97,7 @@ pub struct SdkCloudMap {
 
 /// Builds the client and checks, once, that a region and credentials exist.
 /// Returns the client and the region in use.
-pub async fn connect(settings: &Settings) -> Result<(SdkCloudMap, String), Error> {
+pub async fn connect(settings: &Connection) -> Result<(SdkCloudMap, String), Error> {
     let http_client = aws_smithy_http_client::Builder::new()
         .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
         .build_https();
@@ -243,24 +243,49 @@ where
     let kind = match &err {
         SdkError::TimeoutError(_) => ErrorKind::Timeout,
         SdkError::DispatchFailure(d) if d.is_timeout() => ErrorKind::Timeout,
-        _ => match err.code() {
-            Some(
-                "RequestLimitExceeded" | "ThrottlingException" | "Throttling" | "TooManyRequestsException",
-            ) => ErrorKind::Throttled,
-            Some("NamespaceNotFound" | "ServiceNotFound") => ErrorKind::NotFound,
-            _ if status == Some(429) => ErrorKind::Throttled,
-            _ => ErrorKind::Other,
-        },
+        _ => kind_of_answer(err.code(), status),
     };
     let message = match (err.code(), err.message()) {
         (Some(code), Some(message)) => format!("{code}: {message}"),
         (Some(code), None) => code.to_owned(),
         _ => match &err {
             SdkError::TimeoutError(_) => "request timed out".to_owned(),
-            _ => DisplayErrorContext(&err).to_string(),
+            _ => error_chain(&err),
         },
     };
     ApiError::new(kind, message)
+}
+
+/// An error and its sources on one line, `outer: inner: ...`: what a user reads in a
+/// status or an exit message (the SDK's `DisplayErrorContext` appends a debug dump).
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![err.to_string()];
+    let mut source = err.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        // Some errors repeat their source in their own message.
+        if !parts.last().is_some_and(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = e.source();
+    }
+    parts.join(": ").split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Classifies an error answer by its code and HTTP status.
+fn kind_of_answer(code: Option<&str>, status: Option<u16>) -> ErrorKind {
+    match code {
+        Some("RequestLimitExceeded" | "ThrottlingException" | "Throttling" | "TooManyRequestsException") => {
+            ErrorKind::Throttled
+        }
+        Some("NamespaceNotFound" | "ServiceNotFound") => ErrorKind::NotFound,
+        // AWS JSON services answer an IAM denial with HTTP 400 `AccessDeniedException`;
+        // `AccessDenied` and a bare 403 are the other spellings of the same answer.
+        Some("AccessDeniedException" | "AccessDenied") => ErrorKind::Denied,
+        None if status == Some(403) => ErrorKind::Denied,
+        _ if status == Some(429) => ErrorKind::Throttled,
+        _ => ErrorKind::Other,
+    }
 }
 
 fn system_time(date: Option<&sd::primitives::DateTime>) -> SystemTime {
@@ -395,6 +420,16 @@ impl CloudMapApi for SdkCloudMap {
             ApiError::new(ErrorKind::Other, "DiscoverInstancesRevision returned no InstancesRevision")
         })
     }
+
+    async fn get_service_attributes(&self, service_id: &str) -> Result<BTreeMap<String, String>, ApiError> {
+        let out =
+            self.client.get_service_attributes().service_id(service_id).send().await.map_err(classify)?;
+        Ok(out
+            .service_attributes()
+            .and_then(|a| a.attributes())
+            .map(|a| a.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default())
+    }
 }
 
 #[cfg(test)]
@@ -458,6 +493,31 @@ mod tests {
         let info = service_info(&bare, &HashMap::from([("srv-2".into(), "ns-9".into())])).unwrap();
         assert_eq!((info.created, info.health_checked), (SystemTime::UNIX_EPOCH, false));
         assert_eq!(info.namespace_id.as_deref(), Some("ns-9"));
+    }
+
+    #[test]
+    fn answers_are_classified_by_code_then_status() {
+        let kind = |code, status| kind_of_answer(code, Some(status));
+        assert_eq!(kind(Some("AccessDeniedException"), 400), ErrorKind::Denied);
+        assert_eq!(kind(Some("AccessDenied"), 403), ErrorKind::Denied);
+        assert_eq!(kind(None, 403), ErrorKind::Denied);
+        // A 403 with another code is about the credentials, not the policy.
+        assert_eq!(kind(Some("ExpiredTokenException"), 403), ErrorKind::Other);
+        assert_eq!(kind(Some("ThrottlingException"), 400), ErrorKind::Throttled);
+        assert_eq!(kind(Some("RequestLimitExceeded"), 400), ErrorKind::Throttled);
+        assert_eq!(kind(None, 429), ErrorKind::Throttled);
+        assert_eq!(kind(Some("ServiceNotFound"), 400), ErrorKind::NotFound);
+        assert_eq!(kind(Some("InvalidInput"), 400), ErrorKind::Other);
+        assert_eq!(kind_of_answer(None, None), ErrorKind::Other);
+    }
+
+    #[test]
+    fn error_chains_are_one_line_without_debug_dumps() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("dispatch failure")]
+        struct Outer(#[source] std::io::Error);
+        let err = Outer(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection\nrefused"));
+        assert_eq!(error_chain(&err), "dispatch failure: Connection refused");
     }
 
     #[test]

@@ -16,8 +16,11 @@
 //!   never "newer if greater"), and every service is also read in full once per
 //!   `full_refresh_interval` (phases spread evenly, so there is no burst), which
 //!   catches health changes, which do not move the revision;
+//! - service attributes are read when a listing lists a service, not per poll,
+//!   and an IAM denial is tolerated (see [`attributes`]);
 //! - nothing is published before the first complete sync (every namespace listed,
-//!   every service read) unless [`Inventory::force_publish`] is called.
+//!   every service and its attributes read) unless [`Inventory::force_publish`]
+//!   is called.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -29,6 +32,9 @@ use super::api::{Api, ApiError, Discovered, ErrorKind, NamespaceInfo, ServiceInf
 use super::filter::NameFilter;
 use crate::model::{Health, Instance, Registry, Service};
 use crate::source::ServiceStatus;
+
+mod attributes;
+pub use self::attributes::{ACTION as ATTRIBUTES_ACTION, AttributesTarget};
 
 /// Schedules are spread by ±10 % so replicas and services do not move in lockstep.
 pub const JITTER: f64 = 0.1;
@@ -132,6 +138,8 @@ struct ServiceState {
     service_id: String,
     created: SystemTime,
     health_checked: bool,
+    /// The service attributes and their read schedule.
+    attributes: attributes::ServiceAttributes,
     /// The last good read, sorted by instance ID; `None` until the first.
     instances: Option<Vec<Instance>>,
     /// `instances` as published, shared until the service changes again.
@@ -184,6 +192,8 @@ pub struct Inventory {
     dirty: bool,
     last_full_sync: Option<SystemTime>,
     last_error: Option<(String, SystemTime)>,
+    /// The attribute read queue, and whether GetServiceAttributes is allowed.
+    attribute_reads: attributes::Reads,
 }
 
 impl Inventory {
@@ -206,6 +216,7 @@ impl Inventory {
             dirty: false,
             last_full_sync: None,
             last_error: None,
+            attribute_reads: attributes::Reads::default(),
         }
     }
 
@@ -227,9 +238,9 @@ impl Inventory {
         self.services.len()
     }
 
-    /// Services read at least once.
+    /// Services read at least once: instances, and attributes settled.
     pub fn read_count(&self) -> usize {
-        self.services.values().filter(|s| s.instances.is_some()).count()
+        self.services.values().filter(|s| s.instances.is_some() && s.attributes.settled).count()
     }
 
     pub fn last_full_sync(&self) -> Option<SystemTime> {
@@ -385,6 +396,7 @@ impl Inventory {
     }
 
     fn upsert(&mut self, key: ServiceKey, ns: &NamespaceInfo, svc: ServiceInfo, report: &mut ListingReport) {
+        let listed = key.clone();
         match self.services.get_mut(&key) {
             Some(s) => {
                 if s.service_id != svc.id || s.http_name != ns.http_name {
@@ -419,6 +431,7 @@ impl Inventory {
                         service_id: svc.id,
                         created: svc.created,
                         health_checked: svc.health_checked,
+                        attributes: attributes::ServiceAttributes::default(),
                         instances: None,
                         published: None,
                         revision: None,
@@ -435,6 +448,7 @@ impl Inventory {
                 report.added.push(key);
             }
         }
+        self.attributes_listed(&listed);
     }
 
     /// What to call in this poll: a read for services that are new, changed or
@@ -599,7 +613,8 @@ impl Inventory {
         let cycle = self.cycle;
         let complete = self.listed_once
             && self.namespaces.values().all(|n| n.listed)
-            && self.services.values().all(|s| s.read_in_cycle == Some(cycle));
+            && self.services.values().all(|s| s.read_in_cycle == Some(cycle))
+            && self.attributes_settled();
         if complete {
             self.cycle += 1;
             self.last_full_sync = Some(now.wall);
@@ -628,16 +643,22 @@ impl Inventory {
             return None;
         }
         self.dirty = false;
+        let forced = self.forced;
         let services = self
             .services
             .iter_mut()
             .filter_map(|(key, s)| {
+                // Held back until its attributes are settled, so it never flaps from the defaults.
+                if !(s.attributes.settled || forced) {
+                    return None;
+                }
                 let instances = s.instances.as_ref()?;
                 let service = s.published.get_or_insert_with(|| {
                     Arc::new(Service {
                         namespace: key.0.clone(),
                         name: key.1.clone(),
                         created: s.created,
+                        attributes: s.attributes.values.clone(),
                         instances: instances.clone(),
                     })
                 });

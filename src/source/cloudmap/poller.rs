@@ -1,5 +1,6 @@
 //! The thin async loop around [`Inventory`]: each poll tick starts the listing
-//! when due and one call per service (revision check or read); answers are
+//! when due, one call per service (revision check or read) and the attribute
+//! reads due (at most [`MAX_IN_FLIGHT`] at a time, topped up as they answer); answers are
 //! applied as they arrive; the registry is published when its content changed,
 //! and the status is copied out. Calls run concurrently as tasks, each behind
 //! its API's token bucket, a bound on calls in flight and a timeout, and every
@@ -16,7 +17,9 @@ use tracing::{debug, error, info, warn};
 
 use super::api::{Api, ApiError, CloudMapApi, Discovered, ErrorKind, NamespaceInfo, ServiceInfo};
 use super::filter::NameFilter;
-use super::inventory::{self, Inventory, Listing, NamespaceListing, Now, ServiceKey, Target};
+use super::inventory::{
+    self, AttributesTarget, Inventory, Listing, NamespaceListing, Now, ServiceKey, Target,
+};
 use super::rate::RateLimiter;
 use crate::metrics::{ApiLabels, OutcomeLabels, SourceMetrics};
 use crate::source::SourceSink;
@@ -46,18 +49,25 @@ impl Family {
     }
 }
 
-/// The budgets of the three API families.
+/// The budgets of the four API families.
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// ListNamespaces and ListServices (control plane).
     pub list: Family,
     pub discover: Family,
     pub revision: Family,
+    /// GetServiceAttributes (control plane).
+    pub attributes: Family,
 }
 
 impl Limits {
-    pub fn new(list: f64, discover: f64, revision: f64) -> Self {
-        Limits { list: Family::new(list), discover: Family::new(discover), revision: Family::new(revision) }
+    pub fn new(list: f64, discover: f64, revision: f64, attributes: f64) -> Self {
+        Limits {
+            list: Family::new(list),
+            discover: Family::new(discover),
+            revision: Family::new(revision),
+            attributes: Family::new(attributes),
+        }
     }
 
     fn for_api(&self, api: Api) -> &Family {
@@ -65,6 +75,7 @@ impl Limits {
             Api::ListNamespaces | Api::ListServices => &self.list,
             Api::DiscoverInstances => &self.discover,
             Api::DiscoverInstancesRevision => &self.revision,
+            Api::GetServiceAttributes => &self.attributes,
         }
     }
 }
@@ -168,6 +179,15 @@ enum Done {
     Listing(Result<Listing, ApiError>),
     Revision(Target, Result<i64, ApiError>),
     Instances(ServiceKey, Result<Discovered, ApiError>),
+    Attributes(ServiceKey, Result<BTreeMap<String, String>, ApiError>),
+}
+
+/// What a running task is for.
+enum Owner {
+    Listing,
+    /// A revision check or an instance read.
+    Service(ServiceKey),
+    Attributes(ServiceKey),
 }
 
 /// What happened since the last poll tick, for `cloudmap_xds_source_loads`.
@@ -196,9 +216,11 @@ pub struct Poller<A> {
     started: Instant,
     last_wait_log: Option<Instant>,
     tasks: JoinSet<Done>,
-    /// Which service each running task is for (`None`: the listing).
-    owners: HashMap<task::Id, Option<ServiceKey>>,
+    /// What each running task is for.
+    owners: HashMap<task::Id, Owner>,
     listing_in_flight: bool,
+    /// Attribute reads out; they are started in windows, so an IAM denial stops them quickly.
+    attributes_in_flight: usize,
     window: Window,
     /// When the last tick that spawned calls started, until they all finished.
     wave_started: Option<Instant>,
@@ -224,6 +246,7 @@ impl<A: CloudMapApi> Poller<A> {
             tasks: JoinSet::new(),
             owners: HashMap::new(),
             listing_in_flight: false,
+            attributes_in_flight: 0,
             window: Window::default(),
             wave_started: None,
         }
@@ -298,6 +321,7 @@ impl<A: CloudMapApi> Poller<A> {
         for target in plan.discover {
             self.spawn_discover(target);
         }
+        self.spawn_attribute_reads();
         if !self.tasks.is_empty() && self.wave_started.is_none() {
             self.wave_started = Some(now);
         }
@@ -314,8 +338,12 @@ impl<A: CloudMapApi> Poller<A> {
                 // Only a panic gets here (tasks are aborted only on shutdown): free the service for the next poll.
                 error!(error = %e, "a Cloud Map call task died");
                 match self.owners.remove(&e.id()) {
-                    Some(Some(key)) => self.inventory.abandon(&key),
-                    Some(None) => self.listing_in_flight = false,
+                    Some(Owner::Service(key)) => self.inventory.abandon(&key),
+                    Some(Owner::Attributes(key)) => {
+                        self.attributes_in_flight -= 1;
+                        self.inventory.abandon_attributes(&key);
+                    }
+                    Some(Owner::Listing) => self.listing_in_flight = false,
                     None => {}
                 }
                 return;
@@ -341,6 +369,7 @@ impl<A: CloudMapApi> Poller<A> {
                 for target in self.inventory.plan_reads(Instant::now()) {
                     self.spawn_discover(target);
                 }
+                self.spawn_attribute_reads();
             }
             Done::Revision(target, result) => {
                 self.window.note(&result);
@@ -352,6 +381,12 @@ impl<A: CloudMapApi> Poller<A> {
                 self.window.note(&result);
                 self.inventory.apply_instances(&key, result, Now::current());
             }
+            Done::Attributes(key, result) => {
+                self.attributes_in_flight -= 1;
+                self.window.note(&result);
+                self.inventory.apply_attributes(&key, result, Now::current());
+                self.spawn_attribute_reads();
+            }
         }
     }
 
@@ -359,7 +394,7 @@ impl<A: CloudMapApi> Poller<A> {
         let caller = self.caller.clone();
         let filter = self.inventory.filter().clone();
         let handle = self.tasks.spawn(async move { Done::Listing(caller.list(&filter).await) });
-        self.owners.insert(handle.id(), None);
+        self.owners.insert(handle.id(), Owner::Listing);
         self.listing_in_flight = true;
     }
 
@@ -372,7 +407,7 @@ impl<A: CloudMapApi> Poller<A> {
             let result = caller.call(Api::DiscoverInstancesRevision, request).await;
             Done::Revision(target, result)
         });
-        self.owners.insert(handle.id(), Some(key));
+        self.owners.insert(handle.id(), Owner::Service(key));
     }
 
     fn spawn_discover(&mut self, target: Target) {
@@ -383,7 +418,27 @@ impl<A: CloudMapApi> Poller<A> {
             let result = caller.call(Api::DiscoverInstances, request).await;
             Done::Instances(target.key, result)
         });
-        self.owners.insert(handle.id(), Some(key));
+        self.owners.insert(handle.id(), Owner::Service(key));
+    }
+
+    /// Starts the attribute reads due, up to [`MAX_IN_FLIGHT`] out at once.
+    fn spawn_attribute_reads(&mut self) {
+        let room = MAX_IN_FLIGHT.saturating_sub(self.attributes_in_flight);
+        for target in self.inventory.plan_attribute_reads(Instant::now(), room) {
+            self.spawn_attributes(target);
+        }
+    }
+
+    fn spawn_attributes(&mut self, target: AttributesTarget) {
+        let caller = self.caller.clone();
+        let key = target.key.clone();
+        let handle = self.tasks.spawn(async move {
+            let request = caller.api.get_service_attributes(&target.service_id);
+            let result = caller.call(Api::GetServiceAttributes, request).await;
+            Done::Attributes(target.key, result)
+        });
+        self.owners.insert(handle.id(), Owner::Attributes(key));
+        self.attributes_in_flight += 1;
     }
 
     /// Closes a batch of answers: sweep bookkeeping, publication, status.
@@ -407,6 +462,8 @@ impl<A: CloudMapApi> Poller<A> {
                 metrics.last_full_sync.set(secs);
             }
         }
+        // Before the publication, so whoever sees the registry sees the gauge that goes with it.
+        metrics.service_attributes_unavailable.set(i64::from(self.inventory.attributes_denied()));
         if let Some(registry) = self.inventory.registry_update() {
             let services = registry.services.len();
             if self.sink.publish(registry) {

@@ -15,6 +15,7 @@ fn snapshot(ips: &[&str]) -> Snapshot {
         namespace: "my-namespace".into(),
         name: "getmesh-external-service".into(),
         created: SystemTime::UNIX_EPOCH,
+        attributes: Default::default(),
         instances: ips
             .iter()
             .map(|ip| Instance {
@@ -24,7 +25,7 @@ fn snapshot(ips: &[&str]) -> Snapshot {
             })
             .collect(),
     }]);
-    let options = Options { publish_namespace: "istio-system".into(), health_filter: HealthFilter::All };
+    let options = Options::new("istio-system", HealthFilter::All);
     Snapshot::build(translate(&registry, &options))
 }
 

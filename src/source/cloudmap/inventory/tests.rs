@@ -99,7 +99,21 @@ fn keys(targets: &[Target]) -> Vec<String> {
     targets.iter().map(|t| format!("{}/{}", t.key.0, t.key.1)).collect()
 }
 
-/// Lists `names` and reads each with one instance at revision 1; returns the synced inventory.
+/// Answers every attribute read due with no attributes.
+fn read_attributes(inv: &mut Inventory, now: Now) {
+    loop {
+        let reads = inv.plan_attribute_reads(now.instant, usize::MAX);
+        if reads.is_empty() {
+            return;
+        }
+        for t in reads {
+            inv.apply_attributes(&t.key, Ok(BTreeMap::new()), now);
+        }
+    }
+}
+
+/// Lists `names` and reads each with one instance at revision 1 and no attributes;
+/// returns the synced inventory.
 fn synced(clock: &Clock, names: &[&str]) -> Inventory {
     let mut inv = Inventory::new(config(), clock.start, 7);
     inv.apply_listing(Ok(listing(names)), clock.at(0.0));
@@ -108,6 +122,7 @@ fn synced(clock: &Clock, names: &[&str]) -> Inventory {
     for t in plan.discover {
         inv.apply_instances(&t.key, Ok(discovered(&["10.0.0.1"], 1)), clock.at(0.1));
     }
+    read_attributes(&mut inv, clock.at(0.1));
     assert!(inv.finish_poll(clock.at(0.2)).initial_sync);
     assert!(inv.registry_update().is_some());
     inv
@@ -134,6 +149,7 @@ fn nothing_is_published_before_every_service_was_read() {
     assert_eq!(keys(&plan.discover), ["shop/a", "shop/b"]);
     inv.apply_instances(&key("a"), Ok(discovered(&["10.0.0.1"], 1)), clock.at(0.1));
     inv.apply_instances(&key("b"), Err(err(ErrorKind::Other)), clock.at(0.1));
+    read_attributes(&mut inv, clock.at(0.1));
     assert_eq!(inv.finish_poll(clock.at(0.2)), PollSummary::default());
     assert!(!inv.synced());
     assert_eq!(inv.registry_update(), None, "a partial first sync is never published");
@@ -224,6 +240,7 @@ fn every_service_is_read_in_full_once_per_interval_spread_evenly() {
     for t in inv.plan_next_poll(clock.at(0.0).instant).discover {
         inv.apply_instances(&t.key, Ok(discovered(&["10.0.0.1"], 1)), clock.at(0.0));
     }
+    read_attributes(&mut inv, clock.at(0.0));
     assert!(inv.finish_poll(clock.at(0.0)).initial_sync);
     let first_sync = inv.last_full_sync().unwrap();
     let mut reads_per_poll = Vec::new();
@@ -264,6 +281,7 @@ fn the_full_refresh_sees_health_flips_and_waits_for_failed_reads() {
     for t in inv.plan_next_poll(clock.at(0.0).instant).discover {
         inv.apply_instances(&t.key, Ok(discovered(&["10.0.0.1"], 1)), clock.at(0.0));
     }
+    read_attributes(&mut inv, clock.at(0.0));
     assert!(inv.finish_poll(clock.at(0.0)).initial_sync);
     let first_sync = inv.last_full_sync();
     // Within one interval (plus a poll and the jitter) each service is read again.
@@ -366,7 +384,8 @@ fn one_failing_service_does_not_block_the_others_and_backs_off() {
     assert_eq!(registry.services[1].instances[0].attributes["AWS_INSTANCE_IPV4"], "10.0.0.2", "b moved on");
     let status = &inv.statuses()[&key("a")];
     assert!(status.last_error.as_deref().unwrap().starts_with("DiscoverInstancesRevision: boom"));
-    assert_eq!(status.api_calls, 1 + attempts_of_a.len() as u64);
+    // The first read, its attributes, then the attempts.
+    assert_eq!(status.api_calls, 2 + attempts_of_a.len() as u64);
     assert!(inv.last_error().unwrap().0.starts_with("shop/a: DiscoverInstancesRevision"));
 }
 
@@ -425,6 +444,7 @@ fn a_failed_listing_or_namespace_keeps_what_was_listed() {
     for t in inv.plan_next_poll(clock.at(0.0).instant).discover {
         inv.apply_instances(&t.key, Ok(discovered(&["10.0.0.1"], 1)), clock.at(0.0));
     }
+    read_attributes(&mut inv, clock.at(0.0));
     assert!(inv.finish_poll(clock.at(0.0)).initial_sync);
     // ListNamespaces fails: nothing changes, and the listing backs off.
     let report = inv.apply_listing(Err(err(ErrorKind::Throttled)), clock.at(60.0));
@@ -525,6 +545,7 @@ fn services_without_health_checks_serve_every_instance() {
     inv.plan_next_poll(clock.at(0.0).instant);
     let d = Discovered { instances: vec![instance("i-1", "10.0.0.1", Health::Unknown)], revision: Some(1) };
     inv.apply_instances(&key("a"), Ok(d), clock.at(0.0));
+    read_attributes(&mut inv, clock.at(0.0));
     inv.finish_poll(clock.at(0.0));
     assert_eq!(inv.registry_update().unwrap().services[0].instances[0].health, Health::Healthy);
 }
@@ -582,4 +603,322 @@ fn unchanged_services_are_republished_as_the_same_shared_value() {
     assert!(std::sync::Arc::ptr_eq(&first.services[0], &second.services[0]), "a is shared, not copied");
     assert!(!std::sync::Arc::ptr_eq(&first.services[1], &second.services[1]), "b changed");
     assert_eq!(second.services[1].instances.len(), 2);
+}
+
+fn attrs(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+}
+
+fn attribute_keys(targets: &[AttributesTarget]) -> Vec<String> {
+    targets.iter().map(|t| format!("{}/{}", t.key.0, t.key.1)).collect()
+}
+
+fn published_attributes(inv: &Inventory) -> BTreeMap<String, BTreeMap<String, String>> {
+    let mut copy = inv.clone();
+    copy.dirty = true;
+    copy.registry_update()
+        .map(|r| r.services.iter().map(|s| (s.name.clone(), s.attributes.clone())).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn attributes_are_read_on_listings_not_on_polls() {
+    let clock = Clock::new();
+    let mut inv = synced(&clock, &["a", "b", "c"]);
+    for poll in 1..=5 {
+        let now = clock.at(f64::from(poll) * 5.0);
+        inv.plan_next_poll(now.instant);
+        assert!(inv.plan_attribute_reads(now.instant, usize::MAX).is_empty(), "poll {poll}");
+    }
+    // Each listing makes every listed service's attributes due, in windows of `limit`.
+    inv.apply_listing(Ok(listing(&["a", "b", "c"])), clock.at(60.0));
+    let first = inv.plan_attribute_reads(clock.at(60.0).instant, 2);
+    assert_eq!(attribute_keys(&first), ["shop/a", "shop/b"]);
+    assert_eq!(first[0].service_id, "srv-a");
+    assert!(inv.plan_attribute_reads(clock.at(60.0).instant, 0).is_empty());
+    assert_eq!(attribute_keys(&inv.plan_attribute_reads(clock.at(60.0).instant, 2)), ["shop/c"]);
+    for t in first {
+        assert!(!inv.apply_attributes(&t.key, Ok(BTreeMap::new()), clock.at(60.1)), "unchanged");
+    }
+    assert!(inv.plan_attribute_reads(clock.at(65.0).instant, usize::MAX).is_empty(), "c is in flight");
+    inv.abandon_attributes(&key("c"));
+    assert_eq!(attribute_keys(&inv.plan_attribute_reads(clock.at(65.0).instant, usize::MAX)), ["shop/c"]);
+}
+
+#[test]
+fn the_first_sync_and_a_new_service_wait_for_their_attributes() {
+    let clock = Clock::new();
+    let mut inv = Inventory::new(config(), clock.start, 1);
+    inv.apply_listing(Ok(listing(&["a", "b"])), clock.at(0.0));
+    for t in inv.plan_next_poll(clock.at(0.0).instant).discover {
+        inv.apply_instances(&t.key, Ok(discovered(&["10.0.0.1"], 1)), clock.at(0.1));
+    }
+    // Until one read succeeded, one at a time: a policy without the action costs one call.
+    let reads = inv.plan_attribute_reads(clock.at(0.0).instant, usize::MAX);
+    assert_eq!(attribute_keys(&reads), ["shop/a"]);
+    assert!(inv.plan_attribute_reads(clock.at(0.0).instant, usize::MAX).is_empty());
+    inv.apply_attributes(&key("a"), Ok(attrs(&[("cloudmap-xds/ports", "http=80/HTTP")])), clock.at(0.1));
+    assert!(!inv.finish_poll(clock.at(0.2)).initial_sync, "b's attributes are not read yet");
+    let reads = inv.plan_attribute_reads(clock.at(0.2).instant, usize::MAX);
+    assert_eq!(attribute_keys(&reads), ["shop/b"]);
+    assert_eq!(inv.registry_update(), None);
+    assert_eq!(inv.read_count(), 1);
+    // No attributes at all is an answer too.
+    assert!(inv.apply_attributes(&key("b"), Ok(BTreeMap::new()), clock.at(0.3)));
+    assert!(inv.finish_poll(clock.at(0.4)).initial_sync);
+    let registry = inv.registry_update().unwrap();
+    assert_eq!(registry.services[0].attributes, attrs(&[("cloudmap-xds/ports", "http=80/HTTP")]));
+    assert!(registry.services[1].attributes.is_empty());
+
+    // A service listed later is served once its instances and its attributes are read, not before.
+    inv.apply_listing(Ok(listing(&["a", "b", "c"])), clock.at(60.0));
+    for t in inv.plan_reads(clock.at(60.0).instant) {
+        inv.apply_instances(&t.key, Ok(discovered(&["10.0.0.3"], 1)), clock.at(60.1));
+    }
+    inv.finish_poll(clock.at(60.1));
+    assert_eq!(published_attributes(&inv).len(), 2, "c waits for its attributes");
+    for t in inv.plan_attribute_reads(clock.at(60.1).instant, usize::MAX) {
+        let values = if t.key == key("c") {
+            attrs(&[("cloudmap-xds/location", "MESH_INTERNAL")])
+        } else {
+            BTreeMap::new()
+        };
+        inv.apply_attributes(&t.key, Ok(values), clock.at(60.2));
+    }
+    let registry = inv.registry_update().expect("c is published");
+    assert_eq!(registry.services.len(), 3);
+    assert_eq!(registry.services[2].attributes["cloudmap-xds/location"], "MESH_INTERNAL");
+}
+
+#[test]
+fn a_changed_attribute_set_republishes_only_its_service() {
+    let clock = Clock::new();
+    let mut inv = synced(&clock, &["a", "b"]);
+    inv.dirty = true;
+    let before = inv.registry_update().unwrap();
+    inv.apply_listing(Ok(listing(&["a", "b"])), clock.at(60.0));
+    let reads = inv.plan_attribute_reads(clock.at(60.0).instant, usize::MAX);
+    assert_eq!(reads.len(), 2);
+    assert!(!inv.apply_attributes(&key("a"), Ok(BTreeMap::new()), clock.at(60.1)));
+    assert!(inv.apply_attributes(
+        &key("b"),
+        Ok(attrs(&[("cloudmap-xds/ports", "grpc=50051/GRPC")])),
+        clock.at(60.1)
+    ));
+    let after = inv.registry_update().expect("b's change is published");
+    assert!(std::sync::Arc::ptr_eq(&before.services[0], &after.services[0]), "a is untouched");
+    assert_eq!(after.services[1].attributes["cloudmap-xds/ports"], "grpc=50051/GRPC");
+    // The same answer again changes nothing.
+    inv.apply_listing(Ok(listing(&["a", "b"])), clock.at(120.0));
+    for t in inv.plan_attribute_reads(clock.at(120.0).instant, usize::MAX) {
+        let values = if t.key == key("b") {
+            attrs(&[("cloudmap-xds/ports", "grpc=50051/GRPC")])
+        } else {
+            BTreeMap::new()
+        };
+        assert!(!inv.apply_attributes(&t.key, Ok(values), clock.at(120.1)));
+    }
+    assert_eq!(inv.registry_update(), None);
+}
+
+#[test]
+fn a_failed_attribute_read_keeps_the_last_good_attributes_and_backs_off_alone() {
+    let clock = Clock::new();
+    let mut inv = Inventory::new(config(), clock.start, 1);
+    inv.apply_listing(Ok(listing(&["a"])), clock.at(0.0));
+    for t in inv.plan_next_poll(clock.at(0.0).instant).discover {
+        inv.apply_instances(&t.key, Ok(discovered(&["10.0.0.1"], 1)), clock.at(0.0));
+    }
+    for t in inv.plan_attribute_reads(clock.at(0.0).instant, usize::MAX) {
+        inv.apply_attributes(&t.key, Ok(attrs(&[("cloudmap-xds/ports", "http=80/HTTP")])), clock.at(0.0));
+    }
+    assert!(inv.finish_poll(clock.at(0.0)).initial_sync);
+    inv.registry_update();
+
+    inv.apply_listing(Ok(listing(&["a"])), clock.at(60.0));
+    let mut attempts = Vec::new();
+    let mut t = 60.0;
+    while t <= 180.0 {
+        let now = clock.at(t);
+        // The instances go on being polled whatever the attributes do.
+        let plan = inv.plan_next_poll(now.instant);
+        assert_eq!(plan.revision.len() + plan.discover.len(), 1, "a is polled at {t}");
+        for x in &plan.revision {
+            inv.apply_revision(&x.key, Ok(1), now);
+        }
+        for x in inv.plan_attribute_reads(now.instant, usize::MAX) {
+            attempts.push(t);
+            assert!(!inv.apply_attributes(&x.key, Err(err(ErrorKind::Other)), now));
+        }
+        inv.finish_poll(now);
+        t += 5.0;
+    }
+    // Retried at the next poll, then after 1, 3, 7 and at most 12 poll intervals.
+    assert_eq!(attempts, [60.0, 65.0, 70.0, 85.0, 120.0, 180.0]);
+    assert_eq!(published_attributes(&inv)["a"], attrs(&[("cloudmap-xds/ports", "http=80/HTTP")]), "kept");
+    assert!(
+        inv.statuses()[&key("a")].last_error.as_deref().unwrap().starts_with("GetServiceAttributes: boom")
+    );
+    assert!(inv.last_error().unwrap().0.starts_with("shop/a: GetServiceAttributes"));
+    // Recovered: the new attributes are served.
+    let now = clock.at(300.0);
+    for x in inv.plan_attribute_reads(now.instant, usize::MAX) {
+        assert!(inv.apply_attributes(&x.key, Ok(BTreeMap::new()), now));
+    }
+    assert!(inv.registry_update().unwrap().services[0].attributes.is_empty());
+}
+
+#[test]
+fn an_iam_denial_settles_every_service_and_leaves_one_probe_per_list_interval() {
+    let clock = Clock::new();
+    let mut inv = Inventory::new(config(), clock.start, 1);
+    inv.apply_listing(Ok(listing(&["a", "b", "c"])), clock.at(0.0));
+    for t in inv.plan_next_poll(clock.at(0.0).instant).discover {
+        inv.apply_instances(&t.key, Ok(discovered(&["10.0.0.1"], 1)), clock.at(0.0));
+    }
+    let reads = inv.plan_attribute_reads(clock.at(0.0).instant, usize::MAX);
+    assert_eq!(attribute_keys(&reads), ["shop/a"], "one at a time until one succeeds");
+    let denied = || ApiError::new(ErrorKind::Denied, "AccessDeniedException: not authorized");
+    assert!(!inv.attributes_denied());
+    inv.apply_attributes(&key("a"), Err(denied()), clock.at(0.1));
+    assert!(inv.attributes_denied());
+    // The first denial settles everything: the first sync is not blocked, the defaults apply.
+    assert!(inv.finish_poll(clock.at(0.1)).initial_sync);
+    assert_eq!(published_attributes(&inv).len(), 3);
+    assert!(
+        inv.statuses()[&key("a")]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .starts_with("GetServiceAttributes: AccessDenied")
+    );
+    for poll in 1..=10 {
+        let now = clock.at(f64::from(poll) * 5.0);
+        if poll % 6 == 0 {
+            // Listings while denied make nothing due, not even new services (served with the defaults).
+            inv.apply_listing(Ok(listing(&["a", "b", "c", "d"])), now);
+        }
+        if now.instant < clock.at(0.1).instant + LIST.mul_f64(1.0 - JITTER) {
+            assert!(inv.plan_attribute_reads(now.instant, usize::MAX).is_empty(), "poll {poll}");
+        }
+    }
+    // One probe per list interval, going round the services.
+    let mut probes = Vec::new();
+    let mut t = 70.0;
+    while t <= 70.0 + 3.0 * 60.0 {
+        let now = clock.at(t);
+        for x in inv.plan_attribute_reads(now.instant, usize::MAX) {
+            probes.push((t, x.key.1.clone()));
+            inv.apply_attributes(&x.key, Err(denied()), now);
+        }
+        t += 5.0;
+    }
+    assert_eq!(probes.len(), 3, "{probes:?}");
+    assert_eq!(probes.iter().map(|(_, s)| s.as_str()).collect::<Vec<_>>(), ["a", "b", "c"]);
+    // The policy is fixed: the next probe succeeds, and every service is read again.
+    let mut t = 250.0 + 5.0;
+    let probe = loop {
+        let reads = inv.plan_attribute_reads(clock.at(t).instant, usize::MAX);
+        if let Some(x) = reads.into_iter().next() {
+            break x;
+        }
+        t += 5.0;
+        assert!(t < 400.0, "no probe");
+    };
+    assert_eq!(probe.key, key("d"));
+    inv.apply_attributes(&probe.key, Ok(attrs(&[("cloudmap-xds/location", "MESH_INTERNAL")])), clock.at(t));
+    assert!(!inv.attributes_denied());
+    let again = inv.plan_attribute_reads(clock.at(t).instant, usize::MAX);
+    assert_eq!(attribute_keys(&again), ["shop/a", "shop/b", "shop/c"]);
+    for x in again {
+        inv.apply_attributes(&x.key, Ok(attrs(&[("cloudmap-xds/export-to", ".")])), clock.at(t));
+    }
+    assert!(published_attributes(&inv).values().all(|a| a.len() == 1));
+}
+
+#[test]
+fn attributes_read_before_a_denial_are_kept() {
+    let clock = Clock::new();
+    let mut inv = Inventory::new(config(), clock.start, 1);
+    inv.apply_listing(Ok(listing(&["a"])), clock.at(0.0));
+    for t in inv.plan_next_poll(clock.at(0.0).instant).discover {
+        inv.apply_instances(&t.key, Ok(discovered(&["10.0.0.1"], 1)), clock.at(0.0));
+    }
+    for t in inv.plan_attribute_reads(clock.at(0.0).instant, usize::MAX) {
+        inv.apply_attributes(&t.key, Ok(attrs(&[("cloudmap-xds/ports", "http=80/HTTP")])), clock.at(0.0));
+    }
+    inv.finish_poll(clock.at(0.0));
+    inv.apply_listing(Ok(listing(&["a"])), clock.at(60.0));
+    for t in inv.plan_attribute_reads(clock.at(60.0).instant, usize::MAX) {
+        inv.apply_attributes(&t.key, Err(ApiError::new(ErrorKind::Denied, "AccessDenied")), clock.at(60.0));
+    }
+    assert!(inv.attributes_denied());
+    assert_eq!(published_attributes(&inv)["a"], attrs(&[("cloudmap-xds/ports", "http=80/HTTP")]));
+}
+
+#[test]
+fn only_a_probe_ends_a_denial() {
+    let clock = Clock::new();
+    let mut inv = synced(&clock, &["a", "b", "c"]);
+    inv.apply_listing(Ok(listing(&["a", "b", "c"])), clock.at(60.0));
+    let reads = inv.plan_attribute_reads(clock.at(60.0).instant, usize::MAX);
+    assert_eq!(reads.len(), 3, "allowed: a whole window at once");
+    inv.apply_attributes(&key("a"), Err(ApiError::new(ErrorKind::Denied, "AccessDenied")), clock.at(60.1));
+    // A read sent before the policy changed still answers: its attributes count, the denial stands.
+    assert!(inv.apply_attributes(
+        &key("b"),
+        Ok(attrs(&[("cloudmap-xds/resolution", "DNS")])),
+        clock.at(60.2)
+    ));
+    assert!(inv.attributes_denied());
+    assert!(inv.plan_attribute_reads(clock.at(60.2).instant, usize::MAX).is_empty());
+    assert_eq!(published_attributes(&inv)["b"].len(), 1);
+}
+
+#[test]
+fn a_forced_publication_serves_services_whose_attributes_are_not_read() {
+    let clock = Clock::new();
+    let mut inv = Inventory::new(config(), clock.start, 1);
+    inv.apply_listing(Ok(listing(&["a"])), clock.at(0.0));
+    for t in inv.plan_next_poll(clock.at(0.0).instant).discover {
+        inv.apply_instances(&t.key, Ok(discovered(&["10.0.0.1"], 1)), clock.at(0.0));
+    }
+    inv.plan_attribute_reads(clock.at(0.0).instant, usize::MAX);
+    assert!(!inv.finish_poll(clock.at(0.0)).initial_sync);
+    inv.force_publish();
+    assert_eq!(inv.registry_update().unwrap().services.len(), 1);
+    // Read later: republished with them.
+    assert!(inv.apply_attributes(&key("a"), Ok(attrs(&[("cloudmap-xds/resolution", "DNS")])), clock.at(1.0)));
+    assert_eq!(inv.registry_update().unwrap().services[0].attributes.len(), 1);
+}
+
+#[test]
+fn a_listing_never_restarts_the_sweep_and_new_services_go_first() {
+    let clock = Clock::new();
+    let names = ["a", "b", "c", "d", "e"];
+    let mut inv = synced(&clock, &names);
+    // The budget reads two per listing interval, fewer than there are services.
+    let mut read = Vec::new();
+    let mut listed = names.to_vec();
+    for round in 1..=4 {
+        let now = clock.at(60.0 * f64::from(round));
+        if round == 3 {
+            listed.push("new");
+        }
+        inv.apply_listing(Ok(listing(&listed)), now);
+        for t in inv.plan_attribute_reads(now.instant, 2) {
+            read.push(t.key.1.clone());
+            inv.apply_attributes(&t.key, Ok(BTreeMap::new()), now);
+        }
+    }
+    // Each listing goes on where the last one stopped; a service never read jumps the queue.
+    assert_eq!(read, ["a", "b", "c", "d", "new", "e", "a", "b"]);
+    // A service removed while waiting leaves the queue.
+    inv.apply_listing(Ok(listing(&["a", "b", "c", "d", "new"])), clock.at(300.0));
+    let rest: Vec<String> = inv
+        .plan_attribute_reads(clock.at(300.0).instant, usize::MAX)
+        .iter()
+        .map(|t| t.key.1.clone())
+        .collect();
+    assert_eq!(rest, ["c", "d", "new", "a", "b"]);
 }

@@ -9,7 +9,7 @@ use super::*;
 use crate::metrics::Metrics;
 use crate::model::{Health, Instance, Registry};
 use crate::source::cloudmap::api::{NamespaceKind, Page};
-use crate::source::cloudmap::{CloudMapArgs, start_with_api};
+use crate::source::cloudmap::{Settings, start_with_api};
 
 const PAGE: usize = 2;
 
@@ -22,6 +22,10 @@ struct State {
     instances: BTreeMap<(String, String), (Vec<Instance>, i64)>,
     failing: BTreeSet<String>,
     hanging: BTreeSet<String>,
+    /// Service attributes by service ID.
+    attributes: BTreeMap<String, BTreeMap<String, String>>,
+    /// Every GetServiceAttributes fails this way.
+    attributes_fault: Option<ErrorKind>,
     /// Added to every Discover call.
     latency: Duration,
 }
@@ -160,20 +164,30 @@ impl CloudMapApi for FakeCloudMap {
             .map(|(_, r)| *r)
             .ok_or_else(|| ApiError::new(ErrorKind::NotFound, "ServiceNotFound"))
     }
+
+    async fn get_service_attributes(&self, service_id: &str) -> Result<BTreeMap<String, String>, ApiError> {
+        self.count(Api::GetServiceAttributes);
+        let s = self.state.lock().unwrap();
+        if let Some(kind) = s.attributes_fault {
+            return Err(ApiError::new(kind, "AccessDeniedException: not authorized"));
+        }
+        Ok(s.attributes.get(service_id).cloned().unwrap_or_default())
+    }
 }
 
 const POLL: Duration = Duration::from_millis(20);
 const WAIT: Duration = Duration::from_secs(5);
 
-fn args() -> CloudMapArgs {
-    CloudMapArgs {
+fn args() -> Settings {
+    Settings {
         poll_interval: POLL,
         list_interval: Duration::from_secs(3600),
         full_refresh_interval: Duration::from_secs(3600),
         rate_list: 1e6,
         rate_discover: 1e6,
         rate_revision: 1e6,
-        ..CloudMapArgs::new("test")
+        rate_attributes: 1e6,
+        ..Settings::new("test")
     }
 }
 
@@ -184,11 +198,11 @@ struct Running {
     _shutdown: watch::Sender<bool>,
 }
 
-fn run(fake: FakeCloudMap, args: &CloudMapArgs) -> Running {
+fn run(fake: FakeCloudMap, args: &Settings) -> Running {
     run_with_timeout(fake, args, Duration::from_millis(200))
 }
 
-fn run_with_timeout(fake: FakeCloudMap, args: &CloudMapArgs, call_timeout: Duration) -> Running {
+fn run_with_timeout(fake: FakeCloudMap, args: &Settings, call_timeout: Duration) -> Running {
     let fake = Arc::new(fake);
     let metrics = Metrics::unregistered();
     let (shutdown, rx) = watch::channel(false);
@@ -247,7 +261,12 @@ async fn pages_everything_then_polls_revisions_only() {
     let status = r.view.status();
     assert!(status.synced && status.last_full_sync.is_some());
     assert_eq!(status.services.len(), 3 + 6, "three namespaces and six services");
-    assert_eq!(status.services[&("shop".to_owned(), "a".to_owned())].api_calls, 1);
+    assert_eq!(calls[&Api::GetServiceAttributes], 6, "once per listed service");
+    assert_eq!(
+        status.services[&("shop".to_owned(), "a".to_owned())].api_calls,
+        2,
+        "instances and attributes"
+    );
 
     // Idle: revision calls only, one per service per poll.
     let before = r.fake.calls();
@@ -264,6 +283,7 @@ async fn pages_everything_then_polls_revisions_only() {
         after[&Api::DiscoverInstancesRevision] - before.get(&Api::DiscoverInstancesRevision).unwrap_or(&0);
     assert_eq!(after[&Api::DiscoverInstances], before[&Api::DiscoverInstances]);
     assert_eq!(after[&Api::ListServices], before[&Api::ListServices]);
+    assert_eq!(after[&Api::GetServiceAttributes], before[&Api::GetServiceAttributes], "only on listings");
     // Polls are counted after their calls; allow the poll in progress.
     assert!(
         revisions >= 6 * polls && revisions <= 6 * (polls + 1),
@@ -313,7 +333,7 @@ async fn a_failing_or_hanging_service_keeps_its_state_and_blocks_nobody() {
 async fn throttled_reads_are_counted_as_throttled() {
     let fake = FakeCloudMap::with(&[("shop", &["a", "b"])]);
     fake.state.lock().unwrap().failing.insert("a".into());
-    let r = run(fake, &CloudMapArgs { initial_sync_timeout: Some(Duration::from_millis(300)), ..args() });
+    let r = run(fake, &Settings { initial_sync_timeout: Some(Duration::from_millis(300)), ..args() });
     condition("a throttled read", || aws_calls(&r.metrics, Api::DiscoverInstances, "throttled") > 0).await;
     assert!(r.view.registry.borrow().is_none(), "a failed first read holds the first publication");
 }
@@ -322,7 +342,7 @@ async fn throttled_reads_are_counted_as_throttled() {
 async fn the_initial_sync_timeout_publishes_what_was_read() {
     let fake = FakeCloudMap::with(&[("shop", &["a", "b"])]);
     fake.state.lock().unwrap().failing.insert("a".into());
-    let mut r = run(fake, &CloudMapArgs { initial_sync_timeout: Some(Duration::from_millis(300)), ..args() });
+    let mut r = run(fake, &Settings { initial_sync_timeout: Some(Duration::from_millis(300)), ..args() });
     let reg = registry_where(&mut r, "the forced publication", |_| true).await;
     let names: Vec<&str> = reg.services.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["b"]);
@@ -352,7 +372,58 @@ async fn the_first_sync_completes_while_calls_keep_overlapping() {
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let fake = FakeCloudMap::with(&[("shop", &refs)]);
     fake.state.lock().unwrap().latency = Duration::from_millis(15);
-    let mut r = run(fake, &CloudMapArgs { rate_discover: 500.0, rate_revision: 500.0, ..args() });
+    let mut r = run(fake, &Settings { rate_discover: 500.0, rate_revision: 500.0, ..args() });
     let reg = registry_where(&mut r, "the first sync", |_| true).await;
     assert_eq!(reg.services.len(), 100);
+}
+
+fn attributes_of(reg: &Registry, ns: &str, svc: &str) -> BTreeMap<String, String> {
+    reg.services
+        .iter()
+        .find(|s| s.namespace == ns && s.name == svc)
+        .map(|s| s.attributes.clone())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_denial_from_the_start_neither_blocks_the_first_sync_nor_repeats() {
+    let names: Vec<String> = (0..100).map(|n| format!("s{n:03}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let fake = FakeCloudMap::with(&[("shop", &refs)]);
+    fake.state.lock().unwrap().attributes_fault = Some(ErrorKind::Denied);
+    let mut r = run(fake, &args());
+    let reg = registry_where(&mut r, "the first sync", |_| true).await;
+    assert_eq!(reg.services.len(), 100);
+    assert!(reg.services.iter().all(|s| s.attributes.is_empty()), "the defaults apply");
+    assert_eq!(r.metrics.source.service_attributes_unavailable.get(), 1);
+    // Reads go one at a time until one succeeds: a policy without the action costs one call.
+    assert_eq!(aws_calls(&r.metrics, Api::GetServiceAttributes, "denied"), 1);
+    assert_eq!(r.fake.calls()[&Api::GetServiceAttributes], 1);
+}
+
+#[tokio::test]
+async fn attributes_are_served_kept_through_a_denial_and_read_again_once_allowed() {
+    let fake = FakeCloudMap::with(&[("shop", &["a", "b"])]);
+    let ports = BTreeMap::from([("cloudmap-xds/ports".to_owned(), "http=80/HTTP".to_owned())]);
+    fake.state.lock().unwrap().attributes.insert("srv-shop-a".into(), ports.clone());
+    let mut r = run(fake, &Settings { list_interval: Duration::from_millis(100), ..args() });
+    let reg = registry_where(&mut r, "the first sync", |_| true).await;
+    assert_eq!(attributes_of(&reg, "shop", "a"), ports, "served from the first publication on");
+
+    r.fake.state.lock().unwrap().attributes_fault = Some(ErrorKind::Denied);
+    condition("the denial", || r.metrics.source.service_attributes_unavailable.get() == 1).await;
+    r.fake.set_instances("shop", "a", &["10.0.0.9"]);
+    let reg =
+        registry_where(&mut r, "a's instance change", |reg| ips(reg, "shop", "a") == ["10.0.0.9"]).await;
+    assert_eq!(attributes_of(&reg, "shop", "a"), ports, "the last good attributes are kept");
+
+    // The policy is fixed and b declares something: a probe notices, and every service is read again.
+    let grpc = BTreeMap::from([("cloudmap-xds/ports".to_owned(), "grpc=50051/GRPC".to_owned())]);
+    {
+        let mut s = r.fake.state.lock().unwrap();
+        s.attributes_fault = None;
+        s.attributes.insert("srv-shop-b".into(), grpc.clone());
+    }
+    registry_where(&mut r, "b's attributes", |reg| attributes_of(reg, "shop", "b") == grpc).await;
+    assert_eq!(r.metrics.source.service_attributes_unavailable.get(), 0);
 }

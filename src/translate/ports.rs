@@ -1,0 +1,245 @@
+//! Which service ports a ServiceEntry declares, and where each endpoint is sent
+//! for each of them.
+//!
+//! - **Declared** (the `cloudmap-xds/ports` service attribute): exactly the ports
+//!   listed. The first is the instance port: an instance's `AWS_INSTANCE_PORT`
+//!   becomes its target for that port (ECS bridge mode: one stable service port,
+//!   each task on its own host port); the other ports reach every instance at
+//!   their own number, as does an instance that registers no port.
+//! - **Derived** (no attribute): an instance with `AWS_INSTANCE_PORT=p` serves `p`
+//!   with the protocol of `p` (`--port-protocols`, else 80 HTTP, 443 HTTPS, others
+//!   TCP); an instance without a port serves 80 (HTTP) and 443 (HTTPS). A service
+//!   port is published only if **every** endpoint serves its protocol, and each
+//!   endpoint is sent to its own port of that protocol. So no endpoint ever gets
+//!   traffic of one protocol on a port meant for another. When the endpoints share
+//!   no protocol at all, the protocol served by the most endpoints wins (ties: the
+//!   protocol of instances that registered a port, then the lowest port number)
+//!   and the other endpoints are skipped as `port_conflict`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::settings::{Defaults, Origin, PortSpec, Protocol, default_port_name};
+
+/// The two ports of an instance that registers none (the seed tutorial's rule).
+pub const PORTLESS_PORTS: [u16; 2] = [80, 443];
+
+/// A service port in effect and where its protocol came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedPort {
+    pub spec: PortSpec,
+    pub origin: Origin,
+}
+
+/// The outcome for a set of endpoints, given by their registered ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortPlan {
+    pub ports: Vec<PlannedPort>,
+    /// Per endpoint (same order as the input): port name → target port, or
+    /// `None` when the endpoint cannot serve the service's ports.
+    pub targets: Vec<Option<BTreeMap<String, u32>>>,
+    /// Why endpoints were left out, when some were.
+    pub conflict: Option<String>,
+}
+
+/// Declared ports: the first takes each instance's own port.
+pub fn declared(ports: &[PortSpec], instance_ports: &[Option<u16>], origin: &Origin) -> PortPlan {
+    let targets = instance_ports
+        .iter()
+        .map(|own| {
+            Some(
+                ports
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        let target = match own {
+                            Some(own) if i == 0 => *own,
+                            _ => p.number,
+                        };
+                        (p.name.clone(), u32::from(target))
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    let ports = ports.iter().map(|p| PlannedPort { spec: p.clone(), origin: origin.clone() }).collect();
+    PortPlan { ports, targets, conflict: None }
+}
+
+/// Ports derived from what the instances registered (see the module documentation).
+pub fn derived(instance_ports: &[Option<u16>], defaults: &Defaults) -> PortPlan {
+    let offers: Vec<Vec<u16>> = instance_ports
+        .iter()
+        .map(|p| match p {
+            Some(p) => vec![*p],
+            None => PORTLESS_PORTS.to_vec(),
+        })
+        .collect();
+    let protocol = |n: u16| defaults.protocol_of(n).value;
+    let protocols_of = |offer: &Vec<u16>| offer.iter().map(|n| protocol(*n)).collect::<BTreeSet<_>>();
+
+    // Which endpoints stay: all of them when they share a protocol; otherwise the largest group.
+    let mut kept: Vec<bool> = vec![true; offers.len()];
+    let mut conflict = None;
+    if !offers.is_empty() {
+        let shared = offers.iter().map(protocols_of).reduce(|a, b| &a & &b).unwrap_or_default();
+        if shared.is_empty() {
+            let winner = winning_protocol(&offers, instance_ports, &protocol);
+            for (keep, offer) in kept.iter_mut().zip(&offers) {
+                *keep = offer.iter().any(|n| protocol(*n) == winner);
+            }
+            let dropped = kept.iter().filter(|k| !**k).count();
+            conflict = Some(format!(
+                "the instances share no protocol; {winner} (served by the most instances) wins and \
+                 {dropped} instance(s) serving only other protocols are left out; set the {} service attribute \
+                 to declare the ports",
+                super::settings::PORTS_KEY
+            ));
+        }
+    }
+
+    let kept_offers: Vec<&Vec<u16>> = offers.iter().zip(&kept).filter(|(_, k)| **k).map(|(o, _)| o).collect();
+    let numbers: BTreeSet<u16> = if kept_offers.is_empty() {
+        PORTLESS_PORTS.into_iter().collect()
+    } else {
+        kept_offers.iter().flat_map(|o| o.iter().copied()).collect()
+    };
+    let shared: BTreeSet<Protocol> = kept_offers
+        .iter()
+        .map(|o| protocols_of(o))
+        .reduce(|a, b| &a & &b)
+        .unwrap_or_else(|| numbers.iter().map(|n| protocol(*n)).collect());
+    let ports: Vec<PlannedPort> = numbers
+        .iter()
+        .filter(|n| shared.contains(&protocol(**n)))
+        .map(|&n| {
+            let p = defaults.protocol_of(n);
+            PlannedPort {
+                spec: PortSpec { number: n, name: default_port_name(n, p.value), protocol: p.value },
+                origin: p.origin,
+            }
+        })
+        .collect();
+
+    let targets = offers
+        .iter()
+        .zip(&kept)
+        .map(|(offer, keep)| {
+            keep.then(|| {
+                ports
+                    .iter()
+                    .map(|p| {
+                        // Its own port of that protocol: the same number when it serves it, else the lowest.
+                        let target = if offer.contains(&p.spec.number) {
+                            p.spec.number
+                        } else {
+                            offer
+                                .iter()
+                                .copied()
+                                .filter(|n| protocol(*n) == p.spec.protocol)
+                                .min()
+                                .unwrap_or(p.spec.number)
+                        };
+                        (p.spec.name.clone(), u32::from(target))
+                    })
+                    .collect()
+            })
+        })
+        .collect();
+    PortPlan { ports, targets, conflict }
+}
+
+/// The protocol served by the most endpoints; ties go to the protocol of endpoints
+/// that registered a port, then to the protocol of the lowest port number.
+fn winning_protocol(
+    offers: &[Vec<u16>],
+    instance_ports: &[Option<u16>],
+    protocol: &impl Fn(u16) -> Protocol,
+) -> Protocol {
+    let mut score: BTreeMap<Protocol, (usize, usize, std::cmp::Reverse<u16>)> = BTreeMap::new();
+    for (offer, registered) in offers.iter().zip(instance_ports) {
+        let protocols: BTreeSet<Protocol> = offer.iter().map(|n| protocol(*n)).collect();
+        for p in protocols {
+            let lowest = offer.iter().copied().filter(|n| protocol(*n) == p).min().unwrap_or(u16::MAX);
+            let entry = score.entry(p).or_insert((0, 0, std::cmp::Reverse(u16::MAX)));
+            entry.0 += 1;
+            entry.1 += usize::from(registered.is_some());
+            entry.2 = entry.2.max(std::cmp::Reverse(lowest));
+        }
+    }
+    score.into_iter().max_by(|a, b| a.1.cmp(&b.1)).map_or(Protocol::Tcp, |(p, _)| p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(plan: &PortPlan) -> Vec<(u16, &str, Protocol)> {
+        plan.ports.iter().map(|p| (p.spec.number, p.spec.name.as_str(), p.spec.protocol)).collect()
+    }
+
+    fn targets(plan: &PortPlan, i: usize) -> Option<Vec<(&str, u32)>> {
+        plan.targets[i].as_ref().map(|t| t.iter().map(|(k, v)| (k.as_str(), *v)).collect())
+    }
+
+    #[test]
+    fn a_tls_instance_and_a_portless_one_share_only_https() {
+        // The issue's case: one instance on 443, one without a port. HTTP on 80 must not reach 443.
+        let plan = derived(&[Some(443), None], &Defaults::default());
+        assert_eq!(names(&plan), [(443, "https", Protocol::Https)]);
+        assert_eq!(targets(&plan, 0), Some(vec![("https", 443)]));
+        assert_eq!(targets(&plan, 1), Some(vec![("https", 443)]));
+        assert!(plan.conflict.is_none());
+    }
+
+    #[test]
+    fn bridge_mode_tcp_ports_each_reach_every_task_at_its_own_port() {
+        let plan = derived(&[Some(32768), Some(32769)], &Defaults::default());
+        assert_eq!(names(&plan), [(32768, "tcp-32768", Protocol::Tcp), (32769, "tcp-32769", Protocol::Tcp)]);
+        assert_eq!(targets(&plan, 0), Some(vec![("tcp-32768", 32768), ("tcp-32769", 32768)]));
+        assert_eq!(targets(&plan, 1), Some(vec![("tcp-32768", 32769), ("tcp-32769", 32769)]));
+    }
+
+    #[test]
+    fn with_a_protocol_flag_http_on_8080_joins_portless_http() {
+        let defaults =
+            Defaults { port_protocols: BTreeMap::from([(8080, Protocol::Http)]), ..Defaults::default() };
+        let plan = derived(&[Some(8080), None], &defaults);
+        assert_eq!(names(&plan), [(80, "http", Protocol::Http), (8080, "http-8080", Protocol::Http)]);
+        assert_eq!(plan.ports[1].origin, Origin::Flag(super::super::settings::PORT_PROTOCOLS_FLAG));
+        assert_eq!(targets(&plan, 0), Some(vec![("http", 8080), ("http-8080", 8080)]));
+        assert_eq!(targets(&plan, 1), Some(vec![("http", 80), ("http-8080", 80)]));
+    }
+
+    #[test]
+    fn no_shared_protocol_keeps_the_largest_group() {
+        // Two TCP tasks and one portless (HTTP/HTTPS) instance: TCP wins, the portless one is left out.
+        let plan = derived(&[Some(5432), None, Some(5433)], &Defaults::default());
+        assert_eq!(names(&plan), [(5432, "tcp-5432", Protocol::Tcp), (5433, "tcp-5433", Protocol::Tcp)]);
+        assert!(targets(&plan, 1).is_none());
+        assert!(plan.conflict.as_deref().unwrap().contains("TCP"), "{:?}", plan.conflict);
+        // A tie: the instance that registered a port wins over the portless one.
+        let plan = derived(&[None, Some(8080)], &Defaults::default());
+        assert_eq!(names(&plan), [(8080, "tcp-8080", Protocol::Tcp)]);
+        assert!(targets(&plan, 0).is_none());
+        assert_eq!(targets(&plan, 1), Some(vec![("tcp-8080", 8080)]));
+    }
+
+    #[test]
+    fn no_instances_offer_http_and_https() {
+        let plan = derived(&[], &Defaults::default());
+        assert_eq!(names(&plan), [(80, "http", Protocol::Http), (443, "https", Protocol::Https)]);
+    }
+
+    #[test]
+    fn declared_ports_send_the_instance_port_to_the_first() {
+        let ports = vec![
+            PortSpec { number: 80, name: "http".into(), protocol: Protocol::Http },
+            PortSpec { number: 9090, name: "metrics".into(), protocol: Protocol::Http },
+        ];
+        let origin = Origin::Attribute(super::super::settings::PORTS_KEY);
+        let plan = declared(&ports, &[Some(32768), None], &origin);
+        assert_eq!(targets(&plan, 0), Some(vec![("http", 32768), ("metrics", 9090)]));
+        assert_eq!(targets(&plan, 1), Some(vec![("http", 80), ("metrics", 9090)]));
+        assert!(plan.ports.iter().all(|p| p.origin == origin));
+    }
+}
