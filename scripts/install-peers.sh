@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the real peers the end-to-end tests talk to, cached outside the repo:
 #   moto_server (Cloud Map stand-in, PyPI), grpcurl (Go module proxy), istiod (pilot-discovery built
-#   from istio.io/istio through the Go module proxy) and se-validate (tools/se-validate: istiod's
+#   from istio.io/istio through the Go module proxy) with each istiod's CRDs (crd-all.gen.yaml from the
+#   same istio module, for the Kubernetes-mode tests), and se-validate (tools/se-validate: istiod's
 #   ServiceEntry validation, same istio module). Idempotent; seconds when the cache is warm.
 #
 # Usage:  eval "$(scripts/install-peers.sh)"
@@ -11,7 +12,8 @@
 #   CLOUDMAP_XDS_CACHE          cache root (default: $HOME/.cache/cloudmap-xds)
 #   CLOUDMAP_XDS_ISTIOD=0       skip every istiod build (moto + grpcurl only)
 #   CLOUDMAP_XDS_OLD_ISTIOD=0   skip the pre-1.24 istiod (v1alpha3 type URLs); default 1 = build it
-#   CLOUDMAP_XDS_MASTER_ISTIOD=1  also build Istio master (Aug 2026) with a one-line kube-less patch
+#   CLOUDMAP_XDS_MASTER_ISTIOD=0  skip the newest Istio master (unpatched; runs only with Kubernetes)
+#   CLOUDMAP_XDS_MASTER_KUBELESS_ISTIOD=1  also build that master with a one-line kube-less patch
 #   CLOUDMAP_XDS_SE_VALIDATE=0  skip tools/se-validate (istiod's ServiceEntry validation as a command)
 #   CLOUDMAP_XDS_VERIFY=1       re-run the start-up checks even when the cache is warm
 #
@@ -31,7 +33,9 @@ GRPCURL_VERSION=v1.9.4        # newest github.com/fullstorydev/grpcurl on the Go
 # served by the module proxy reachable here; see ISTIOD_NOTES.md for the ones that are not.
 ISTIOD_VERSION=v0.0.0-20250506181944-c2e9871f340c          # Istio 1.26.0 tag: .../v1/ServiceEntry
 ISTIOD_OLD_VERSION=v0.0.0-20240218163812-d80ef7b19049      # master 2024-02-18 (1.22 dev): .../v1alpha3/ServiceEntry
-ISTIOD_MASTER_VERSION=v0.0.0-20260827124520-eed52ebb66ad   # master Aug 2026: panics without kube unless patched
+# The newest istio.io/istio the proxy serves (`curl https://proxy.golang.org/istio.io/istio/@v/list`:
+# 2026-04-23, 2026-08-26, 2026-08-27 when pinned). Unpatched it panics without Kubernetes.
+ISTIOD_MASTER_VERSION=v0.0.0-20260827124520-eed52ebb66ad   # master 2026-08-27: .../v1/ServiceEntry
 
 log() { printf 'install-peers: %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -197,6 +201,28 @@ EOF
     log "istiod $version: built in ${secs}s, $((size / 1048576)) MiB -> $dest/pilot-discovery"
 }
 
+# istio_crds VERSION DEST_DIR
+# Copies Istio's CRDs (one file, every Istio kind) out of the istio module at VERSION into DEST_DIR,
+# next to that version's istiod: the Kubernetes-mode tests apply them to their API server.
+istio_crds() {
+    local version="$1" dest="$2" info dir file
+    [[ -f "$dest/crd-all.gen.yaml" ]] && return 0
+    info="$(cd "${TMPDIR:-/tmp}" && GOTOOLCHAIN=local go mod download -json "istio.io/istio@$version")" \
+        || die "go mod download istio.io/istio@$version failed: $info"
+    dir="$(python3 -c 'import json, sys; print(json.loads(sys.argv[1])["Dir"])' "$info")"
+    # 1.26 and 2026 master: files/; 2024 builds: crds/ (without networking.istio.io/v1).
+    for file in "$dir/manifests/charts/base/files/crd-all.gen.yaml" "$dir/manifests/charts/base/crds/crd-all.gen.yaml"; do
+        if [[ -f "$file" ]]; then
+            mkdir -p "$dest"
+            cp "$file" "$dest/crd-all.gen.yaml.tmp"
+            chmod u+w "$dest/crd-all.gen.yaml.tmp"
+            mv "$dest/crd-all.gen.yaml.tmp" "$dest/crd-all.gen.yaml"
+            return 0
+        fi
+    done
+    die "istio.io/istio@$version holds no manifests/charts/base/{files,crds}/crd-all.gen.yaml"
+}
+
 # ---- se-validate -----------------------------------------------------------------------------------
 # build_se_validate VERSION
 # tools/se-validate: istiod's own ServiceEntry validation (pkg/config/validation through the MCP
@@ -248,10 +274,12 @@ fi
 
 if [[ "${CLOUDMAP_XDS_ISTIOD:-1}" != 0 ]]; then
     build_istiod "$ISTIOD_VERSION" "$CACHE/istiod-$ISTIOD_VERSION"
+    istio_crds "$ISTIOD_VERSION" "$CACHE/istiod-$ISTIOD_VERSION"
     exports+=(
         "ISTIOD_BIN=$CACHE/istiod-$ISTIOD_VERSION/pilot-discovery"
         "ISTIOD_VERSION=$ISTIOD_VERSION"
         "ISTIOD_SE_TYPE_URL=networking.istio.io/v1/ServiceEntry"
+        "ISTIOD_CRDS=$CACHE/istiod-$ISTIOD_VERSION/crd-all.gen.yaml"
     )
     summary+=", istiod 1.26.0 ($ISTIOD_VERSION)"
     if [[ "${CLOUDMAP_XDS_OLD_ISTIOD:-1}" != 0 ]]; then
@@ -263,12 +291,20 @@ if [[ "${CLOUDMAP_XDS_ISTIOD:-1}" != 0 ]]; then
         )
         summary+=", istiod-old 1.22-dev ($ISTIOD_OLD_VERSION)"
     fi
-    if [[ "${CLOUDMAP_XDS_MASTER_ISTIOD:-0}" == 1 ]]; then
-        build_istiod "$ISTIOD_MASTER_VERSION" "$CACHE/istiod-$ISTIOD_MASTER_VERSION-kubeless" kubeless
+    if [[ "${CLOUDMAP_XDS_MASTER_ISTIOD:-1}" != 0 ]]; then
+        build_istiod "$ISTIOD_MASTER_VERSION" "$CACHE/istiod-$ISTIOD_MASTER_VERSION"
+        istio_crds "$ISTIOD_MASTER_VERSION" "$CACHE/istiod-$ISTIOD_MASTER_VERSION"
         exports+=(
-            "ISTIOD_MASTER_BIN=$CACHE/istiod-$ISTIOD_MASTER_VERSION-kubeless/pilot-discovery"
+            "ISTIOD_MASTER_BIN=$CACHE/istiod-$ISTIOD_MASTER_VERSION/pilot-discovery"
             "ISTIOD_MASTER_VERSION=$ISTIOD_MASTER_VERSION"
+            "ISTIOD_MASTER_SE_TYPE_URL=networking.istio.io/v1/ServiceEntry"
+            "ISTIOD_MASTER_CRDS=$CACHE/istiod-$ISTIOD_MASTER_VERSION/crd-all.gen.yaml"
         )
+        summary+=", istiod-master unpatched ($ISTIOD_MASTER_VERSION)"
+    fi
+    if [[ "${CLOUDMAP_XDS_MASTER_KUBELESS_ISTIOD:-0}" == 1 ]]; then
+        build_istiod "$ISTIOD_MASTER_VERSION" "$CACHE/istiod-$ISTIOD_MASTER_VERSION-kubeless" kubeless
+        exports+=("ISTIOD_MASTER_KUBELESS_BIN=$CACHE/istiod-$ISTIOD_MASTER_VERSION-kubeless/pilot-discovery")
         summary+=", istiod-master patched ($ISTIOD_MASTER_VERSION)"
     fi
 fi

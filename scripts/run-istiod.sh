@@ -1,21 +1,31 @@
 #!/usr/bin/env bash
-# Runs a real istiod (pilot-discovery) on loopback without Kubernetes, with our server as its only
-# config source. Foreground (exec): the caller owns the process; its log goes to stdout.
+# Runs a real istiod (pilot-discovery) on loopback with our server as a config source: without
+# Kubernetes (default: ours are its only sources), or, with ISTIOD_KUBECONFIG set, in Kubernetes
+# mode as users run it (`configSources: [k8s://, xds://ours]`). Foreground (exec): the caller owns
+# the process; its log goes to stdout.
 #
 # Usage: scripts/run-istiod.sh ISTIOD_BIN WORK_DIR XDS_ADDR GRPC_PORT HTTP_PORT MONITORING_PORT [extra istiod flags...]
 #   XDS_ADDR   host:port of cloudmap-xds (xds:// prefix optional); several, comma-separated, give
 #              several configSources (each gets its own ADS stream).
-#   WORK_DIR   created if missing; gets mesh.yaml. istiod writes nothing there (its default relative
-#              paths ./etc/istio/... and ./var/lib/istio/inject resolve under it, and are absent = defaults).
-# Env: ISTIOD_LOG_LEVEL (e.g. "adsc:debug"), passed as --log_output_level.
-#      ISTIOD_XDS_CA_FILE: dial every source over TLS (tlsSettings mode SIMPLE, Istio 1.26+), trusting the
-#      PEM CA in this file (written inline: caCertificates is the PEM text itself); ISTIOD_XDS_SNI: the
-#      server name to verify (default: the address's host).
+#   WORK_DIR   created if missing; gets mesh.yaml (istiod watches it: edits apply at run time).
+#              istiod writes nothing there (its default relative paths ./etc/istio/... and
+#              ./var/lib/istio/inject resolve under it, and are absent = defaults).
+# Env:
+#   ISTIOD_LOG_LEVEL   e.g. "adsc:debug", passed as --log_output_level.
+#   ISTIOD_KUBECONFIG  Kubernetes mode: istiod's kubeconfig. The API server must serve Istio's CRDs
+#                      (established) and hold namespace istio-system (POD_NAMESPACE) before the start.
+#                      `- address: k8s://` comes first in configSources, --registries is left at its
+#                      default (Kubernetes), and the webhook server listens (ISTIOD_HTTPS_PORT).
+#   ISTIOD_HTTPS_PORT  Kubernetes mode: the webhook port (--httpsAddr); required there.
+#   ISTIOD_MESH_EXTRA  YAML appended to mesh.yaml (e.g. discoverySelectors).
+#   ISTIOD_XDS_CA_FILE dial every xds:// source over TLS (tlsSettings mode SIMPLE, Istio 1.26+), trusting
+#                      the PEM CA in this file (written inline: caCertificates is the PEM text itself).
+#   ISTIOD_XDS_SNI     the server name to verify with ISTIOD_XDS_CA_FILE (default: the address's host).
 #
 # Readiness (see tests/e2e/ISTIOD_NOTES.md): GRPC_PORT accepts TCP only after every requested type got
-# a response; log line "All controller caches have been synced up"; /ready stays 503 without kube.
-# istiod exits (status 255) at start if nothing listens on XDS_ADDR: start cloudmap-xds first.
-# Stop with SIGTERM or SIGINT (exits in ~1-2 s).
+# a response; log line "All controller caches have been synced up"; /ready (HTTP_PORT) stays 503 without
+# kube and turns 200 in Kubernetes mode. istiod exits (status 255) at start if nothing listens on
+# XDS_ADDR, in both modes: start cloudmap-xds first. Stop with SIGTERM or SIGINT (exits in ~1-2 s).
 set -euo pipefail
 
 if [[ $# -lt 6 ]]; then
@@ -29,9 +39,17 @@ shift 6
 mkdir -p "$workdir"
 cd "$workdir"
 
+kube="${ISTIOD_KUBECONFIG:-}"
+if [[ -n "$kube" ]]; then
+    [[ -f "$kube" ]] || { echo "run-istiod: ISTIOD_KUBECONFIG=$kube is not a file" >&2; exit 2; }
+    [[ -n "${ISTIOD_HTTPS_PORT:-}" ]] || { echo "run-istiod: Kubernetes mode needs ISTIOD_HTTPS_PORT" >&2; exit 2; }
+fi
+
 {
     echo "# written by scripts/run-istiod.sh"
     echo "configSources:"
+    # Users must keep k8s:// next to ours: configSources replaces istiod's default.
+    [[ -n "$kube" ]] && echo "- address: k8s://"
     IFS=',' read -ra addrs <<<"$xds"
     for a in "${addrs[@]}"; do
         a="${a#xds://}"
@@ -44,14 +62,21 @@ cd "$workdir"
             sed 's/^/      /' "$ISTIOD_XDS_CA_FILE"
         fi
     done
+    [[ -n "${ISTIOD_MESH_EXTRA:-}" ]] && printf '%s\n' "$ISTIOD_MESH_EXTRA"
+    true
 } >mesh.yaml
 
 log_args=()
 [[ -n "${ISTIOD_LOG_LEVEL:-}" ]] && log_args=("--log_output_level=$ISTIOD_LOG_LEVEL")
 
+mode_args=(--registries= --httpsAddr=)
+[[ -n "$kube" ]] && mode_args=("--kubeconfig=$kube" "--httpsAddr=127.0.0.1:${ISTIOD_HTTPS_PORT}")
+
 # ENABLE_CA_SERVER=false: no in-memory CA / istiod cert generation (nothing needs them here).
-# --registries= : no Kubernetes registry (an empty list still adds the ServiceEntry registry).
-# --secureGRPCAddr= : no :15012.  --httpsAddr= : webhooks port (only opened with kube anyway).
+# Without kube: --registries= : no Kubernetes registry (an empty list still adds the ServiceEntry
+#   registry); --httpsAddr= : no webhooks port (only opened with kube anyway).
+# With kube: --kubeconfig, and a real --httpsAddr (the webhook server listens in this mode).
+# --secureGRPCAddr= : no :15012.
 # --ctrlz_port=0 : ControlZ (default localhost:9876) on a random port, so istiods can run in parallel;
 #                  it cannot be switched off.
 exec env -u KUBECONFIG \
@@ -59,14 +84,13 @@ exec env -u KUBECONFIG \
     POD_NAMESPACE=istio-system \
     POD_NAME="istiod-${grpc_port}" \
     "$bin" discovery \
-    --registries= \
+    "${mode_args[@]}" \
     --meshConfig=./mesh.yaml \
     --networksConfig=./absent-meshNetworks \
     --domain=cluster.local \
     --grpcAddr="127.0.0.1:${grpc_port}" \
     --secureGRPCAddr= \
     --httpAddr="127.0.0.1:${http_port}" \
-    --httpsAddr= \
     --monitoringAddr="127.0.0.1:${mon_port}" \
     --ctrlz_address=127.0.0.1 \
     --ctrlz_port=0 \

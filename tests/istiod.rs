@@ -7,19 +7,18 @@
 
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use cloudmap_xds::proto::cloudmap_xds::debug::v1::ServiceEntryResource;
 use cloudmap_xds::test_helpers::eventually;
 use serde_json::{Value, json};
 use support::istiod::{
-    self, ISTIOD_SYNC_DEADLINE, Istiod, IstiodBin, ServerProcess, WAITING_LINE, assert_configz_is,
-    configz_name,
+    self, CHANGE_DEADLINE, ISTIOD_SYNC_DEADLINE, Istiod, IstiodBin, ServerProcess, WAITING_LINE,
+    assert_configz_is, configz_name, restart_our_server_without_loss, wait_until_istiod_has,
 };
 use support::moto::{self, Moto, Seeder};
 
@@ -27,8 +26,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_cloudmap-xds");
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/registry.yaml");
 const GOLDEN_NAME: &str = "istio-system/cloudmap-getmesh-external-service.my-namespace";
 const GOLDEN_HOST: &str = "getmesh-external-service.my-namespace";
-/// How long a change may take from our source to istiod's store.
-const CHANGE_DEADLINE: Duration = Duration::from_secs(10);
 
 const GOLDEN: &str = cloudmap_xds::test_helpers::GOLDEN_REGISTRY;
 
@@ -80,43 +77,6 @@ async fn start_istiod(bin: &IstiodBin, dir: &Path, server: &ServerProcess) -> Is
     istiod.wait_synced(ISTIOD_SYNC_DEADLINE).await;
     eprintln!("{bin}: synced, gRPC port open {:?} after spawn", started.elapsed());
     istiod
-}
-
-/// `namespace/name` → `resourceVersion`, as istiod has them.
-fn versions_in(configz: &[Value]) -> BTreeMap<String, String> {
-    configz
-        .iter()
-        .map(|c| (configz_name(c), c["metadata"]["resourceVersion"].as_str().unwrap_or_default().to_owned()))
-        .collect()
-}
-
-fn versions_of(served: &[ServiceEntryResource]) -> BTreeMap<String, String> {
-    served.iter().map(|e| (e.name.clone(), e.version.clone())).collect()
-}
-
-/// Waits until our server serves something satisfying `check`, then until istiod's
-/// store holds exactly that (names and content hashes), then checks every field.
-async fn wait_until_istiod_has(
-    what: &str,
-    istiod: &Istiod,
-    server: &ServerProcess,
-    check: impl Fn(&[ServiceEntryResource]) -> bool,
-) -> Vec<Value> {
-    let started = Instant::now();
-    let served = eventually(&format!("our server to serve {what}"), CHANGE_DEADLINE, || async {
-        let served = server.service_entries().await;
-        check(&served).then_some(served)
-    })
-    .await;
-    let want = versions_of(&served);
-    let configz = eventually(&format!("istiod to take {what}: {want:#?}"), CHANGE_DEADLINE, || async {
-        let configz = istiod.configz().await;
-        (versions_in(&configz) == want).then_some(configz)
-    })
-    .await;
-    assert_configz_is(&configz, &served);
-    eprintln!("{}: {what}: in istiod's configz {:?} after the change", istiod.bin, started.elapsed());
-    configz
 }
 
 fn hosts_of(served: &[ServiceEntryResource]) -> Vec<String> {
@@ -426,84 +386,7 @@ async fn restarting_our_server_never_makes_istiod_drop_a_service_entry() {
     let mut server = serve_file(dir.path(), &registry).await;
     let istiod = Arc::new(start_istiod(&bin, dir.path(), &server).await);
     let before = wait_until_istiod_has("examples/registry.yaml", &istiod, &server, |s| s.len() == 5).await;
-    let want = versions_in(&before);
-    let streams_before = istiod.log().matches("connection closed").count();
-
-    // Poll configz continuously from before the kill until istiod has reconnected.
-    let stop = Arc::new(AtomicBool::new(false));
-    let polled = Arc::new(AtomicUsize::new(0));
-    let poller = tokio::spawn({
-        let (istiod, stop, polled) = (istiod.clone(), stop.clone(), polled.clone());
-        async move {
-            let mut polls = Vec::new();
-            // At most one GET every 5 ms (a GET takes about that long): leave istiod some CPU.
-            let mut pace = tokio::time::interval(Duration::from_millis(5));
-            while !stop.load(Ordering::Relaxed) {
-                pace.tick().await;
-                let result = istiod.try_configz().await.map(|c| versions_in(&c));
-                polls.push((Instant::now(), result));
-                polled.fetch_add(1, Ordering::Relaxed);
-            }
-            polls
-        }
-    });
-    eventually("the poller to start", CHANGE_DEADLINE, || async {
-        (polled.load(Ordering::Relaxed) >= 5).then_some(())
-    })
-    .await;
-
-    let killed = Instant::now();
-    server.kill();
-    // istiod notices (its stream to us broke) before we come back.
-    eventually("istiod to notice our server died", CHANGE_DEADLINE, || async {
-        (istiod.log().matches("connection closed").count() > streams_before).then_some(())
-    })
-    .await;
-    server.restart().await;
-    let restarted = Instant::now();
-    // Reconnected: the new process has a stream from istiod that ACKed our ServiceEntries.
-    eventually("istiod to reconnect to the restarted server", Duration::from_secs(120), || async {
-        let clients = server.clients().await;
-        clients
-            .iter()
-            .any(|c| {
-                c.types.iter().any(|t| t.type_url == bin.se_type_url && !t.last_version_acked.is_empty())
-            })
-            .then_some(())
-    })
-    .await;
-    let reconnected = Instant::now();
-    // Keep polling a little after the reconnection (istiod applies the full set it just got).
-    let settle = reconnected + Duration::from_millis(500);
-    eventually("a few more configz polls", CHANGE_DEADLINE, || async {
-        (Instant::now() >= settle).then_some(())
-    })
-    .await;
-    stop.store(true, Ordering::Relaxed);
-    let polls = poller.await.unwrap();
-
-    let during: Vec<_> = polls.iter().filter(|(at, _)| *at >= killed).collect();
-    let mut bad = String::new();
-    for (at, result) in &polls {
-        match result {
-            Ok(versions) if *versions == want => {}
-            Ok(versions) => {
-                writeln!(bad, "+{:?}: {versions:?}", at.saturating_duration_since(killed)).unwrap()
-            }
-            Err(e) => writeln!(bad, "+{:?}: {e}", at.saturating_duration_since(killed)).unwrap(),
-        }
-    }
-    assert!(bad.is_empty(), "istiod's ServiceEntries changed during our restart (want {want:?}):\n{bad}");
-    assert!(during.len() >= 10, "only {} configz polls during the restart", during.len());
-    eprintln!(
-        "restart: {} configz polls ({} after the kill), all {} ServiceEntries every time; \
-         down {:?}, istiod reconnected {:?} after the restart",
-        polls.len(),
-        during.len(),
-        want.len(),
-        restarted - killed,
-        reconnected - restarted
-    );
+    restart_our_server_without_loss(&istiod, &mut server, &before).await;
 
     // The new stream is live: an edit flows through.
     edit(&registry, GOLDEN);

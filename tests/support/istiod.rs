@@ -1,30 +1,37 @@
-//! A real istiod (`pilot-discovery`) on loopback without Kubernetes, started with
-//! `scripts/run-istiod.sh` (the invocation of `tests/e2e/ISTIOD_NOTES.md`), and our
-//! own binary as a child process next to it. Both are killed on drop; when the
-//! test is failing (the thread is panicking) each prints the tail of its log.
+//! A real istiod (`pilot-discovery`) on loopback, started with `scripts/run-istiod.sh`
+//! (the invocation of `tests/e2e/ISTIOD_NOTES.md`), and our own binary as a child
+//! process next to it. istiod runs without Kubernetes ([`Istiod::spawn`]: our server
+//! is its only config source) or in Kubernetes mode against a [`KubeApi`]
+//! ([`Istiod::spawn_kube`]: `configSources: [k8s://, xds://ours]`, as users run it).
+//! Both are killed on drop; when the test is failing (the thread is panicking) each
+//! prints the tail of its log.
 //!
-//! `$ISTIOD_BIN` / `$ISTIOD_OLD_BIN` (exported by `scripts/install-peers.sh`) name
-//! the binaries; tests fail, never skip, without them.
+//! `$ISTIOD_BIN` / `$ISTIOD_OLD_BIN` / `$ISTIOD_MASTER_BIN` (exported by
+//! `scripts/install-peers.sh`) name the binaries; tests fail, never skip, without them.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use prost::Message;
 use serde_json::{Value, json};
+
+use cloudmap_xds::test_helpers::eventually;
 
 use cloudmap_xds::proto::cloudmap_xds::debug::v1::debug_client::DebugClient;
 use cloudmap_xds::proto::cloudmap_xds::debug::v1::{
     Client as DebugClientInfo, GetStatusRequest, GetStatusResponse, ListClientsRequest,
     ListServiceEntriesRequest, ServiceEntryResource,
 };
-use cloudmap_xds::proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use cloudmap_xds::proto::envoy::service::discovery::v3::{DiscoveryRequest, Node};
 use cloudmap_xds::proto::istio::networking::v1alpha3::ServiceEntry;
 use cloudmap_xds::proto::istio::networking::v1alpha3::service_entry::{Location, Resolution};
+
+use super::kube::KubeApi;
 
 const RUN_ISTIOD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/run-istiod.sh");
 /// istiod's log line once every config source answered every type it asked for.
@@ -35,15 +42,16 @@ pub const WAITING_LINE: &str = "waiting for sync";
 pub const ISTIOD_SYNC_DEADLINE: Duration = Duration::from_secs(60);
 /// Lines of each log printed when a test fails.
 const TAIL_LINES: usize = 60;
-pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
-/// The node a sidecar in namespace `default` would send.
-pub const SIDECAR_NODE_ID: &str = "sidecar~10.0.0.9~probe.default~default.svc.cluster.local";
+/// How long istiod in Kubernetes mode may take from spawn to `/ready` = 200 (its informers
+/// sync against the API server first).
+pub const ISTIOD_KUBE_READY_DEADLINE: Duration = Duration::from_secs(90);
 
-/// Known istiod pins (`scripts/install-peers.sh`) → the Istio version a sidecar of that release reports.
+/// Known istiod pins (`scripts/install-peers.sh`) → the Istio version a sidecar of that release
+/// reports (the module's `VERSION` file; master says 1.31).
 const KNOWN_ISTIO_VERSIONS: [(&str, &str); 3] = [
     ("v0.0.0-20250506181944-c2e9871f340c", "1.26.0"),
     ("v0.0.0-20240218163812-d80ef7b19049", "1.22.0"),
-    ("v0.0.0-20260827124520-eed52ebb66ad", "1.30.0"),
+    ("v0.0.0-20260827124520-eed52ebb66ad", "1.31.0"),
 ];
 
 /// One istiod binary and what it speaks.
@@ -56,20 +64,38 @@ pub struct IstiodBin {
     pub istio_version: String,
     /// The ServiceEntry type URL it asks for.
     pub se_type_url: String,
+    /// Istio's CRDs of the same version (`crd-all.gen.yaml`), for Kubernetes mode.
+    pub crds: Option<PathBuf>,
 }
 
 impl IstiodBin {
     /// `$ISTIOD_BIN`: Istio 1.26.0, asks for `networking.istio.io/v1/ServiceEntry`.
     pub fn current() -> IstiodBin {
-        Self::from_env("ISTIOD_BIN", "ISTIOD_VERSION", "ISTIOD_SE_TYPE_URL")
+        Self::from_env("ISTIOD_BIN", "ISTIOD_VERSION", "ISTIOD_SE_TYPE_URL", Some("ISTIOD_CRDS"))
     }
 
     /// `$ISTIOD_OLD_BIN`: a 2024 master (1.22 dev), asks for `networking.istio.io/v1alpha3/ServiceEntry`.
     pub fn old() -> IstiodBin {
-        Self::from_env("ISTIOD_OLD_BIN", "ISTIOD_OLD_VERSION", "ISTIOD_OLD_SE_TYPE_URL")
+        Self::from_env("ISTIOD_OLD_BIN", "ISTIOD_OLD_VERSION", "ISTIOD_OLD_SE_TYPE_URL", None)
     }
 
-    fn from_env(bin: &str, version: &str, type_url: &str) -> IstiodBin {
+    /// `$ISTIOD_MASTER_BIN`: the newest Istio master the Go module proxy serves, unpatched
+    /// (it runs only in Kubernetes mode), asks for `networking.istio.io/v1/ServiceEntry`.
+    pub fn master() -> IstiodBin {
+        Self::from_env(
+            "ISTIOD_MASTER_BIN",
+            "ISTIOD_MASTER_VERSION",
+            "ISTIOD_MASTER_SE_TYPE_URL",
+            Some("ISTIOD_MASTER_CRDS"),
+        )
+    }
+
+    /// Its CRD file; panics naming the variable when unset.
+    pub fn crds(&self) -> &Path {
+        self.crds.as_deref().unwrap_or_else(|| panic!("{self}: no CRD file for Kubernetes mode"))
+    }
+
+    fn from_env(bin: &str, version: &str, type_url: &str, crds: Option<&str>) -> IstiodBin {
         let var = |name: &str| {
             let value = std::env::var(name).unwrap_or_default();
             assert!(
@@ -87,7 +113,16 @@ impl IstiodBin {
             .find(|(pin, _)| *pin == pseudo_version)
             .map_or("65536.65536.65536", |(_, v)| v) // what istiod's own adsc client reports
             .to_owned();
-        IstiodBin { path, pseudo_version, istio_version, se_type_url: var(type_url) }
+        let crds = crds.map(|name| {
+            let path = PathBuf::from(var(name));
+            assert!(
+                path.is_file(),
+                "{name}={} is not a file (re-run scripts/install-peers.sh)",
+                path.display()
+            );
+            path
+        });
+        IstiodBin { path, pseudo_version, istio_version, se_type_url: var(type_url), crds }
     }
 }
 
@@ -98,13 +133,13 @@ impl std::fmt::Display for IstiodBin {
 }
 
 /// Opens `path` for the child's stdout and stderr (appending, so restarts keep the history).
-fn log_file(path: &Path) -> (Stdio, Stdio) {
+pub fn log_file(path: &Path) -> (Stdio, Stdio) {
     let file = File::options().create(true).append(true).open(path).unwrap();
     let err = file.try_clone().unwrap();
     (Stdio::from(file), Stdio::from(err))
 }
 
-fn kill(child: &mut Option<Child>) {
+pub fn kill(child: &mut Option<Child>) {
     if let Some(mut child) = child.take() {
         let _ = child.kill();
         let _ = child.wait();
@@ -119,7 +154,7 @@ pub fn tail(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-fn print_tail_if_failing(what: &str, path: &Path) {
+pub fn print_tail_if_failing(what: &str, path: &Path) {
     if std::thread::panicking() {
         eprintln!(
             "\n======== last {TAIL_LINES} lines of {what} ({}) ========\n{}\n======== end of {what} ========",
@@ -129,32 +164,62 @@ fn print_tail_if_failing(what: &str, path: &Path) {
     }
 }
 
-async fn accepts_tcp(addr: SocketAddr) -> bool {
+pub async fn accepts_tcp(addr: SocketAddr) -> bool {
     matches!(
         tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await,
         Ok(Ok(_))
     )
 }
 
-fn loopback(port: u16) -> SocketAddr {
+pub fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-/// A running istiod whose only config sources are `xds://` addresses of ours.
+/// A running istiod whose config sources are `xds://` addresses of ours, and in
+/// Kubernetes mode also `k8s://`.
 pub struct Istiod {
     pub bin: IstiodBin,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
     pub monitoring: SocketAddr,
+    /// The webhook server (Kubernetes mode only).
+    pub https: Option<SocketAddr>,
     pub log_path: PathBuf,
+    /// The mesh config istiod reads (and watches: an edit applies at run time).
+    pub mesh_config: PathBuf,
     child: Option<Child>,
 }
 
 impl Istiod {
-    /// Spawns istiod in `work_dir` (its log is `work_dir/istiod.log`). The sources must
-    /// already listen: istiod exits at once (255) when a source refuses the connection.
+    /// Spawns istiod without Kubernetes in `work_dir` (its log is `work_dir/istiod.log`).
+    /// The sources must already listen: istiod exits at once (255) when a source refuses
+    /// the connection.
     pub fn spawn(bin: &IstiodBin, work_dir: &Path, sources: &[SocketAddr]) -> Istiod {
         Self::spawn_with_env(bin, work_dir, sources, &[])
+    }
+
+    /// Spawns istiod in Kubernetes mode against `kube` (its CRDs established, namespace
+    /// `istio-system` created: [`KubeApi::start_for_istio`]), with `configSources:
+    /// [k8s://, xds://sources...]` and `mesh_extra` appended to its mesh config (e.g.
+    /// `discoverySelectors`). Its log is `work_dir/istiod.log` (appended to, so a second
+    /// istiod in the same directory keeps the first one's lines).
+    pub fn spawn_kube(
+        bin: &IstiodBin,
+        work_dir: &Path,
+        kube: &KubeApi,
+        sources: &[SocketAddr],
+        mesh_extra: &str,
+    ) -> Istiod {
+        let https = cloudmap_xds::test_helpers::free_port().to_string();
+        let kubeconfig = kube.kubeconfig.display().to_string();
+        let env = [
+            ("ISTIOD_KUBECONFIG", kubeconfig.as_str()),
+            ("ISTIOD_HTTPS_PORT", https.as_str()),
+            ("ISTIOD_MESH_EXTRA", mesh_extra),
+        ];
+        let mut istiod = Self::spawn_with_env(bin, work_dir, sources, &env);
+        istiod.https = Some(loopback(https.parse().unwrap()));
+        istiod
     }
 
     /// [`Istiod::spawn`] with environment for `scripts/run-istiod.sh` (e.g. `ISTIOD_XDS_CA_FILE`).
@@ -162,7 +227,7 @@ impl Istiod {
         bin: &IstiodBin,
         work_dir: &Path,
         sources: &[SocketAddr],
-        envs: &[(&str, &str)],
+        env: &[(&str, &str)],
     ) -> Istiod {
         let (grpc, http, monitoring) = (
             cloudmap_xds::test_helpers::free_port(),
@@ -172,12 +237,19 @@ impl Istiod {
         let log_path = work_dir.join("istiod.log");
         let (stdout, stderr) = log_file(&log_path);
         let sources: Vec<String> = sources.iter().map(ToString::to_string).collect();
+        // One directory per istiod (by gRPC port): a restarted istiod gets a fresh mesh.yaml.
+        let istiod_dir = work_dir.join(format!("istiod-{grpc}"));
         let child = Command::new(RUN_ISTIOD)
             .arg(&bin.path)
-            .arg(work_dir.join("istiod"))
+            .arg(&istiod_dir)
             .arg(sources.join(","))
             .args([grpc, http, monitoring].map(|p| p.to_string()))
-            .envs(envs.iter().copied())
+            .env_remove("ISTIOD_KUBECONFIG")
+            .env_remove("ISTIOD_HTTPS_PORT")
+            .env_remove("ISTIOD_MESH_EXTRA")
+            .env_remove("ISTIOD_XDS_CA_FILE")
+            .env_remove("ISTIOD_XDS_SNI")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
@@ -188,8 +260,40 @@ impl Istiod {
             grpc: loopback(grpc),
             http: loopback(http),
             monitoring: loopback(monitoring),
+            https: None,
             log_path,
+            mesh_config: istiod_dir.join("mesh.yaml"),
             child: Some(child),
+        }
+    }
+
+    /// `GET /ready` on the HTTP port: its status (200 ready, 503 not yet; 0 when nothing answers).
+    pub async fn ready_status(&self) -> u16 {
+        cloudmap_xds::test_helpers::http_get(self.http, "/ready").await.map_or(0, |(status, _)| status)
+    }
+
+    /// Waits until `/ready` answers 200 (Kubernetes mode; without kube it stays 503).
+    pub async fn wait_ready(&mut self, deadline: Duration) {
+        let until = Instant::now() + deadline;
+        loop {
+            self.assert_running("/ready");
+            if self.ready_status().await == 200 {
+                return;
+            }
+            assert!(Instant::now() < until, "{}: /ready not 200 after {deadline:?}", self.bin);
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits until istiod has exited; its exit status.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
+        let until = Instant::now() + deadline;
+        loop {
+            if let Some(status) = self.exited() {
+                return status;
+            }
+            assert!(Instant::now() < until, "{} still running after {deadline:?}", self.bin);
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
 
@@ -297,7 +401,7 @@ impl Istiod {
 
     /// Asks istiod for clusters as a sidecar in namespace `default` would, and returns their names.
     pub async fn sidecar_clusters(&self) -> Result<Vec<String>, String> {
-        sidecar_clusters(self.grpc, &self.bin.istio_version).await
+        super::xds::clusters(self.grpc, &super::xds::Sidecar::new(&self.bin.istio_version)).await
     }
 }
 
@@ -323,58 +427,6 @@ pub fn rejections(log: &str) -> Vec<String> {
                 || (lower.contains("serviceentry") && lower.contains("invalid"))
         })
         .map(str::to_owned)
-        .collect()
-}
-
-/// `envoy.config.cluster.v3.Cluster`, its name only.
-#[derive(Clone, PartialEq, Message)]
-struct ClusterName {
-    #[prost(string, tag = "1")]
-    name: String,
-}
-
-/// A sidecar's CDS request over ADS; the names of the clusters istiod answers with.
-pub async fn sidecar_clusters(istiod_grpc: SocketAddr, istio_version: &str) -> Result<Vec<String>, String> {
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{istiod_grpc}"))
-        .await
-        .map_err(|e| format!("connect {istiod_grpc}: {e}"))?
-        .max_decoding_message_size(usize::MAX);
-    let string =
-        |s: &str| prost_types::Value { kind: Some(prost_types::value::Kind::StringValue(s.to_owned())) };
-    let metadata = prost_types::Struct {
-        fields: [
-            ("ISTIO_VERSION".to_owned(), string(istio_version)),
-            ("NAMESPACE".to_owned(), string("default")),
-            ("CLUSTER_ID".to_owned(), string("Kubernetes")),
-        ]
-        .into(),
-    };
-    let request = DiscoveryRequest {
-        type_url: CLUSTER_TYPE.to_owned(),
-        node: Some(Node { id: SIDECAR_NODE_ID.to_owned(), metadata: Some(metadata), ..Default::default() }),
-        ..Default::default()
-    };
-    // Keep the request stream open until the answer arrived (a half-close ends the stream).
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(request).await.map_err(|e| e.to_string())?;
-    let mut responses = client
-        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .map_err(|e| format!("StreamAggregatedResources: {e}"))?
-        .into_inner();
-    let response = tokio::time::timeout(Duration::from_secs(20), responses.message())
-        .await
-        .map_err(|_| "no CDS response within 20 s".to_owned())?
-        .map_err(|e| format!("CDS stream: {e}"))?
-        .ok_or("CDS stream ended without a response")?;
-    drop(tx);
-    if response.type_url != CLUSTER_TYPE {
-        return Err(format!("answered {} instead of {CLUSTER_TYPE}", response.type_url));
-    }
-    response
-        .resources
-        .iter()
-        .map(|any| ClusterName::decode(&any.value[..]).map(|c| c.name).map_err(|e| e.to_string()))
         .collect()
 }
 
@@ -516,6 +568,153 @@ impl Drop for ServerProcess {
         kill(&mut self.child);
         print_tail_if_failing("the log of cloudmap-xds", &self.log_path);
     }
+}
+
+// ---- what istiod holds, and changes reaching it ---------------------------------------------------
+
+/// How long a change may take from our source to istiod's store (a file edit is served
+/// within a second; istiod applies it in milliseconds; a loaded CI box is slower).
+pub const CHANGE_DEADLINE: Duration = Duration::from_secs(20);
+
+/// `namespace/name` → `resourceVersion`, as istiod has them.
+pub fn versions_in(configz: &[Value]) -> BTreeMap<String, String> {
+    configz
+        .iter()
+        .map(|c| (configz_name(c), c["metadata"]["resourceVersion"].as_str().unwrap_or_default().to_owned()))
+        .collect()
+}
+
+pub fn versions_of(served: &[ServiceEntryResource]) -> BTreeMap<String, String> {
+    served.iter().map(|e| (e.name.clone(), e.version.clone())).collect()
+}
+
+/// Waits until our server serves something satisfying `check`, then until istiod's
+/// store holds exactly that (names and content hashes), then checks every field.
+pub async fn wait_until_istiod_has(
+    what: &str,
+    istiod: &Istiod,
+    server: &ServerProcess,
+    check: impl Fn(&[ServiceEntryResource]) -> bool,
+) -> Vec<Value> {
+    wait_until_istiod_has_besides(what, istiod, server, &[], check).await
+}
+
+/// [`wait_until_istiod_has`] where istiod also holds the ServiceEntries named `besides`
+/// (`namespace/name`, e.g. stored in Kubernetes), which are left out of the comparison.
+pub async fn wait_until_istiod_has_besides(
+    what: &str,
+    istiod: &Istiod,
+    server: &ServerProcess,
+    besides: &[&str],
+    check: impl Fn(&[ServiceEntryResource]) -> bool,
+) -> Vec<Value> {
+    let started = Instant::now();
+    let served = eventually(&format!("our server to serve {what}"), CHANGE_DEADLINE, || async {
+        let served = server.service_entries().await;
+        check(&served).then_some(served)
+    })
+    .await;
+    let want = versions_of(&served);
+    let configz = eventually(&format!("istiod to take {what}: {want:#?}"), CHANGE_DEADLINE, || async {
+        let mut configz = istiod.configz().await;
+        configz.retain(|c| !besides.contains(&configz_name(c).as_str()));
+        (versions_in(&configz) == want).then_some(configz)
+    })
+    .await;
+    assert_configz_is(&configz, &served);
+    eprintln!("{}: {what}: in istiod's configz {:?} after the change", istiod.bin, started.elapsed());
+    configz
+}
+
+/// Kills our server (SIGKILL, as in a crash) and starts it again on the same ports while a
+/// task polls istiod's `/debug/configz` every 5 ms, from before the kill until istiod has
+/// reconnected and taken the new stream; asserts that every poll saw exactly the
+/// ServiceEntries of `before` (no entry lost or changed during the restart).
+pub async fn restart_our_server_without_loss(
+    istiod: &Arc<Istiod>,
+    server: &mut ServerProcess,
+    before: &[Value],
+) {
+    let want = versions_in(before);
+    let streams_before = istiod.log().matches("connection closed").count();
+
+    // Poll configz continuously from before the kill until istiod has reconnected.
+    let stop = Arc::new(AtomicBool::new(false));
+    let polled = Arc::new(AtomicUsize::new(0));
+    let poller = tokio::spawn({
+        let (istiod, stop, polled) = (istiod.clone(), stop.clone(), polled.clone());
+        async move {
+            let mut polls = Vec::new();
+            // At most one GET every 5 ms (a GET takes about that long): leave istiod some CPU.
+            let mut pace = tokio::time::interval(Duration::from_millis(5));
+            while !stop.load(Ordering::Relaxed) {
+                pace.tick().await;
+                let result = istiod.try_configz().await.map(|c| versions_in(&c));
+                polls.push((Instant::now(), result));
+                polled.fetch_add(1, Ordering::Relaxed);
+            }
+            polls
+        }
+    });
+    eventually("the poller to start", CHANGE_DEADLINE, || async {
+        (polled.load(Ordering::Relaxed) >= 5).then_some(())
+    })
+    .await;
+
+    let killed = Instant::now();
+    server.kill();
+    // istiod notices (its stream to us broke) before we come back.
+    eventually("istiod to notice our server died", CHANGE_DEADLINE, || async {
+        (istiod.log().matches("connection closed").count() > streams_before).then_some(())
+    })
+    .await;
+    server.restart().await;
+    let restarted = Instant::now();
+    // Reconnected: the new process has a stream from istiod that ACKed our ServiceEntries.
+    eventually("istiod to reconnect to the restarted server", Duration::from_secs(120), || async {
+        let clients = server.clients().await;
+        clients
+            .iter()
+            .any(|c| {
+                c.types
+                    .iter()
+                    .any(|t| t.type_url == istiod.bin.se_type_url && !t.last_version_acked.is_empty())
+            })
+            .then_some(())
+    })
+    .await;
+    let reconnected = Instant::now();
+    // Keep polling a little after the reconnection (istiod applies the full set it just got).
+    let settle = reconnected + Duration::from_millis(500);
+    eventually("a few more configz polls", CHANGE_DEADLINE, || async {
+        (Instant::now() >= settle).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let polls = poller.await.unwrap();
+
+    let during: Vec<_> = polls.iter().filter(|(at, _)| *at >= killed).collect();
+    let mut bad = String::new();
+    for (at, result) in &polls {
+        match result {
+            Ok(versions) if *versions == want => {}
+            Ok(versions) => {
+                writeln!(bad, "+{:?}: {versions:?}", at.saturating_duration_since(killed)).unwrap()
+            }
+            Err(e) => writeln!(bad, "+{:?}: {e}", at.saturating_duration_since(killed)).unwrap(),
+        }
+    }
+    assert!(bad.is_empty(), "istiod's ServiceEntries changed during our restart (want {want:?}):\n{bad}");
+    assert!(during.len() >= 10, "only {} configz polls during the restart", during.len());
+    eprintln!(
+        "restart: {} configz polls ({} after the kill), all {} ServiceEntries every time; \
+         down {:?}, istiod reconnected {:?} after the restart",
+        polls.len(),
+        during.len(),
+        want.len(),
+        restarted - killed,
+        reconnected - restarted
+    );
 }
 
 /// A configz entry's `namespace/name`.

@@ -11,6 +11,7 @@ pub mod certs;
 pub mod fault_proxy;
 pub mod h2_relay;
 pub mod istiod;
+pub mod kube;
 pub mod moto;
 pub mod se_validate;
 pub mod xds;

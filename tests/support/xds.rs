@@ -1,10 +1,11 @@
 //! A sidecar's view of a real istiod: ADS requests for any type URL as a sidecar node with
 //! chosen metadata (`DNS_CAPTURE`, `NAMESPACE`…), and minimal hand-written prost messages that
-//! decode only the fields the tests read of envoy's Listener, RouteConfiguration,
+//! decode only the fields the tests read of envoy's Listener, Cluster, RouteConfiguration,
 //! ClusterLoadAssignment and Istio's NDS NameTable. Field numbers are envoy's and Istio's
-//! (`envoy/config/listener/v3/listener.proto`, `…/route/v3/route.proto`,
-//! `…/endpoint/v3/endpoint.proto`, `istio/networking/nds/v1/nds.proto`); prost skips every
-//! field not declared here, so the full protos are not needed (and not vendored).
+//! (`envoy/config/listener/v3/listener.proto`, `…/cluster/v3/cluster.proto`,
+//! `…/route/v3/route.proto`, `…/endpoint/v3/endpoint.proto`, `istio/networking/nds/v1/nds.proto`);
+//! prost skips every field not declared here, so the full protos are not needed (and not
+//! vendored). `Option<u32>` as a message field is `google.protobuf.UInt32Value`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -22,6 +23,10 @@ pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Li
 pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 pub const ENDPOINT_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 pub const NAME_TABLE_TYPE: &str = "type.googleapis.com/istio.networking.nds.v1.NameTable";
+pub const UPSTREAM_TLS_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+/// The key of a Cluster's `typed_extension_protocol_options` under which istiod puts HTTP settings.
+pub const HTTP_PROTOCOL_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 pub const TCP_PROXY_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 pub const HTTP_CONNECTION_MANAGER_TYPE: &str =
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
@@ -223,6 +228,16 @@ pub async fn clusters(istiod_grpc: SocketAddr, sidecar: &Sidecar) -> Result<Vec<
     Ok(clusters.into_iter().map(|c| c.name).collect())
 }
 
+/// The cluster `name` as istiod gives it to `sidecar` (None when the sidecar does not get it).
+pub async fn cluster(
+    istiod_grpc: SocketAddr,
+    sidecar: &Sidecar,
+    name: &str,
+) -> Result<Option<Cluster>, String> {
+    let clusters: Vec<Cluster> = fetch_decoded(istiod_grpc, sidecar, CLUSTER_TYPE, &[]).await?;
+    Ok(clusters.into_iter().find(|c| c.name == name))
+}
+
 pub async fn route(
     istiod_grpc: SocketAddr,
     sidecar: &Sidecar,
@@ -256,6 +271,105 @@ pub struct ClusterName {
     pub name: String,
 }
 
+#[derive(Clone, PartialEq, Message)]
+pub struct Cluster {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(message, optional, tag = "4")]
+    pub connect_timeout: Option<prost_types::Duration>,
+    #[prost(message, optional, tag = "10")]
+    pub circuit_breakers: Option<CircuitBreakers>,
+    #[prost(message, optional, tag = "24")]
+    pub transport_socket: Option<TransportSocket>,
+    #[prost(btree_map = "string, message", tag = "36")]
+    pub typed_extension_protocol_options: BTreeMap<String, prost_types::Any>,
+    #[prost(message, repeated, tag = "43")]
+    pub transport_socket_matches: Vec<TransportSocketMatch>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct CircuitBreakers {
+    #[prost(message, repeated, tag = "1")]
+    pub thresholds: Vec<Thresholds>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Thresholds {
+    /// `envoy.config.core.v3.RoutingPriority`: 0 = DEFAULT, 1 = HIGH.
+    #[prost(int32, tag = "1")]
+    pub priority: i32,
+    #[prost(message, optional, tag = "2")]
+    pub max_connections: Option<u32>,
+    #[prost(message, optional, tag = "3")]
+    pub max_pending_requests: Option<u32>,
+    #[prost(message, optional, tag = "4")]
+    pub max_requests: Option<u32>,
+    #[prost(message, optional, tag = "5")]
+    pub max_retries: Option<u32>,
+}
+
+/// `envoy.config.cluster.v3.Cluster.TransportSocketMatch`
+#[derive(Clone, PartialEq, Message)]
+pub struct TransportSocketMatch {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(message, optional, tag = "3")]
+    pub transport_socket: Option<TransportSocket>,
+}
+
+/// `envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext`
+#[derive(Clone, PartialEq, Message)]
+pub struct UpstreamTlsContext {
+    #[prost(string, tag = "2")]
+    pub sni: String,
+}
+
+/// `envoy.extensions.upstreams.http.v3.HttpProtocolOptions`
+#[derive(Clone, PartialEq, Message)]
+pub struct HttpProtocolOptions {
+    #[prost(message, optional, tag = "1")]
+    pub common_http_protocol_options: Option<CommonHttpProtocolOptions>,
+}
+
+/// `envoy.config.core.v3.HttpProtocolOptions`
+#[derive(Clone, PartialEq, Message)]
+pub struct CommonHttpProtocolOptions {
+    #[prost(message, optional, tag = "1")]
+    pub idle_timeout: Option<prost_types::Duration>,
+    #[prost(message, optional, tag = "6")]
+    pub max_requests_per_connection: Option<u32>,
+}
+
+impl Cluster {
+    /// The TLS context of its transport socket (or of the first socket match with one), if TLS.
+    pub fn upstream_tls(&self) -> Option<UpstreamTlsContext> {
+        let sockets = self
+            .transport_socket
+            .iter()
+            .chain(self.transport_socket_matches.iter().filter_map(|m| m.transport_socket.as_ref()));
+        sockets
+            .filter_map(|s| s.typed_config.as_ref())
+            .find(|any| any.type_url == UPSTREAM_TLS_TYPE)
+            .map(|any| UpstreamTlsContext::decode(&any.value[..]).expect("UpstreamTlsContext"))
+    }
+
+    /// The circuit breaker thresholds at the default priority.
+    pub fn default_thresholds(&self) -> Option<&Thresholds> {
+        self.circuit_breakers.as_ref()?.thresholds.iter().find(|t| t.priority == 0)
+    }
+
+    /// The HTTP settings of its upstream connections, when istiod set any.
+    pub fn http_options(&self) -> Option<CommonHttpProtocolOptions> {
+        let any = self.typed_extension_protocol_options.get(HTTP_PROTOCOL_OPTIONS_KEY)?;
+        HttpProtocolOptions::decode(&any.value[..]).expect("HttpProtocolOptions").common_http_protocol_options
+    }
+}
+
+/// A protobuf Duration in milliseconds.
+pub fn millis(d: Option<&prost_types::Duration>) -> Option<i64> {
+    d.map(|d| d.seconds * 1000 + i64::from(d.nanos) / 1_000_000)
+}
+
 // ---- envoy.config.core.v3 ---------------------------------------------------------------------
 
 #[derive(Clone, PartialEq, Message)]
@@ -277,6 +391,15 @@ impl Address {
     pub fn render(&self) -> String {
         self.socket_address.as_ref().map_or("?".into(), |s| format!("{}:{}", s.address, s.port_value))
     }
+}
+
+/// `envoy.config.core.v3.TransportSocket`
+#[derive(Clone, PartialEq, Message)]
+pub struct TransportSocket {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(message, optional, tag = "3")]
+    pub typed_config: Option<prost_types::Any>,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -483,6 +606,20 @@ pub struct Route {
 pub struct RouteAction {
     #[prost(string, tag = "1")]
     pub cluster: String,
+    #[prost(message, optional, tag = "8")]
+    pub timeout: Option<prost_types::Duration>,
+    #[prost(message, optional, tag = "9")]
+    pub retry_policy: Option<RetryPolicy>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct RetryPolicy {
+    #[prost(string, tag = "1")]
+    pub retry_on: String,
+    #[prost(message, optional, tag = "2")]
+    pub num_retries: Option<u32>,
+    #[prost(message, optional, tag = "3")]
+    pub per_try_timeout: Option<prost_types::Duration>,
 }
 
 impl RouteConfiguration {
