@@ -450,6 +450,18 @@ impl ServerProcess {
             loopback(cloudmap_xds::test_helpers::free_port()),
             loopback(cloudmap_xds::test_helpers::free_port()),
         );
+        Self::start_at(bin, log_path, (grpc, admin), args, envs).await
+    }
+
+    /// [`ServerProcess::start`] on given `(grpc, admin)` addresses, e.g. chosen beforehand so that
+    /// replicas can name each other (`--peer-bootstrap`).
+    pub async fn start_at(
+        bin: &str,
+        log_path: PathBuf,
+        (grpc, admin): (SocketAddr, SocketAddr),
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> ServerProcess {
         let mut all = vec!["serve".to_owned(), "--grpc-addr".into(), grpc.to_string()];
         all.extend(["--admin-addr".into(), admin.to_string(), "--log-format".into(), "json".into()]);
         all.extend(args.iter().map(|a| (*a).to_owned()));
