@@ -424,7 +424,8 @@ def _config_sources(doc: dict) -> list[str]:
     return [s["address"] for s in doc["meshConfig"]["configSources"]]
 
 
-@pytest.mark.parametrize("fname", ["istio-operator.yaml", "helm-values.yaml", "tls-helm-values.yaml"])
+@pytest.mark.parametrize("fname", ["istio-operator.yaml", "helm-values.yaml", "tls-helm-values.yaml",
+                                   "tls-credential-name-helm-values.yaml"])
 def test_istiod_config_sources_keep_k8s(fname):
     path = ISTIOD_DIR / fname
     doc = one(load_docs(path), "IstioOperator") if fname == "istio-operator.yaml" else load_docs(path)[0]
@@ -549,3 +550,17 @@ def test_tls_istiod_values_verify_the_certificate_name():
     assert "BEGIN CERTIFICATE" in tls["caCertificates"], "in Istio 1.26 caCertificates is the PEM text itself"
     cert = one(load_docs(TLS_COMPONENT / "certificate.yaml"), "Certificate")
     assert tls["sni"] in cert["spec"]["dnsNames"]
+
+
+def test_tls_istiod_values_with_credential_name_read_our_certificate_secret():
+    """istiod reads the CA from the Secret cert-manager writes for our Certificate (its ca.crt), in istiod's own
+    namespace; credentialName excludes caCertificates (istiod refuses both)."""
+    doc = load_docs(ISTIOD_DIR / "tls-credential-name-helm-values.yaml")[0]
+    source = next(s for s in doc["meshConfig"]["configSources"] if s["address"] == XDS_ADDRESS)
+    tls = source["tlsSettings"]
+    assert tls["mode"] == "SIMPLE"
+    assert "caCertificates" not in tls and "caCrl" not in tls
+    cert = one(load_docs(TLS_COMPONENT / "certificate.yaml"), "Certificate")
+    assert tls["credentialName"] == cert["spec"]["secretName"]
+    assert tls["sni"] in cert["spec"]["dnsNames"]
+    assert NAMESPACE == "istio-system", "the Secret is in istiod's namespace, the kustomization's too"
