@@ -111,11 +111,12 @@ pub(super) async fn follow(
             (Err(s), true) => return Ok(format!("stream error {:?}: {}", s.code(), s.message())),
         };
         let (version, nonce) = (response.version_info.clone(), response.nonce.clone());
-        let snapshot = match borrowed_snapshot(
-            response,
-            &settings.publish_namespace,
-            borrowed_from(addr, &status),
-        ) {
+        let (namespace, from) = (settings.publish_namespace.clone(), borrowed_from(addr, &status));
+        // Decoding a full set is CPU work (about as much as istiod's): off the async workers.
+        let converted = tokio::task::spawn_blocking(move || borrowed_snapshot(response, &namespace, from))
+            .await
+            .map_err(|e| format!("decoding the peer's set failed: {e}"))?;
+        let snapshot = match converted {
             Ok(snapshot) => snapshot,
             Err(refusal) if taken => {
                 warn!(peer = %addr, %refusal, "a later push of the peer refused; the borrowed set stays as it was");
