@@ -39,17 +39,52 @@ pub struct Resource {
     pub spec: ServiceEntry,
     /// `Any{istio.mcp.v1alpha1.Resource}`, ready to go on the wire.
     pub encoded: SharedAny,
-    /// The Cloud Map (namespace, service) it came from.
+    /// The Cloud Map (namespace, service) it came from; empty when borrowed from a peer.
     pub origin: (String, String),
+}
+
+/// Where a served set came from when this replica did not build it: a peer
+/// replica's full set, taken over ADS before this replica's own first complete
+/// sync (`--peer-bootstrap`, see `bootstrap`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Borrowed {
+    /// The peer's gRPC address, as dialled.
+    pub peer: String,
+    /// The peer's instance id (its `GetStatus`).
+    pub peer_instance: String,
+    /// Whether the peer itself served a borrowed set at the time.
+    pub peer_borrowed: bool,
+    /// When this set was taken (the peer's latest push).
+    pub at: SystemTime,
+}
+
+/// Why an encoded resource received from a peer cannot be served as it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("resource type {0:?} is not {MCP_RESOURCE_TYPE_URL}")]
+    ResourceType(String),
+    #[error("undecodable MCP resource: {0}")]
+    Resource(String),
+    #[error("MCP resource without {0}")]
+    Missing(&'static str),
+    #[error("{name}: body type {type_url:?} is not {SERVICE_ENTRY_BODY_TYPE_URL}")]
+    BodyType { name: String, type_url: String },
+    #[error("{name}: undecodable ServiceEntry: {message}")]
+    Body { name: String, message: String },
+    #[error("{name}: create time out of range")]
+    CreateTime { name: String },
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
     /// Hash of every resource name and version; empty before the first sync.
     pub version: String,
-    /// False until the source completed its first full load: ServiceEntries are
-    /// then withheld, so istiod keeps what it had instead of deleting it all.
+    /// False until there is a complete set to serve (the source's first full load,
+    /// or a set borrowed from a peer): ServiceEntries are withheld until then, so
+    /// istiod keeps what it had instead of deleting it all.
     pub synced: bool,
+    /// Set while the set served is a peer's, not built here.
+    pub borrowed: Option<Arc<Borrowed>>,
     /// Sorted by name; shared with the next snapshot when unchanged.
     pub resources: Vec<Arc<Resource>>,
     pub endpoints: usize,
@@ -70,6 +105,7 @@ impl Snapshot {
         Snapshot {
             version: String::new(),
             synced: false,
+            borrowed: None,
             resources: Vec::new(),
             endpoints: 0,
             skipped: Vec::new(),
@@ -102,16 +138,10 @@ impl Snapshot {
         invalid_settings.sort();
         let endpoints = resources.iter().map(|r| r.spec.endpoints.len()).sum();
         let resources_field_len = resources.iter().map(|r| framed_len(&r.encoded)).sum();
-        let mut hasher = Sha256::new();
-        for r in &resources {
-            hasher.update(r.name.as_bytes());
-            hasher.update([0]);
-            hasher.update(r.version.as_bytes());
-            hasher.update([0]);
-        }
         Snapshot {
-            version: hex_prefix(&hasher.finalize()),
+            version: set_version(&resources),
             synced: true,
+            borrowed: None,
             resources,
             endpoints,
             skipped,
@@ -120,6 +150,33 @@ impl Snapshot {
             built_at: SystemTime::now(),
             resources_field_len,
         }
+    }
+
+    /// A peer's full set, served as received: the same encoded bytes, hence the same
+    /// names, versions and create times, and the same snapshot version as the peer's
+    /// (it is computed from those alone). Resources are sorted by name; a repeated
+    /// name keeps its first occurrence.
+    pub fn borrowed(mut resources: Vec<Resource>, borrowed: Borrowed) -> Self {
+        resources.sort_by(|a, b| a.name.cmp(&b.name));
+        resources.dedup_by(|later, first| later.name == first.name);
+        let resources: Vec<Arc<Resource>> = resources.into_iter().map(Arc::new).collect();
+        Snapshot {
+            version: set_version(&resources),
+            synced: true,
+            borrowed: Some(Arc::new(borrowed)),
+            endpoints: resources.iter().map(|r| r.spec.endpoints.len()).sum(),
+            resources_field_len: resources.iter().map(|r| framed_len(&r.encoded)).sum(),
+            resources,
+            skipped: Vec::new(),
+            skipped_labels: 0,
+            invalid_settings: Vec::new(),
+            built_at: SystemTime::now(),
+        }
+    }
+
+    /// Serves a complete set built here (not borrowed).
+    pub fn is_own(&self) -> bool {
+        self.synced && self.borrowed.is_none()
     }
 
     /// The resources as they go into a `DiscoveryResponse`.
@@ -143,6 +200,42 @@ fn framed_len(any: &SharedAny) -> usize {
     const RESOURCES_FIELD: u32 = 2;
     let len = any.encoded_len();
     prost::encoding::key_len(RESOURCES_FIELD) + prost::encoding::encoded_len_varint(len as u64) + len
+}
+
+/// The snapshot version: a hash of every resource's name and version, in name order.
+fn set_version(resources: &[Arc<Resource>]) -> String {
+    let mut hasher = Sha256::new();
+    for r in resources {
+        hasher.update(r.name.as_bytes());
+        hasher.update([0]);
+        hasher.update(r.version.as_bytes());
+        hasher.update([0]);
+    }
+    hex_prefix(&hasher.finalize())
+}
+
+/// Reads back one `Any{istio.mcp.v1alpha1.Resource}` as sent by a replica (the
+/// inverse of [`encode`]), keeping its bytes: served again, it is the very same resource.
+pub fn decode_resource(encoded: SharedAny) -> Result<Resource, DecodeError> {
+    if encoded.type_url != MCP_RESOURCE_TYPE_URL {
+        return Err(DecodeError::ResourceType(encoded.type_url));
+    }
+    let resource =
+        McpResource::decode(encoded.value.clone()).map_err(|e| DecodeError::Resource(e.to_string()))?;
+    let metadata = resource.metadata.ok_or(DecodeError::Missing("metadata"))?;
+    let name = Some(metadata.name).filter(|n| !n.is_empty()).ok_or(DecodeError::Missing("a name"))?;
+    let version =
+        Some(metadata.version).filter(|v| !v.is_empty()).ok_or(DecodeError::Missing("a version"))?;
+    let created = metadata.create_time.ok_or(DecodeError::Missing("a create time"))?;
+    let create_time =
+        SystemTime::try_from(created).map_err(|_| DecodeError::CreateTime { name: name.clone() })?;
+    let body = resource.body.ok_or(DecodeError::Missing("a body"))?;
+    if body.type_url != SERVICE_ENTRY_BODY_TYPE_URL {
+        return Err(DecodeError::BodyType { name, type_url: body.type_url });
+    }
+    let spec = ServiceEntry::decode(body.value)
+        .map_err(|e| DecodeError::Body { name: name.clone(), message: e.to_string() })?;
+    Ok(Resource { name, version, create_time, spec, encoded, origin: (String::new(), String::new()) })
 }
 
 fn encode_entry(entry: translate::Entry) -> Resource {
@@ -247,16 +340,55 @@ pub fn channel() -> (Publisher, watch::Receiver<Arc<Snapshot>>) {
 }
 
 impl Publisher {
-    /// Publishes `next` unless it serves exactly what the current one serves;
-    /// returns whether streams were woken.
+    /// Publishes `next`, built here from a complete registry, unless it serves exactly
+    /// what the current one serves; returns whether streams were woken. It replaces a
+    /// borrowed set whatever its content (streams then send nothing when the version
+    /// is the same: the set is the same).
     pub fn publish(&self, next: Snapshot) -> bool {
         self.tx.send_if_modified(|current| {
-            if current.synced == next.synced && current.version == next.version {
+            if current.borrowed.is_none() && current.synced == next.synced && current.version == next.version
+            {
                 return false;
             }
             *current = Arc::new(next);
             true
         })
+    }
+
+    /// Publishes `next`, built here from a partial registry (`--initial-sync-timeout`),
+    /// as [`Publisher::publish`] does, except over a borrowed set, which is complete:
+    /// that stays until a complete registry replaces it.
+    pub fn publish_partial(&self, next: Snapshot) -> bool {
+        self.tx.send_if_modified(|current| {
+            if current.borrowed.is_some()
+                || (current.synced == next.synced && current.version == next.version)
+            {
+                return false;
+            }
+            *current = Arc::new(next);
+            true
+        })
+    }
+
+    /// Publishes a set borrowed from a peer, only while nothing built here is served
+    /// (own sets always win); returns whether streams were woken. A set of the same
+    /// version as the borrowed one served wakes nobody (only where it came from is
+    /// updated).
+    pub fn publish_borrowed(&self, next: Snapshot) -> bool {
+        debug_assert!(next.borrowed.is_some(), "publish_borrowed takes a borrowed snapshot");
+        self.tx.send_if_modified(|current| {
+            if current.is_own() {
+                return false;
+            }
+            let same = current.borrowed.is_some() && current.version == next.version;
+            *current = Arc::new(next);
+            !same
+        })
+    }
+
+    /// What is served now.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.tx.borrow().clone()
     }
 }
 

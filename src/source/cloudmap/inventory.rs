@@ -700,7 +700,8 @@ impl Inventory {
                 Some(service.clone())
             })
             .collect();
-        Some(Registry { services })
+        // Forced out by --initial-sync-timeout before the first complete sync: partial.
+        Some(Registry { services, complete: self.initial_synced })
     }
 
     /// Per namespace (with an empty service name: its ListServices calls) and per service.

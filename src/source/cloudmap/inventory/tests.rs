@@ -167,6 +167,7 @@ fn nothing_is_published_before_every_service_was_read() {
     assert_eq!(inv.last_full_sync(), Some(clock.at(5.2).wall));
     let registry = inv.registry_update().expect("published after the first complete sync");
     assert_eq!(registry.services.len(), 2);
+    assert!(registry.complete);
     assert_eq!(inv.registry_update(), None, "unchanged content is not published again");
 }
 
@@ -181,6 +182,7 @@ fn force_publish_serves_what_was_read() {
     inv.force_publish();
     let registry = inv.registry_update().unwrap();
     assert_eq!(registry.services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["a"]);
+    assert!(!registry.complete, "a forced registry is partial (it never replaces a borrowed set)");
 }
 
 #[test]
