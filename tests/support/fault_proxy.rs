@@ -376,7 +376,9 @@ fn error_response(operation: &str, fault: Fault, nth: u64) -> Vec<u8> {
                  servicediscovery:{operation} because no identity-based policy allows the servicediscovery:{operation} action"
             ),
         ),
-        Fault::ServerError if nth.is_multiple_of(2) => ("InternalFailure", "injected internal failure".to_owned()),
+        Fault::ServerError if nth.is_multiple_of(2) => {
+            ("InternalFailure", "injected internal failure".to_owned())
+        }
         Fault::ServerError => ("ServiceUnavailable", "injected unavailability".to_owned()),
         Fault::Hang | Fault::Truncate | Fault::Reset => unreachable!("{fault} is not an error answer"),
     };
