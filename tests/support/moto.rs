@@ -18,7 +18,9 @@ pub const REGION: &str = "us-east-1";
 /// moto accepts any key, but every request must be SigV4-signed.
 pub const ACCESS_KEY_ID: &str = "test";
 pub const SECRET_ACCESS_KEY: &str = "test";
-const START_DEADLINE: Duration = Duration::from_secs(20);
+// moto_server imports boto and flask before it listens: about 2 s on an idle machine, but tens of seconds
+// when a dozen tests start one at once beside istiod builds on two cores.
+const START_DEADLINE: Duration = Duration::from_secs(90);
 
 /// A `moto_server` child process on 127.0.0.1; killed on drop.
 pub struct Moto {
