@@ -96,6 +96,24 @@ fn dechunk(mut body: &str) -> String {
 }
 
 /// A free loopback port (bound, then released).
+///
+/// Ports come from below the kernel's ephemeral range (32768-60999 on Linux): a port the
+/// kernel handed out for `bind(0)` is free only until the next outgoing connection takes it
+/// as its local port, which, with a dozen tests starting moto, istiod and our server at
+/// once, happened between picking a port and the child binding it. Below that range only
+/// explicit binds compete, and a process-wide counter keeps this process's picks apart.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const FIRST: u16 = 20_000;
+    const SPAN: u16 = 12_000;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Test binaries run one after another, but a start per process keeps reruns apart too.
+    let start = (std::process::id() % u32::from(SPAN)) as u16;
+    loop {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = FIRST + (start.wrapping_add(offset) % SPAN);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
