@@ -20,7 +20,11 @@
 #   ISTIOD_MESH_EXTRA  YAML appended to mesh.yaml (e.g. discoverySelectors).
 #   ISTIOD_XDS_CA_FILE dial every xds:// source over TLS (tlsSettings mode SIMPLE, Istio 1.26+), trusting
 #                      the PEM CA in this file (written inline: caCertificates is the PEM text itself).
-#   ISTIOD_XDS_SNI     the server name to verify with ISTIOD_XDS_CA_FILE (default: the address's host).
+#   ISTIOD_XDS_SNI     the server name to verify with ISTIOD_XDS_CA_FILE or ISTIOD_XDS_CREDENTIAL_NAME
+#                      (default: the address's host).
+#   ISTIOD_XDS_CREDENTIAL_NAME  Kubernetes mode: dial every xds:// source over TLS (mode SIMPLE) trusting the CA
+#                      of this Secret in istiod's namespace (istio-system), key `cacert` or `ca.crt`
+#                      (tlsSettings.credentialName). istiod reads it once, at start.
 #
 # Readiness (see tests/e2e/ISTIOD_NOTES.md): GRPC_PORT accepts TCP only after every requested type got
 # a response; log line "All controller caches have been synced up"; /ready (HTTP_PORT) stays 503 without
@@ -40,6 +44,12 @@ mkdir -p "$workdir"
 cd "$workdir"
 
 kube="${ISTIOD_KUBECONFIG:-}"
+if [[ -n "${ISTIOD_XDS_CA_FILE:-}" && -n "${ISTIOD_XDS_CREDENTIAL_NAME:-}" ]]; then
+    echo "run-istiod: ISTIOD_XDS_CA_FILE and ISTIOD_XDS_CREDENTIAL_NAME exclude each other (as in istiod)" >&2; exit 2
+fi
+if [[ -n "${ISTIOD_XDS_CREDENTIAL_NAME:-}" && -z "$kube" ]]; then
+    echo "run-istiod: ISTIOD_XDS_CREDENTIAL_NAME needs Kubernetes mode (ISTIOD_KUBECONFIG)" >&2; exit 2
+fi
 if [[ -n "$kube" ]]; then
     [[ -f "$kube" ]] || { echo "run-istiod: ISTIOD_KUBECONFIG=$kube is not a file" >&2; exit 2; }
     [[ -n "${ISTIOD_HTTPS_PORT:-}" ]] || { echo "run-istiod: Kubernetes mode needs ISTIOD_HTTPS_PORT" >&2; exit 2; }
@@ -54,12 +64,16 @@ fi
     for a in "${addrs[@]}"; do
         a="${a#xds://}"
         echo "- address: xds://$a"
-        if [[ -n "${ISTIOD_XDS_CA_FILE:-}" ]]; then
+        if [[ -n "${ISTIOD_XDS_CA_FILE:-}" || -n "${ISTIOD_XDS_CREDENTIAL_NAME:-}" ]]; then
             echo "  tlsSettings:"
             echo "    mode: SIMPLE"
             [[ -n "${ISTIOD_XDS_SNI:-}" ]] && echo "    sni: ${ISTIOD_XDS_SNI}"
-            echo "    caCertificates: |"
-            sed 's/^/      /' "$ISTIOD_XDS_CA_FILE"
+            if [[ -n "${ISTIOD_XDS_CREDENTIAL_NAME:-}" ]]; then
+                echo "    credentialName: ${ISTIOD_XDS_CREDENTIAL_NAME}"
+            else
+                echo "    caCertificates: |"
+                sed 's/^/      /' "$ISTIOD_XDS_CA_FILE"
+            fi
         fi
     done
     [[ -n "${ISTIOD_MESH_EXTRA:-}" ]] && printf '%s\n' "$ISTIOD_MESH_EXTRA"

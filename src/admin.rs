@@ -26,6 +26,8 @@ pub struct AdminState {
     pub failure: watch::Receiver<Option<String>>,
     /// The effective configuration, as logged at start.
     pub config: Value,
+    /// This process, as peers tell themselves apart.
+    pub instance_id: String,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -47,7 +49,14 @@ async fn ready(State(state): State<AdminState>) -> Response {
     let snapshot = state.snapshots.borrow().clone();
     let draining = *state.draining.borrow();
     if is_ready(&snapshot, draining) {
-        (StatusCode::OK, "ready\n").into_response()
+        match &snapshot.borrowed {
+            None => (StatusCode::OK, "ready\n").into_response(),
+            Some(b) => (
+                StatusCode::OK,
+                format!("ready, serving a set borrowed from {} until the first complete sync\n", b.peer),
+            )
+                .into_response(),
+        }
     } else {
         let why = match (state.failure.borrow().as_deref(), draining) {
             (Some(failure), _) => format!("failed: {failure}; exiting\n"),
@@ -102,9 +111,19 @@ async fn snapshot(State(state): State<AdminState>) -> Json<Value> {
         .iter()
         .map(|s| json!({"namespace": s.namespace, "service": s.service, "instance": s.instance, "reason": s.reason.to_string()}))
         .collect();
+    let borrowed = snapshot.borrowed.as_ref().map(|b| {
+        json!({
+            "from": b.peer,
+            "peerInstance": b.peer_instance,
+            "peerBorrowed": b.peer_borrowed,
+            "at": humantime::format_rfc3339_millis(b.at).to_string(),
+        })
+    });
     Json(json!({
         "version": snapshot.version,
-        "synced": snapshot.synced,
+        "synced": snapshot.is_own(),
+        "borrowed": borrowed,
+        "instanceId": state.instance_id,
         "endpoints": snapshot.endpoints,
         "source": state.source.status(),
         "serviceEntries": entries,

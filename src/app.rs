@@ -25,7 +25,7 @@ use crate::snapshot::{self, Snapshot};
 use crate::source::{self, SourceView, registry_file};
 use crate::supervise::{self, Ended, Supervisor, task_names};
 use crate::xds::{AdsLimits, AdsServer, AdsService, Clients};
-use crate::{incoming, tls};
+use crate::{bootstrap, incoming, tls};
 
 /// The gRPC health service names whose status follows readiness.
 const HEALTH_SERVICES: [&str; 2] = ["", "envoy.service.discovery.v3.AggregatedDiscoveryService"];
@@ -73,8 +73,23 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
     // Dropped on an early return: the tasks started so far are aborted.
     let mut supervisor = Supervisor::new();
 
+    let instance_id = bootstrap::instance_id();
+    let peers = args.peer.peers(tls.is_some())?;
     let source_view = start_source(&args, &metrics, draining.clone(), &mut supervisor).await?;
     let (publisher, snapshots) = snapshot::channel();
+    if let Some(peers) = peers {
+        let settings = bootstrap::Settings {
+            peers,
+            instance_id: instance_id.clone(),
+            publish_namespace: options.publish_namespace.clone(),
+            max_response_size: args.max_response_size,
+            retry_interval: bootstrap::RETRY_INTERVAL,
+        };
+        supervisor.spawn(
+            task_names::PEER_BOOTSTRAP,
+            bootstrap::run(settings, publisher.clone(), snapshots.clone(), metrics.clone(), draining.clone()),
+        );
+    }
     supervisor.spawn(
         task_names::SNAPSHOT_BUILDER,
         snapshot::publish::run(
@@ -110,7 +125,13 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
         "debug calls",
         metrics.xds.refusals.clone(),
     );
-    let debug = DebugService::new(snapshots.clone(), source_view.clone(), clients, options.clone());
+    let debug = DebugService::new(
+        snapshots.clone(),
+        source_view.clone(),
+        clients,
+        options.clone(),
+        instance_id.clone(),
+    );
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -166,6 +187,7 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
         draining,
         failure,
         config: serde_json::to_value(&args)?,
+        instance_id,
     };
     supervisor.spawn(task_names::ADMIN_SERVER, async move {
         axum::serve(admin_listener, admin::router(admin_state))

@@ -8,8 +8,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 pub mod cloudmap;
+pub mod peer;
 
 pub use self::cloudmap::CloudMapArgs;
+pub use self::peer::PeerArgs;
 use crate::model::HealthFilter;
 use crate::translate::settings::{
     self, AddressMode, Defaults, ResolutionMode, parse_export_to, parse_location, parse_port_protocols,
@@ -137,6 +139,9 @@ pub struct ServeArgs {
     /// PEM private key of --tls-cert-file.
     #[arg(long, env = "CLOUDMAP_XDS_TLS_KEY_FILE", requires = "tls_cert_file")]
     pub tls_key_file: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub peer: PeerArgs,
 }
 
 /// `1048576`, `512KiB`, `1MiB`, `2GiB` (binary units; `KB`/`MB`/`GB` mean the same here).

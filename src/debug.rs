@@ -25,6 +25,8 @@ pub struct DebugService {
     clients: Clients,
     /// What the snapshot builder translates with, so explanations match what is served.
     options: Arc<Options>,
+    /// This process, as peers tell themselves apart.
+    instance_id: String,
 }
 
 impl DebugService {
@@ -33,8 +35,9 @@ impl DebugService {
         source: SourceView,
         clients: Clients,
         options: Options,
+        instance_id: String,
     ) -> Self {
-        DebugService { snapshots, source, clients, options: Arc::new(options) }
+        DebugService { snapshots, source, clients, options: Arc::new(options), instance_id }
     }
 }
 
@@ -168,7 +171,7 @@ impl Debug for DebugService {
         Ok(Response::new(GetStatusResponse {
             snapshot_version: snapshot.version.clone(),
             source: status.source.clone(),
-            synced: snapshot.synced,
+            synced: snapshot.is_own(),
             last_successful_load: timestamp(status.last_successful_load),
             last_full_sync: timestamp(status.last_full_sync),
             last_error: status.last_error.clone().unwrap_or_default(),
@@ -177,6 +180,10 @@ impl Debug for DebugService {
             endpoints: u32::try_from(snapshot.endpoints).unwrap_or(u32::MAX),
             skipped_instances: u32::try_from(snapshot.skipped.len()).unwrap_or(u32::MAX),
             services,
+            borrowed: snapshot.borrowed.is_some(),
+            borrowed_from: snapshot.borrowed.as_ref().map(|b| b.peer.clone()).unwrap_or_default(),
+            borrowed_at: timestamp(snapshot.borrowed.as_ref().map(|b| b.at)),
+            instance_id: self.instance_id.clone(),
         }))
     }
 

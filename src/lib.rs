@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod bootstrap;
 pub mod cli;
 pub mod config;
 pub mod debug;

@@ -93,11 +93,22 @@ pub struct XdsMetrics {
     pub tls_reloads: Family<OutcomeLabels, Counter>,
 }
 
+/// The peer bootstrap (`--peer-bootstrap`).
+#[derive(Debug, Clone)]
+pub struct PeerMetrics {
+    /// 1 while the ServiceEntries served are a peer's, before this replica's own first complete sync.
+    pub serving_borrowed: Gauge,
+    /// Attempts at one peer address, by outcome (`borrowed`, `self`, `not_ready`, `empty`,
+    /// `unreachable`, `failed`, `unresolved`).
+    pub attempts: Family<OutcomeLabels, Counter>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Metrics {
     pub source: SourceMetrics,
     pub snapshot: SnapshotMetrics,
     pub xds: XdsMetrics,
+    pub peer: PeerMetrics,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -246,7 +257,19 @@ impl Metrics {
             "TLS certificate reloads by outcome; on error the previous pair stays in use",
             xds.tls_reloads.clone(),
         );
-        Metrics { source, snapshot, xds }
+        let peer = PeerMetrics { serving_borrowed: Gauge::default(), attempts: Family::default() };
+        registry.register(
+            "serving_borrowed",
+            "1 while the ServiceEntries served were borrowed from a peer replica (--peer-bootstrap) because this \
+             replica's own first complete sync has not finished; alert when it lasts",
+            peer.serving_borrowed.clone(),
+        );
+        registry.register(
+            "peer_bootstrap_attempts",
+            "Attempts to borrow the ServiceEntry set from one peer address, by outcome",
+            peer.attempts.clone(),
+        );
+        Metrics { source, snapshot, xds, peer }
     }
 
     /// Metrics registered nowhere, for tests and tools.

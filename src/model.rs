@@ -17,11 +17,20 @@ pub use self::attributes::{Attributes, Text, intern};
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Registry {
     pub services: Vec<Arc<Service>>,
+    /// False only for what a source publishes before its first complete read
+    /// (`--initial-sync-timeout`): such a set never replaces one borrowed from a peer.
+    pub complete: bool,
 }
 
 impl Registry {
+    /// A complete registry.
     pub fn new(services: Vec<Service>) -> Self {
-        Registry { services: services.into_iter().map(Arc::new).collect() }
+        Self::shared(services.into_iter().map(Arc::new).collect())
+    }
+
+    /// A complete registry of services already shared.
+    pub fn shared(services: Vec<Arc<Service>>) -> Self {
+        Registry { services, complete: true }
     }
 }
 

@@ -48,9 +48,9 @@ pub struct Resource {
     pub endpoints: usize,
     /// `Any{istio.mcp.v1alpha1.Resource}`, ready to go on the wire.
     pub encoded: SharedAny,
-    /// The Cloud Map (namespace, service) it came from.
+    /// The Cloud Map (namespace, service) it came from; empty when borrowed from a peer.
     pub origin: (String, String),
-    /// The content hash `version` is the prefix of; snapshot versions add these up.
+    /// Hash of name and version; snapshot versions add these up.
     digest: u128,
 }
 
@@ -64,13 +64,48 @@ impl Resource {
     }
 }
 
+/// Where a served set came from when this replica did not build it: a peer
+/// replica's full set, taken over ADS before this replica's own first complete
+/// sync (`--peer-bootstrap`, see `bootstrap`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Borrowed {
+    /// The peer's gRPC address, as dialled.
+    pub peer: String,
+    /// The peer's instance id (its `GetStatus`).
+    pub peer_instance: String,
+    /// Whether the peer itself served a borrowed set at the time.
+    pub peer_borrowed: bool,
+    /// When this set was taken (the peer's latest push).
+    pub at: SystemTime,
+}
+
+/// Why an encoded resource received from a peer cannot be served as it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("resource type {0:?} is not {MCP_RESOURCE_TYPE_URL}")]
+    ResourceType(String),
+    #[error("undecodable MCP resource: {0}")]
+    Resource(String),
+    #[error("MCP resource without {0}")]
+    Missing(&'static str),
+    #[error("{name}: body type {type_url:?} is not {SERVICE_ENTRY_BODY_TYPE_URL}")]
+    BodyType { name: String, type_url: String },
+    #[error("{name}: undecodable ServiceEntry: {message}")]
+    Body { name: String, message: String },
+    #[error("{name}: create time out of range")]
+    CreateTime { name: String },
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
     /// Hash of every resource name and version; empty before the first sync.
     pub version: String,
-    /// False until the source completed its first full load: ServiceEntries are
-    /// then withheld, so istiod keeps what it had instead of deleting it all.
+    /// False until there is a complete set to serve (the source's first full load,
+    /// or a set borrowed from a peer): ServiceEntries are withheld until then, so
+    /// istiod keeps what it had instead of deleting it all.
     pub synced: bool,
+    /// Set while the set served is a peer's, not built here.
+    pub borrowed: Option<Arc<Borrowed>>,
     /// Sorted by name; shared with the next snapshot where unchanged.
     pub resources: ResourceList,
     pub endpoints: usize,
@@ -114,7 +149,8 @@ impl Totals {
         self.encoded_len -= r.encoded.value.len();
     }
 
-    /// The snapshot version: a hash of the sum, so that it looks like every other version.
+    /// The snapshot version: a hash of the sum, so that it looks like every other
+    /// version. It depends on the resources' names and versions alone.
     fn version(&self) -> String {
         hex_prefix(&Sha256::digest(self.digest.to_le_bytes()))
     }
@@ -126,6 +162,7 @@ impl Snapshot {
         Snapshot {
             version: String::new(),
             synced: false,
+            borrowed: None,
             resources: ResourceList::default(),
             endpoints: 0,
             skipped: Arc::from([]),
@@ -168,6 +205,7 @@ impl Snapshot {
         Snapshot {
             version: totals.version(),
             synced: true,
+            borrowed: None,
             resources,
             endpoints: totals.endpoints,
             skipped,
@@ -177,6 +215,27 @@ impl Snapshot {
             resources_field_len: totals.resources_field_len,
             encoded_len: totals.encoded_len,
         }
+    }
+
+    /// A peer's full set, served as received: the same encoded bytes, hence the same
+    /// names, versions and create times, and the same snapshot version as the peer's
+    /// (it is computed from those alone). Resources are sorted by name; a repeated
+    /// name keeps its first occurrence.
+    pub fn borrowed(mut resources: Vec<Resource>, borrowed: Borrowed) -> Self {
+        resources.sort_by(|a, b| a.name.cmp(&b.name));
+        resources.dedup_by(|later, first| later.name == first.name);
+        let resources: Vec<Arc<Resource>> = resources.into_iter().map(Arc::new).collect();
+        let mut totals = Totals::default();
+        resources.iter().for_each(|r| totals.add(r));
+        Snapshot {
+            borrowed: Some(Arc::new(borrowed)),
+            ..Self::assemble(ResourceList::from_sorted(resources), totals, Arc::from([]), 0, Arc::from([]))
+        }
+    }
+
+    /// Serves a complete set built here (not borrowed).
+    pub fn is_own(&self) -> bool {
+        self.synced && self.borrowed.is_none()
     }
 
     /// The resources as they go into a `DiscoveryResponse`.
@@ -202,6 +261,52 @@ fn framed_len(any: &SharedAny) -> usize {
     prost::encoding::key_len(RESOURCES_FIELD) + prost::encoding::encoded_len_varint(len as u64) + len
 }
 
+/// A resource's share of the snapshot version: a hash of its name and version
+/// alone, so that a set received from a peer (names and versions as sent) has
+/// the version the peer gave it.
+fn version_digest(name: &str, version: &str) -> u128 {
+    let mut hasher = Sha256::new();
+    hasher.update(name.as_bytes());
+    hasher.update([0]);
+    hasher.update(version.as_bytes());
+    let digest = hasher.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    u128::from_le_bytes(bytes)
+}
+
+/// Reads back one `Any{istio.mcp.v1alpha1.Resource}` as sent by a replica (the
+/// inverse of [`encode`]), keeping its bytes: served again, it is the very same resource.
+pub fn decode_resource(encoded: SharedAny) -> Result<Resource, DecodeError> {
+    if encoded.type_url != MCP_RESOURCE_TYPE_URL {
+        return Err(DecodeError::ResourceType(encoded.type_url));
+    }
+    let resource =
+        McpResource::decode(encoded.value.clone()).map_err(|e| DecodeError::Resource(e.to_string()))?;
+    let metadata = resource.metadata.ok_or(DecodeError::Missing("metadata"))?;
+    let name = Some(metadata.name).filter(|n| !n.is_empty()).ok_or(DecodeError::Missing("a name"))?;
+    let version =
+        Some(metadata.version).filter(|v| !v.is_empty()).ok_or(DecodeError::Missing("a version"))?;
+    let created = metadata.create_time.ok_or(DecodeError::Missing("a create time"))?;
+    let create_time =
+        SystemTime::try_from(created).map_err(|_| DecodeError::CreateTime { name: name.clone() })?;
+    let body = resource.body.ok_or(DecodeError::Missing("a body"))?;
+    if body.type_url != SERVICE_ENTRY_BODY_TYPE_URL {
+        return Err(DecodeError::BodyType { name, type_url: body.type_url });
+    }
+    let spec = ServiceEntry::decode(body.value)
+        .map_err(|e| DecodeError::Body { name: name.clone(), message: e.to_string() })?;
+    Ok(Resource {
+        digest: version_digest(&name, &version),
+        name,
+        version,
+        create_time,
+        endpoints: spec.endpoints.len(),
+        encoded,
+        origin: (String::new(), String::new()),
+    })
+}
+
 fn encode_entry(entry: translate::Entry) -> Resource {
     encode(format!("{}/{}", entry.namespace, entry.name), entry.create_time, &entry.spec, entry.origin)
 }
@@ -215,10 +320,7 @@ fn encode(name: String, create_time: SystemTime, spec: &ServiceEntry, origin: (S
     hasher.update(timestamp.encode_to_vec());
     hasher.update([0]);
     hasher.update(&body);
-    let digest = hasher.finalize();
-    let version = hex_prefix(&digest);
-    let mut digest_bytes = [0u8; 16];
-    digest_bytes.copy_from_slice(&digest[..16]);
+    let version = hex_prefix(&hasher.finalize());
     let resource = McpResource {
         metadata: Some(Metadata {
             name: name.clone(),
@@ -232,13 +334,13 @@ fn encode(name: String, create_time: SystemTime, spec: &ServiceEntry, origin: (S
     let encoded =
         SharedAny { type_url: MCP_RESOURCE_TYPE_URL.into(), value: resource.encode_to_vec().into() };
     Resource {
+        digest: version_digest(&name, &version),
         name,
         version,
         create_time,
         endpoints: spec.endpoints.len(),
         encoded,
         origin,
-        digest: u128::from_le_bytes(digest_bytes),
     }
 }
 
@@ -264,16 +366,55 @@ pub fn channel() -> (Publisher, watch::Receiver<Arc<Snapshot>>) {
 }
 
 impl Publisher {
-    /// Publishes `next` unless it serves exactly what the current one serves;
-    /// returns whether streams were woken.
+    /// Publishes `next`, built here from a complete registry, unless it serves exactly
+    /// what the current one serves; returns whether streams were woken. It replaces a
+    /// borrowed set whatever its content (streams then send nothing when the version
+    /// is the same: the set is the same).
     pub fn publish(&self, next: Snapshot) -> bool {
         self.tx.send_if_modified(|current| {
-            if current.synced == next.synced && current.version == next.version {
+            if current.borrowed.is_none() && current.synced == next.synced && current.version == next.version
+            {
                 return false;
             }
             *current = Arc::new(next);
             true
         })
+    }
+
+    /// Publishes `next`, built here from a partial registry (`--initial-sync-timeout`),
+    /// as [`Publisher::publish`] does, except over a borrowed set, which is complete:
+    /// that stays until a complete registry replaces it.
+    pub fn publish_partial(&self, next: Snapshot) -> bool {
+        self.tx.send_if_modified(|current| {
+            if current.borrowed.is_some()
+                || (current.synced == next.synced && current.version == next.version)
+            {
+                return false;
+            }
+            *current = Arc::new(next);
+            true
+        })
+    }
+
+    /// Publishes a set borrowed from a peer, only while nothing built here is served
+    /// (own sets always win); returns whether streams were woken. A set of the same
+    /// version as the borrowed one served wakes nobody (only where it came from is
+    /// updated).
+    pub fn publish_borrowed(&self, next: Snapshot) -> bool {
+        debug_assert!(next.borrowed.is_some(), "publish_borrowed takes a borrowed snapshot");
+        self.tx.send_if_modified(|current| {
+            if current.is_own() {
+                return false;
+            }
+            let same = current.borrowed.is_some() && current.version == next.version;
+            *current = Arc::new(next);
+            !same
+        })
+    }
+
+    /// What is served now.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.tx.borrow().clone()
     }
 }
 

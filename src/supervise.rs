@@ -23,6 +23,7 @@ pub mod task_names {
     pub const ADMIN_SERVER: &str = "admin-server";
     pub const READINESS_MIRROR: &str = "readiness-mirror";
     pub const TLS_RELOADER: &str = "tls-reloader";
+    pub const PEER_BOOTSTRAP: &str = "peer-bootstrap";
 }
 
 /// How a supervised task ended.

@@ -664,7 +664,11 @@ async fn readiness_waits_for_the_first_complete_sync() {
         (http_get(server.admin_addr, "/ready").await.ok()?.0 == 200).then_some(())
     })
     .await;
-    assert_eq!(health().await, ServingStatus::Serving);
+    // grpc.health follows /ready through its own task: allow it its moment.
+    eventually("grpc.health SERVING after the first sync", DEADLINE, || async {
+        (health().await == ServingStatus::Serving).then_some(())
+    })
+    .await;
 }
 
 /// `cloudmap_xds_mass_removal_held_services` from /metrics.

@@ -13,16 +13,17 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cloudmap_xds::proto::cloudmap_xds::debug::v1::ServiceEntryResource;
-use cloudmap_xds::test_helpers::{GOLDEN_NAME, GOLDEN_REGISTRY};
+use cloudmap_xds::proto::cloudmap_xds::debug::v1::{GetStatusResponse, ServiceEntryResource};
+use cloudmap_xds::test_helpers::{GOLDEN_NAME, GOLDEN_REGISTRY, free_port};
 use serde_json::Value;
 use support::istiod::{
     CHANGE_DEADLINE, ISTIOD_KUBE_READY_DEADLINE, ISTIOD_SYNC_DEADLINE, Istiod, IstiodBin, ServerProcess,
-    WAITING_LINE, assert_configz_is, configz_name, restart_our_server_without_loss, versions_in,
+    WAITING_LINE, assert_configz_is, configz_name, loopback, restart_our_server_without_loss, versions_in,
     wait_until_istiod_has, wait_until_istiod_has_besides,
 };
 use support::kube::{ISTIO_NAMESPACE, KubeApi};
@@ -940,4 +941,141 @@ async fn master_istiod_when_our_server_is_down() {
 #[tokio::test]
 async fn istiod_when_our_server_is_down() {
     our_server_down(IstiodBin::current()).await;
+}
+
+// ---- istiod never held hostage: our replicas restarted during an AWS outage ---------------------------
+
+/// One of two replicas on Cloud Map (moto), each with `--peer-bootstrap` naming both, as the one
+/// headless Service name does in a cluster.
+async fn peered_replica(
+    dir: &Path,
+    name: &str,
+    moto: &Moto,
+    at: (SocketAddr, SocketAddr),
+    peers: &str,
+) -> ServerProcess {
+    let endpoint = moto.endpoint();
+    let args = [
+        "--aws-region",
+        moto::REGION,
+        "--aws-endpoint-url",
+        &endpoint,
+        "--publish-namespace",
+        ISTIO_NAMESPACE,
+        "--poll-interval",
+        "200ms",
+        "--aws-request-timeout",
+        "2s",
+        "--peer-bootstrap",
+        peers,
+    ];
+    let envs = [
+        ("AWS_ACCESS_KEY_ID", moto::ACCESS_KEY_ID),
+        ("AWS_SECRET_ACCESS_KEY", moto::SECRET_ACCESS_KEY),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ];
+    ServerProcess::start_at(BIN, dir.join(format!("cloudmap-xds-{name}.log")), at, &args, &envs).await
+}
+
+/// Waits until `server`'s GetStatus satisfies `check`.
+async fn wait_status(
+    what: &str,
+    server: &ServerProcess,
+    check: impl Fn(&GetStatusResponse) -> bool,
+) -> GetStatusResponse {
+    wait_for(what, CHANGE_DEADLINE, || async {
+        let status = server.status().await;
+        if check(&status) { Ok(status) } else { Err(format!("{status:?}")) }
+    })
+    .await
+}
+
+/// The ServiceEntry responses sent on istiod's stream to `server` (peer streams left out).
+async fn responses_to_istiod(server: &ServerProcess, type_url: &str) -> Vec<u64> {
+    server
+        .clients()
+        .await
+        .iter()
+        .filter(|c| !c.node_id.starts_with(cloudmap_xds::bootstrap::PEER_NODE_PREFIX))
+        .flat_map(|c| c.types.iter().filter(|t| t.type_url == type_url).map(|t| t.responses_sent))
+        .collect()
+}
+
+#[tokio::test]
+async fn master_istiod_restarted_during_an_aws_outage_after_our_replicas_were_restarted() {
+    let bin = IstiodBin::master();
+    let dir = tempfile::tempdir().unwrap();
+    let kube = KubeApi::start_for_istio(dir.path(), bin.crds()).await;
+    kube.apply(TRAFFIC_RULES).await;
+    let moto = Moto::start().await;
+    let seeder = moto.seeder().await;
+    seeder.seed_tutorial().await;
+    let shop = seeder.create_http_namespace("shop.internal").await;
+    let orders = seeder.create_service(&shop, "orders", false).await;
+    seeder.register_many(&orders.id, 3, |i| format!("10.1.0.{}", i + 1)).await;
+    let payments = seeder.create_service(&shop, "payments", false).await;
+    seeder
+        .register(&payments.id, "p-1", &[("AWS_INSTANCE_IPV4", "10.2.0.1"), ("AWS_INSTANCE_PORT", "8443")])
+        .await;
+
+    let replica_at = || (loopback(free_port()), loopback(free_port()));
+    let (a_at, b_at) = (replica_at(), replica_at());
+    let peers = format!("{},{}", a_at.0, b_at.0);
+    let mut a = peered_replica(dir.path(), "a", &moto, a_at, &peers).await;
+    let mut b = peered_replica(dir.path(), "b", &moto, b_at, &peers).await;
+    for server in [&a, &b] {
+        wait_status("the own sync of all three services", server, |s| s.synced && s.service_entries == 3)
+            .await;
+    }
+    let istiod = start_istiod(&bin, dir.path(), &kube, &a, "").await;
+    let before = wait_until_istiod_has("every entry", &istiod, &a, |s| s.len() == 3).await;
+    let want = versions_in(&before);
+    let served_before = a.service_entries().await;
+    wait_destination_rule_applied(&istiod, &[GOLDEN_IP]).await;
+
+    // AWS goes down; our replicas are restarted one by one, as a rollout does.
+    moto.pause();
+    let outage = Instant::now();
+    a.restart().await;
+    let a_status =
+        wait_status("A to borrow from B", &a, |s| s.borrowed && s.borrowed_from == b.grpc.to_string()).await;
+    eprintln!("A restarted: serving B's set {:?} into the outage", outage.elapsed());
+    b.restart().await;
+    let b_status =
+        wait_status("B to borrow from A", &b, |s| s.borrowed && s.borrowed_from == a.grpc.to_string()).await;
+    eprintln!("B restarted: serving A's (borrowed) set {:?} into the outage", outage.elapsed());
+    assert!(!a_status.synced && !b_status.synced, "neither replica can have synced with AWS down");
+    assert_eq!(b.service_entries().await, served_before, "B serves exactly what A served before the outage");
+
+    // istiod restarted: it becomes ready with every entry (from B, whose set went B → A → B).
+    drop(istiod);
+    let restarted = Instant::now();
+    let istiod = start_istiod(&bin, dir.path(), &kube, &b, "").await;
+    eprintln!("{bin} restarted during the outage: ready {:?} after spawn", restarted.elapsed());
+    assert_eq!(versions_in(&istiod.configz().await), want, "istiod holds every entry, same versions");
+    assert_configz_is_ours_plus_kube(&istiod, &b, &kube).await;
+    wait_destination_rule_applied(&istiod, &[GOLDEN_IP]).await;
+    assert_eq!(external_hosts(&istiod).await.len(), 3, "every host reaches the sidecar");
+
+    // AWS back: each replica's own sync replaces its borrowed set. The same set: istiod is sent nothing.
+    moto.resume();
+    for server in [&a, &b] {
+        let own = wait_status("the own sync after the outage", server, |s| s.synced && !s.borrowed).await;
+        assert_eq!(own.snapshot_version, b_status.snapshot_version);
+    }
+    seeder
+        .register(&payments.id, "p-2", &[("AWS_INSTANCE_IPV4", "10.2.0.2"), ("AWS_INSTANCE_PORT", "8443")])
+        .await;
+    wait_until_istiod_has("the change after the outage", &istiod, &b, |s| {
+        s.iter().any(|e| {
+            e.name.ends_with("payments.shop.internal") && e.spec.as_ref().unwrap().endpoints.len() == 2
+        })
+    })
+    .await;
+    assert_eq!(
+        responses_to_istiod(&b, &bin.se_type_url).await,
+        [2],
+        "istiod got the borrowed set and the change, nothing when the own sync replaced the borrowed set"
+    );
+    assert_eq!(istiod.rejections(), Vec::<String>::new(), "istiod logged rejections");
 }

@@ -7,7 +7,10 @@
 //!   with every field as written, and a second apply changing nothing;
 //! - `--dry-run=server` of every variant the docs describe: `kubectl apply -k deploy/`,
 //!   each plain file, IRSA (annotation uncommented), static keys, IMDS off, another
-//!   namespace.
+//!   namespace;
+//! - the Helm chart rendered by `scripts/render-manifests.sh helm` (what `helm install`
+//!   sends), for the default values and each main value set, applied server-side for real
+//!   (one namespace per set), read back as written, a second apply changing nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
 mod support;
@@ -20,6 +23,88 @@ use serde_json::Value;
 use support::kube::{FIELD_MANAGER, ISTIO_NAMESPACE, KubeApi};
 
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
+const RENDER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/render-manifests.sh");
+const ROLE_ARN: &str = "arn:aws:iam::111122223333:role/cloudmap-xds-read";
+
+/// The value sets a user is likely to install the chart with: the same as the offline checks'
+/// `SCENARIOS` (tests/manifests/test_helm_chart.py), plus the peer bootstrap off.
+const HELM_VALUE_SETS: &[(&str, &[&str])] = &[
+    ("defaults", &[]),
+    (
+        "irsa",
+        &[
+            "--set",
+            "aws.roleArn=arn:aws:iam::111122223333:role/cloudmap-xds-read",
+            "--set",
+            "aws.region=eu-west-1",
+        ],
+    ),
+    (
+        "static-keys",
+        &[
+            "--set",
+            "aws.credentials.accessKeyId=AKIAEXAMPLE",
+            "--set",
+            "aws.credentials.secretAccessKey=c2VjcmV0",
+        ],
+    ),
+    (
+        "own-secret",
+        &["--set", "aws.credentials.create=false", "--set", "aws.credentials.secretName=my-aws-keys"],
+    ),
+    (
+        "tuned",
+        &[
+            "--set",
+            "replicaCount=3",
+            "--set",
+            "publishNamespace=mesh-external",
+            "--set",
+            "logFormat=text",
+            "--set",
+            "logLevel=debug",
+            "--set",
+            "pollInterval=10s",
+            "--set",
+            "resources.limits.memory=512Mi",
+            "--set",
+            "env.CLOUDMAP_XDS_HEALTH_FILTER=HEALTHY",
+            "--set",
+            "aws.disableInstanceMetadata=true",
+            "--set",
+            "priorityClassName=system-cluster-critical",
+        ],
+    ),
+    ("other-ports", &["--set", "ports.grpc=16099", "--set", "ports.admin=16098"]),
+    (
+        "no-extras",
+        &[
+            "--set",
+            "networkPolicy.enabled=false",
+            "--set",
+            "pdb.enabled=false",
+            "--set",
+            "spread.enabled=false",
+            "--set",
+            "metrics.prometheusAnnotations=false",
+            "--set",
+            "serviceAccount.create=false",
+            "--set",
+            "serviceAccount.name=shared",
+        ],
+    ),
+    ("tls", &["--set", "tls.enabled=true", "--set", "tls.secretName=cloudmap-xds-tls"]),
+    (
+        "digest",
+        &[
+            "--set",
+            "image.repository=111122223333.dkr.ecr.us-east-1.amazonaws.com/cloudmap-xds",
+            "--set",
+            "image.digest=sha256:abababababababababababababababababababababababababababababababab",
+        ],
+    ),
+    ("no-peer-bootstrap", &["--set", "peerBootstrap.enabled=false"]),
+];
 
 /// `$KUSTOMIZE build DIR` (scripts/install-manifest-tools.sh exports it).
 fn kustomize_build(dir: &Path) -> String {
@@ -165,6 +250,57 @@ async fn dry_run_file(kube: &KubeApi, path: &Path) -> String {
     .await
 }
 
+/// `scripts/render-manifests.sh helm ARGS` for release `cloudmap-xds` in `namespace`: what `helm install`
+/// would send.
+fn helm_template(namespace: &str, args: &[&str]) -> String {
+    let helm = std::env::var("HELM").unwrap_or_default();
+    assert!(
+        !helm.is_empty(),
+        "HELM is not set: run `eval \"$(scripts/install-manifest-tools.sh)\"` first, or use scripts/test"
+    );
+    let out = Command::new(RENDER)
+        .arg("helm")
+        .args(args)
+        .env("RELEASE", "cloudmap-xds")
+        .env("NAMESPACE", namespace)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "render-manifests.sh helm {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Applies `rendered` server-side for real, reads every object back (every field as written, the
+/// server only adding defaults, owned by our field manager) and applies it again (nothing changes:
+/// no field fights with the server's defaults). Returns the objects.
+async fn apply_and_read_back(kube: &KubeApi, what: &str, rendered: &str) -> Vec<Value> {
+    let docs = documents(rendered);
+    assert!(docs.iter().any(|d| d["kind"] == "Deployment"), "{what}: {rendered}");
+    let apply = ["apply", "--server-side", "--validate=strict", "--field-manager", FIELD_MANAGER, "-f", "-"];
+    let out = kube.kubectl_ok(&apply, Some(rendered)).await;
+    assert_eq!(out.lines().count(), docs.len(), "{what}: one line per object: {out}");
+    for doc in &docs {
+        let live = live(kube, doc).await;
+        let mut diffs = Vec::new();
+        differences(&as_stored(doc.clone()), &live, "", &mut diffs);
+        assert!(diffs.is_empty(), "{what}: {} {}: {diffs:#?}", doc["kind"], doc["metadata"]["name"]);
+        let managers: Vec<&str> = live["metadata"]["managedFields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|m| m["manager"].as_str())
+            .collect();
+        assert!(managers.contains(&FIELD_MANAGER), "{what}: {}: managers {managers:?}", doc["kind"]);
+    }
+    let before = live_versions(kube, &docs).await;
+    kube.kubectl_ok(&apply, Some(rendered)).await;
+    assert_eq!(live_versions(kube, &docs).await, before, "{what}: a second apply changed objects");
+    docs
+}
+
 #[tokio::test]
 async fn deploy_applies_server_side_and_reads_back_as_written() {
     let dir = tempfile::tempdir().unwrap();
@@ -173,30 +309,11 @@ async fn deploy_applies_server_side_and_reads_back_as_written() {
 
     // The kustomization, applied for real, as `kustomize build deploy/ | kubectl apply --server-side -f -`.
     let rendered = kustomize_build(Path::new(DEPLOY));
-    let docs = documents(&rendered);
-    assert!(docs.iter().any(|d| d["kind"] == "Deployment"), "{rendered}");
-    let apply = ["apply", "--server-side", "--validate=strict", "--field-manager", FIELD_MANAGER, "-f", "-"];
-    let out = kube.kubectl_ok(&apply, Some(&rendered)).await;
-    assert_eq!(out.lines().count(), docs.len(), "one line per object: {out}");
-
-    // Read back: every field as written (the server only adds defaults), owned by our manager.
-    for doc in &docs {
-        let live = live(&kube, doc).await;
-        let mut diffs = Vec::new();
-        differences(&as_stored(doc.clone()), &live, "", &mut diffs);
-        assert!(diffs.is_empty(), "{} {}: {diffs:#?}", doc["kind"], doc["metadata"]["name"]);
-        let managers: Vec<&str> = live["metadata"]["managedFields"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|m| m["manager"].as_str())
-            .collect();
-        assert!(managers.contains(&FIELD_MANAGER), "{}: managers {managers:?}", doc["kind"]);
-    }
-    // Applying the same again changes nothing (no field fights with the server's defaults).
-    let before = live_versions(&kube, &docs).await;
-    kube.kubectl_ok(&apply, Some(&rendered)).await;
-    assert_eq!(live_versions(&kube, &docs).await, before, "a second apply changed objects");
+    let docs = apply_and_read_back(&kube, "kustomize build deploy/", &rendered).await;
+    let peers =
+        docs.iter().find(|d| d["metadata"]["name"] == "cloudmap-xds-peers").expect("the peers' Service");
+    let live_peers = live(&kube, peers).await;
+    assert_eq!(live_peers["spec"]["clusterIP"], "None", "headless: its name resolves to every Ready replica");
 
     // The README's command, `kubectl apply -k deploy/` (kubectl's own kustomize), as a dry run.
     kube.kubectl_ok(
@@ -292,4 +409,78 @@ async fn every_deploy_variant_passes_a_server_side_dry_run() {
         .await
         .unwrap_err();
     assert!(err.contains("readOnlyRootFilesytem"), "{err}");
+}
+
+#[tokio::test]
+async fn the_helm_chart_applies_server_side_and_reads_back_for_each_value_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let kube = KubeApi::start(dir.path()).await;
+    for (name, args) in HELM_VALUE_SETS {
+        // One namespace per value set: the objects of one set never meet another's.
+        let namespace = format!("helm-{name}");
+        kube.kubectl_ok(&["create", "namespace", &namespace], None).await;
+        let rendered = helm_template(&namespace, args);
+        let docs = apply_and_read_back(&kube, &format!("helm value set {name}"), &rendered).await;
+        assert!(docs.iter().all(|d| d["metadata"]["namespace"] == namespace.as_str()), "{name}: {rendered}");
+        // What the set is for, as the server holds it.
+        let deployment = live(&kube, docs.iter().find(|d| d["kind"] == "Deployment").unwrap()).await;
+        let pod = &deployment["spec"]["template"]["spec"];
+        let container = &pod["containers"][0];
+        let env = |var: &str| {
+            container["env"].as_array().unwrap().iter().find(|e| e["name"] == var).map(|e| e["value"].clone())
+        };
+        match *name {
+            "defaults" => {
+                assert_eq!(deployment["spec"]["replicas"], 2);
+                assert_eq!(
+                    env("CLOUDMAP_XDS_PEER_BOOTSTRAP"),
+                    Some(Value::from("cloudmap-xds-peers.$(POD_NAMESPACE).svc:15099"))
+                );
+                let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+                for kind in [
+                    "ServiceAccount",
+                    "Secret",
+                    "ConfigMap",
+                    "Service",
+                    "Deployment",
+                    "PodDisruptionBudget",
+                    "NetworkPolicy",
+                ] {
+                    assert!(kinds.contains(&kind), "defaults: no {kind} in {kinds:?}");
+                }
+            }
+            "irsa" => {
+                let sa = live(&kube, docs.iter().find(|d| d["kind"] == "ServiceAccount").unwrap()).await;
+                assert_eq!(sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"], ROLE_ARN);
+            }
+            "tuned" => assert_eq!(deployment["spec"]["replicas"], 3),
+            "other-ports" => assert_eq!(container["ports"][0]["containerPort"], 16099),
+            "no-extras" => {
+                assert_eq!(pod["serviceAccountName"], "shared");
+                assert!(
+                    !docs.iter().any(|d| d["kind"] == "NetworkPolicy" || d["kind"] == "PodDisruptionBudget")
+                );
+            }
+            "tls" => {
+                assert_eq!(pod["volumes"][0]["secret"]["secretName"], "cloudmap-xds-tls");
+                assert_eq!(
+                    env("CLOUDMAP_XDS_PEER_CA_FILE"),
+                    Some(Value::from("/etc/cloudmap-xds/tls/ca.crt"))
+                );
+            }
+            "digest" => assert!(container["image"].as_str().unwrap().contains("@sha256:"), "{container}"),
+            "no-peer-bootstrap" => {
+                assert_eq!(env("CLOUDMAP_XDS_PEER_BOOTSTRAP"), None);
+                assert!(!docs.iter().any(|d| d["metadata"]["name"] == "cloudmap-xds-peers"));
+            }
+            _ => {}
+        }
+    }
+    // Not vacuous: a value set the chart refuses never reaches the server.
+    let out =
+        Command::new(RENDER).args(["helm", "--set", "networkPolicy.allowPeers=false"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("peerBootstrap.enabled needs networkPolicy.allowPeers")
+    );
 }

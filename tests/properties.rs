@@ -109,7 +109,7 @@ fn shuffled(registry: &Registry, seed: u64) -> Registry {
         })
         .collect();
     rng.shuffle(&mut services);
-    Registry { services }
+    Registry::shared(services)
 }
 
 fn same_output(a: &Snapshot, b: &Snapshot, what: &str) -> Result<(), TestCaseError> {
@@ -402,6 +402,7 @@ fn render(registry: &Registry) -> String {
 /// parsing cost grows with size, the error paths do not.
 fn file_registry() -> impl Strategy<Value = Registry> {
     strategies::registry_sized(strategies::SMALL_SIZES).prop_map(|registry| Registry {
+        complete: true,
         services: registry
             .services
             .into_iter()

@@ -64,7 +64,11 @@ async fn start(task: &str, kind: &str, hold: bool) -> Fixture {
         ];
         (ServerProcess::start(BIN, log, &args, &envs).await, Some(moto))
     } else {
-        let args = ["--registry-file", EXAMPLE, "--shutdown-grace-period", GRACE_FLAG];
+        let mut args = vec!["--registry-file", EXAMPLE, "--shutdown-grace-period", GRACE_FLAG];
+        if task == task_names::PEER_BOOTSTRAP {
+            // The task runs only with peers to borrow from (here none answers; the file syncs at once).
+            args.extend(["--peer-bootstrap", "127.0.0.1:1"]);
+        }
         (ServerProcess::start(BIN, log, &args, &envs).await, None)
     };
     Fixture { server, _moto: moto, _dir: dir }
@@ -167,6 +171,11 @@ async fn a_panicking_admin_server_fails_the_replica() {
 #[tokio::test]
 async fn a_returning_readiness_mirror_fails_the_replica() {
     failing_task_is_reported_and_exits_non_zero(task_names::READINESS_MIRROR, "return").await;
+}
+
+#[tokio::test]
+async fn a_panicking_peer_bootstrap_fails_the_replica() {
+    failing_task_is_reported_and_exits_non_zero(task_names::PEER_BOOTSTRAP, "panic").await;
 }
 
 #[tokio::test]

@@ -14,7 +14,10 @@ use cloudmap_xds::test_helpers::{AdsClient, DEADLINE, GOLDEN_NAME, GOLDEN_REGIST
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use support::certs::{self, Ca};
-use support::istiod::{ISTIOD_SYNC_DEADLINE, Istiod, IstiodBin, ServerProcess, configz_name};
+use support::istiod::{
+    ISTIOD_KUBE_READY_DEADLINE, ISTIOD_SYNC_DEADLINE, Istiod, IstiodBin, ServerProcess, configz_name,
+};
+use support::kube::KubeApi;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cloudmap-xds");
 
@@ -213,4 +216,99 @@ async fn istiod_syncs_over_tls_and_follows_a_rotation() {
     names.sort();
     assert_eq!(names, want);
     assert_eq!(metric(f.server.admin, "cloudmap_xds_ads_connected_streams").await, 2.0);
+}
+
+// ---- istiod in Kubernetes mode: the CA from a Secret (tlsSettings.credentialName) ---------------------
+
+/// A Secret in istiod's namespace (`istio-system`: istiod reads `credentialName` there) with `data`
+/// as string keys and values.
+fn secret_yaml(name: &str, secret_type: &str, data: &[(&str, &str)]) -> String {
+    let mut yaml = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: {}}}\ntype: {secret_type}\nstringData:\n",
+        support::kube::ISTIO_NAMESPACE
+    );
+    for (key, value) in data {
+        yaml.push_str(&format!("  {key}: |\n"));
+        for line in value.lines() {
+            yaml.push_str(&format!("    {line}\n"));
+        }
+    }
+    yaml
+}
+
+/// istiod (Kubernetes mode) dials us over TLS with `tlsSettings: {mode: SIMPLE, sni, credentialName}`,
+/// the CA read from a Secret under `key` (`ca.crt` in a `kubernetes.io/tls` Secret, as cert-manager
+/// writes it, or `cacert` in a generic one): it syncs. With a Secret holding another CA, or none, it
+/// does not start (measured and asserted below).
+async fn istiod_trusts_the_ca_of_a_secret(bin: IstiodBin, key: &str) {
+    let f = serve_tls().await;
+    let kube = KubeApi::start_for_istio(f.dir.path(), bin.crds()).await;
+    let (secret_type, data) = if key == "ca.crt" {
+        // The Secret of our own Certificate (deploy/tls): istiod takes its ca.crt.
+        (
+            "kubernetes.io/tls",
+            vec![
+                ("tls.crt", f.first.cert_pem.as_str()),
+                ("tls.key", f.first.key_pem.as_str()),
+                ("ca.crt", f.ca.pem.as_str()),
+            ],
+        )
+    } else {
+        ("Opaque", vec![(key, f.ca.pem.as_str())])
+    };
+    kube.apply(&secret_yaml("cloudmap-xds-ca", secret_type, &data)).await;
+    let other_ca = Ca::new();
+    kube.apply(&secret_yaml("other-ca", "Opaque", &[(key, other_ca.pem.as_str())])).await;
+    let spawn = |name: &str, secret: &str| {
+        let work = f.dir.path().join(name);
+        std::fs::create_dir_all(&work).unwrap();
+        let env = [("ISTIOD_XDS_CREDENTIAL_NAME", secret), ("ISTIOD_XDS_SNI", certs::SERVER_NAME)];
+        Istiod::spawn_kube_with_env(&bin, &work, &kube, &[f.server.grpc], "", &env)
+    };
+
+    let started = std::time::Instant::now();
+    let mut istiod = spawn("istiod", "cloudmap-xds-ca");
+    istiod.wait_synced(ISTIOD_SYNC_DEADLINE).await;
+    istiod.wait_ready(ISTIOD_KUBE_READY_DEADLINE).await;
+    eprintln!("{bin}: credentialName (key {key}): ready {:?} after spawn", started.elapsed());
+    assert_eq!(names_in(&istiod).await, [GOLDEN_NAME]);
+    assert_eq!(
+        metric(f.server.admin, "cloudmap_xds_ads_connected_streams").await,
+        1.0,
+        "istiod's stream, over TLS"
+    );
+    let mesh = std::fs::read_to_string(&istiod.mesh_config).unwrap();
+    assert!(mesh.contains("credentialName: cloudmap-xds-ca") && !mesh.contains("caCertificates"), "{mesh}");
+    drop(istiod);
+
+    // Our certificate is not signed by the CA in the Secret: the handshake fails and istiod exits at start.
+    let rejected_before =
+        metric(f.server.admin, "cloudmap_xds_grpc_rejected_connections_total{reason=\"tls_handshake\"}")
+            .await;
+    let mut untrusting = spawn("untrusting", "other-ca");
+    let status = untrusting.wait_exit(ISTIOD_SYNC_DEADLINE).await;
+    assert!(!status.success(), "istiod trusting another CA exited with {status}");
+    assert!(untrusting.log().contains("MCP: failed running"), "istiod's start-up error names the MCP source");
+    assert!(
+        metric(f.server.admin, "cloudmap_xds_grpc_rejected_connections_total{reason=\"tls_handshake\"}")
+            .await
+            > rejected_before,
+        "our side counted the failed handshake"
+    );
+    // A credentialName naming no Secret: istiod exits at start, naming it.
+    let mut missing = spawn("missing", "no-such-secret");
+    let status = missing.wait_exit(ISTIOD_SYNC_DEADLINE).await;
+    assert!(!status.success(), "istiod without its Secret exited with {status}");
+    assert!(missing.log().contains("failed to get credential with name no-such-secret"), "{}", missing.log());
+    eprintln!("{bin}: credentialName with another CA or no Secret: istiod exits at start ({status})");
+}
+
+#[tokio::test]
+async fn master_istiod_in_kubernetes_mode_trusts_the_ca_of_a_credential_name_secret() {
+    istiod_trusts_the_ca_of_a_secret(IstiodBin::master(), "ca.crt").await;
+}
+
+#[tokio::test]
+async fn istiod_in_kubernetes_mode_trusts_the_ca_of_a_credential_name_secret() {
+    istiod_trusts_the_ca_of_a_secret(IstiodBin::current(), "cacert").await;
 }

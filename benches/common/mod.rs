@@ -253,7 +253,7 @@ pub fn serve_child(args: &[String]) -> bool {
         for s in &r.services {
             parts[shard_of(s)].push(s.clone());
         }
-        parts.into_iter().map(|services| Registry { services }).collect()
+        parts.into_iter().map(Registry::shared).collect()
     };
     let (_stop, stop) = tokio::sync::watch::channel(false);
     let mut sinks = Vec::new();

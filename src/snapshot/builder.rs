@@ -450,7 +450,7 @@ mod tests {
                     }
                     _ => {}
                 }
-                let registry = Registry { services: services.clone() };
+                let registry = Registry::shared(services.clone());
                 let ours = builder.build(&registry);
                 let what = format!("seed {seed}, step {step}");
                 // The one-shot path gives the same bytes and versions...

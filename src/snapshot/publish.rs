@@ -120,7 +120,11 @@ impl Stage {
         record_snapshot_metrics(&self.metrics, &snapshot, registry.services.len());
         let (version, entries, endpoints) =
             (snapshot.version.clone(), snapshot.resources.len(), snapshot.endpoints);
-        let published = self.publisher.publish(snapshot);
+        let published = if registry.complete {
+            self.publisher.publish(snapshot)
+        } else {
+            self.publisher.publish_partial(snapshot)
+        };
         if published {
             self.metrics.snapshot.published.inc();
             info!(%version, service_entries = entries, endpoints, "snapshot published");

@@ -32,6 +32,9 @@ NONROOT_UID = 65532
 EXPECTED_KINDS = {"ServiceAccount", "Secret", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget",
                   "NetworkPolicy"}
 TLS_DIR = "/etc/cloudmap-xds/tls"  # agreed with the TLS work (issue 11 item 5): tls.crt and tls.key in it
+# The headless Service the replicas find each other through (--peer-bootstrap); the other Service is istiod's.
+PEERS_NAME = f"{NAME}-peers"
+PEER_BOOTSTRAP = f"{PEERS_NAME}.$(POD_NAMESPACE).svc:{GRPC_PORT}"
 
 # Labels the chart adds on top of the kustomize base's app.kubernetes.io/name (Helm conventions).
 HELM_ONLY_LABELS = {"app.kubernetes.io/instance", "app.kubernetes.io/version", "app.kubernetes.io/managed-by",
@@ -107,6 +110,13 @@ def helm(*args: str) -> subprocess.CompletedProcess:
 def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
     found = [d for d in docs if d.get("kind") == kind and (name is None or d["metadata"]["name"] == name)]
     assert len(found) == 1, f"expected exactly one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def istiod_service(docs: list[dict]) -> dict:
+    """The Service istiod dials: the one that is not headless."""
+    found = [d for d in docs if d.get("kind") == "Service" and d["spec"].get("clusterIP") != "None"]
+    assert len(found) == 1, f"expected exactly one Service with a cluster IP, found {len(found)}"
     return found[0]
 
 

@@ -19,9 +19,9 @@ import pytest
 import yaml
 
 from manifest_support import (
-    ADMIN_PORT, CHART, DEPLOY, GRPC_PORT, HELM_ONLY_LABELS, K8S_VERSIONS, NAME, NAMESPACE, REPO, TLS_DIR, container,
-    env_by_name, helm, helm_docs, helm_fails, kustomize_docs, load_docs, matches, network_policy_admits, one,
-    parse, pod_labels, port_by_name, render, server_flags, validate_strict,
+    ADMIN_PORT, CHART, DEPLOY, GRPC_PORT, HELM_ONLY_LABELS, K8S_VERSIONS, NAME, NAMESPACE, PEER_BOOTSTRAP, PEERS_NAME,
+    REPO, TLS_DIR, container, env_by_name, helm, helm_docs, helm_fails, istiod_service, kustomize_docs, load_docs,
+    matches, network_policy_admits, one, parse, pod_labels, port_by_name, render, server_flags, validate_strict,
 )
 
 ROLE_ARN = "arn:aws:iam::111122223333:role/cloudmap-xds-read"
@@ -165,10 +165,11 @@ def test_scenario_selectors_and_ports_agree(scenario):
     labels = pod_labels(deploy)
     c = container(deploy)
     assert matches(deploy["spec"]["selector"], labels)
-    svc = one(docs, "Service")
-    assert all(labels.get(k) == v for k, v in svc["spec"]["selector"].items())
-    for p in svc["spec"]["ports"]:
-        port_by_name(c, p["targetPort"])
+    svc = istiod_service(docs)
+    for service in (d for d in docs if d["kind"] == "Service"):
+        assert all(labels.get(k) == v for k, v in service["spec"]["selector"].items()), service["metadata"]["name"]
+        for p in service["spec"]["ports"]:
+            port_by_name(c, p["targetPort"])
     env = env_by_name(c)
     assert env["CLOUDMAP_XDS_GRPC_ADDR"]["value"] == f"0.0.0.0:{port_by_name(c, 'grpc-xds')}"
     assert env["CLOUDMAP_XDS_ADMIN_ADDR"]["value"] == f"0.0.0.0:{port_by_name(c, 'admin')}"
@@ -305,7 +306,7 @@ def test_network_policy_scrapers_and_istiod_are_configurable():
     docs = helm_docs("--set", "networkPolicy.scrapers.namespaceLabels.kubernetes\\.io/metadata\\.name=monitoring",
                      "--set-json", 'networkPolicy.scrapers.podLabels={"app.kubernetes.io/name":"vmagent"}',
                      "--set", "networkPolicy.istiod.namespace=istio-control",
-                     "--set", "networkPolicy.allowPeers=false")
+                     "--set", "networkPolicy.allowPeers=false", "--set", "peerBootstrap.enabled=false")
     policy, deploy = one(docs, "NetworkPolicy", NAME), deployment(docs)
 
     def admits(pod, namespace, port):
@@ -317,6 +318,31 @@ def test_network_policy_scrapers_and_istiod_are_configurable():
     assert admits({"app": "istiod"}, "istio-control", GRPC_PORT)
     assert not admits({"app": "istiod"}, "istio-system", GRPC_PORT)
     assert not admits(pod_labels(deploy), NAMESPACE, GRPC_PORT), "allowPeers=false"
+
+
+def test_peer_bootstrap_follows_its_values():
+    """On by default (the kustomize base has it too); off drops the headless Service and the variable; with TLS the
+    replicas trust the CA of the TLS Secret; the replicas must be admitted to each other's gRPC port."""
+    for scenario in ("defaults", "other-ports", "tls"):
+        docs = scenario_docs(scenario)
+        env = env_by_name(container(deployment(docs)))
+        port = port_by_name(container(deployment(docs)), "grpc-xds")
+        assert env["CLOUDMAP_XDS_PEER_BOOTSTRAP"]["value"] == PEER_BOOTSTRAP.replace(str(GRPC_PORT), str(port))
+        peers = one(docs, "Service", PEERS_NAME)
+        assert [p["port"] for p in peers["spec"]["ports"]] == [port]
+        policy = one(docs, "NetworkPolicy", NAME)
+        assert network_policy_admits(policy, deployment(docs), pod=pod_labels(deployment(docs)), namespace=NAMESPACE,
+                                     port=port), "a replica may dial another's gRPC port"
+        assert ("CLOUDMAP_XDS_PEER_CA_FILE" in env) == (scenario == "tls")
+    tls_env = env_by_name(container(deployment(scenario_docs("tls"))))
+    assert tls_env["CLOUDMAP_XDS_PEER_CA_FILE"]["value"] == f"{TLS_DIR}/ca.crt"
+    off = helm_docs("--set", "peerBootstrap.enabled=false")
+    assert [d["metadata"]["name"] for d in off if d["kind"] == "Service"] == [NAME]
+    assert "CLOUDMAP_XDS_PEER_BOOTSTRAP" not in env_by_name(container(deployment(off)))
+    err = helm_fails("--set", "networkPolicy.allowPeers=false")
+    assert "peerBootstrap.enabled needs networkPolicy.allowPeers" in err, err
+    err = helm_fails("--set", "env.CLOUDMAP_XDS_PEER_BOOTSTRAP=x:1")
+    assert "env.CLOUDMAP_XDS_PEER_BOOTSTRAP is set by the chart" in err, err
 
 
 def test_network_policy_extra_ingress_is_appended():
@@ -346,7 +372,11 @@ def test_release_name_and_namespace_name_the_objects():
     assert out.returncode == 0, out.stderr
     docs = parse(out.stdout)
     assert {d["metadata"]["namespace"] for d in docs} == {"platform"}
-    assert one(docs, "Service")["metadata"]["name"] == "mesh-cloudmap-xds"
+    assert istiod_service(docs)["metadata"]["name"] == "mesh-cloudmap-xds"
+    peers = one(docs, "Service", "mesh-cloudmap-xds-peers")
+    assert peers["spec"]["clusterIP"] == "None"
+    assert env_by_name(container(deployment(docs)))["CLOUDMAP_XDS_PEER_BOOTSTRAP"]["value"] == \
+        "mesh-cloudmap-xds-peers.$(POD_NAMESPACE).svc:15099"
     assert deployment(docs)["spec"]["template"]["spec"]["serviceAccountName"] == "mesh-cloudmap-xds"
     assert "# istiod dials xds://mesh-cloudmap-xds.platform.svc:15099" in out.stdout
 

@@ -19,9 +19,10 @@ import pytest
 import yaml
 
 from manifest_support import (
-    ADMIN_PORT, DEPLOY, EXPECTED_KINDS, GRPC_PORT, ISTIOD_DIR, K8S_VERSIONS, NAME, NAMESPACE, NONROOT_UID, REPO,
-    TLS_DIR, XDS_ADDRESS, container, env_by_name, helm_docs, k8s_manifest_files, kustomize_docs, load_docs, matches,
-    network_policy_admits, one, plain_docs, pod_labels, port_by_name, quantity, seconds, validate_strict,
+    ADMIN_PORT, DEPLOY, EXPECTED_KINDS, GRPC_PORT, ISTIOD_DIR, K8S_VERSIONS, NAME, NAMESPACE, NONROOT_UID,
+    PEER_BOOTSTRAP, PEERS_NAME, REPO, TLS_DIR, XDS_ADDRESS, container, env_by_name, helm_docs, k8s_manifest_files,
+    kustomize_docs, load_docs, matches, network_policy_admits, one, plain_docs, pod_labels,
+    port_by_name, quantity, seconds, validate_strict,
 )
 
 READ_ACTIONS = {
@@ -74,7 +75,7 @@ def test_plain_manifest_valid_against_openapi(path: Path, version: str):
 def test_rendered_manifests_valid_against_openapi(source: str, version: str):
     docs = docs_for(source)
     assert {d["kind"] for d in docs} == EXPECTED_KINDS
-    assert len(docs) == len(EXPECTED_KINDS), "one object of each kind"
+    assert len(docs) == len(EXPECTED_KINDS) + 1, "one object of each kind, two Services (istiod's and the peers')"
     for doc in docs:
         validate_strict(doc, version)
 
@@ -292,6 +293,25 @@ def test_service_targets_pods(source):
 
 
 @all_sources()
+def test_peers_find_each_other_through_a_headless_service(source):
+    """--peer-bootstrap names a headless Service (every Ready replica's address, not one virtual IP) whose port is
+    the gRPC port, and the NetworkPolicy admits the replicas to it."""
+    docs = docs_for(source)
+    deploy = one(docs, "Deployment", NAME)
+    peers = one(docs, "Service", PEERS_NAME)
+    assert peers["spec"]["clusterIP"] == "None"
+    assert peers["spec"].get("publishNotReadyAddresses", False) is False, "only Ready replicas have a set to lend"
+    assert matches({"matchLabels": peers["spec"]["selector"]}, pod_labels(deploy))
+    (port,) = peers["spec"]["ports"]
+    assert port["port"] == GRPC_PORT and port_by_name(container(deploy), port["targetPort"]) == GRPC_PORT
+    env = [e["name"] for e in container(deploy)["env"]]
+    assert env_by_name(container(deploy))["CLOUDMAP_XDS_PEER_BOOTSTRAP"]["value"] == PEER_BOOTSTRAP
+    assert env.index("POD_NAMESPACE") < env.index("CLOUDMAP_XDS_PEER_BOOTSTRAP"), "$(POD_NAMESPACE) expands"
+    policy = one(docs, "NetworkPolicy", NAME)
+    assert network_policy_admits(policy, deploy, pod=pod_labels(deploy), namespace=NAMESPACE, port=GRPC_PORT)
+
+
+@all_sources()
 def test_pdb_selects_deployment_pods(source):
     docs = docs_for(source)
     deploy = one(docs, "Deployment", NAME)
@@ -404,7 +424,8 @@ def _config_sources(doc: dict) -> list[str]:
     return [s["address"] for s in doc["meshConfig"]["configSources"]]
 
 
-@pytest.mark.parametrize("fname", ["istio-operator.yaml", "helm-values.yaml", "tls-helm-values.yaml"])
+@pytest.mark.parametrize("fname", ["istio-operator.yaml", "helm-values.yaml", "tls-helm-values.yaml",
+                                   "tls-credential-name-helm-values.yaml"])
 def test_istiod_config_sources_keep_k8s(fname):
     path = ISTIOD_DIR / fname
     doc = one(load_docs(path), "IstioOperator") if fname == "istio-operator.yaml" else load_docs(path)[0]
@@ -514,6 +535,9 @@ def test_tls_component_mounts_the_certificate_secret(tmp_path: Path):
     env = {e["name"]: e.get("value") for e in container(deploy)["env"]}
     assert env["CLOUDMAP_XDS_TLS_CERT_FILE"] == f"{mount['mountPath']}/tls.crt"
     assert env["CLOUDMAP_XDS_TLS_KEY_FILE"] == f"{mount['mountPath']}/tls.key"
+    # The replicas dial each other over TLS: they trust the issuer's CA and check the peers' Service name.
+    assert env["CLOUDMAP_XDS_PEER_CA_FILE"] == f"{mount['mountPath']}/ca.crt"
+    assert f"{PEERS_NAME}.{NAMESPACE}.svc" in cert["spec"]["dnsNames"]
     # The component changes nothing else: still every manifest of the plain build.
     assert {d["kind"] for d in docs} == EXPECTED_KINDS | {"Certificate"}
 
@@ -526,3 +550,17 @@ def test_tls_istiod_values_verify_the_certificate_name():
     assert "BEGIN CERTIFICATE" in tls["caCertificates"], "in Istio 1.26 caCertificates is the PEM text itself"
     cert = one(load_docs(TLS_COMPONENT / "certificate.yaml"), "Certificate")
     assert tls["sni"] in cert["spec"]["dnsNames"]
+
+
+def test_tls_istiod_values_with_credential_name_read_our_certificate_secret():
+    """istiod reads the CA from the Secret cert-manager writes for our Certificate (its ca.crt), in istiod's own
+    namespace; credentialName excludes caCertificates (istiod refuses both)."""
+    doc = load_docs(ISTIOD_DIR / "tls-credential-name-helm-values.yaml")[0]
+    source = next(s for s in doc["meshConfig"]["configSources"] if s["address"] == XDS_ADDRESS)
+    tls = source["tlsSettings"]
+    assert tls["mode"] == "SIMPLE"
+    assert "caCertificates" not in tls and "caCrl" not in tls
+    cert = one(load_docs(TLS_COMPONENT / "certificate.yaml"), "Certificate")
+    assert tls["credentialName"] == cert["spec"]["secretName"]
+    assert tls["sni"] in cert["spec"]["dnsNames"]
+    assert NAMESPACE == "istio-system", "the Secret is in istiod's namespace, the kustomization's too"

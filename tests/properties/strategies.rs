@@ -129,13 +129,13 @@ pub fn registry_sized(sizes: Sizes) -> BoxedStrategy<Registry> {
     ]
     .prop_map(|services| {
         let mut seen = BTreeSet::new();
-        Registry {
-            services: services
+        Registry::shared(
+            services
                 .into_iter()
                 .filter(|s| seen.insert((s.namespace.clone(), s.name.clone())))
                 .map(Arc::new)
                 .collect(),
-        }
+        )
     })
     .boxed()
 }

@@ -210,13 +210,27 @@ impl Istiod {
         sources: &[SocketAddr],
         mesh_extra: &str,
     ) -> Istiod {
+        Self::spawn_kube_with_env(bin, work_dir, kube, sources, mesh_extra, &[])
+    }
+
+    /// [`Istiod::spawn_kube`] with more environment for `scripts/run-istiod.sh` (e.g.
+    /// `ISTIOD_XDS_CREDENTIAL_NAME`).
+    pub fn spawn_kube_with_env(
+        bin: &IstiodBin,
+        work_dir: &Path,
+        kube: &KubeApi,
+        sources: &[SocketAddr],
+        mesh_extra: &str,
+        extra_env: &[(&str, &str)],
+    ) -> Istiod {
         let https = cloudmap_xds::test_helpers::free_port().to_string();
         let kubeconfig = kube.kubeconfig.display().to_string();
-        let env = [
+        let mut env = vec![
             ("ISTIOD_KUBECONFIG", kubeconfig.as_str()),
             ("ISTIOD_HTTPS_PORT", https.as_str()),
             ("ISTIOD_MESH_EXTRA", mesh_extra),
         ];
+        env.extend_from_slice(extra_env);
         let mut istiod = Self::spawn_with_env(bin, work_dir, sources, &env);
         istiod.https = Some(loopback(https.parse().unwrap()));
         istiod
@@ -249,6 +263,7 @@ impl Istiod {
             .env_remove("ISTIOD_MESH_EXTRA")
             .env_remove("ISTIOD_XDS_CA_FILE")
             .env_remove("ISTIOD_XDS_SNI")
+            .env_remove("ISTIOD_XDS_CREDENTIAL_NAME")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(stdout)
@@ -450,6 +465,18 @@ impl ServerProcess {
             loopback(cloudmap_xds::test_helpers::free_port()),
             loopback(cloudmap_xds::test_helpers::free_port()),
         );
+        Self::start_at(bin, log_path, (grpc, admin), args, envs).await
+    }
+
+    /// [`ServerProcess::start`] on given `(grpc, admin)` addresses, e.g. chosen beforehand so that
+    /// replicas can name each other (`--peer-bootstrap`).
+    pub async fn start_at(
+        bin: &str,
+        log_path: PathBuf,
+        (grpc, admin): (SocketAddr, SocketAddr),
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> ServerProcess {
         let mut all = vec!["serve".to_owned(), "--grpc-addr".into(), grpc.to_string()];
         all.extend(["--admin-addr".into(), admin.to_string(), "--log-format".into(), "json".into()]);
         all.extend(args.iter().map(|a| (*a).to_owned()));

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use aws_config::BehaviorVersion;
 use aws_sdk_servicediscovery as sd;
-use aws_sdk_servicediscovery::config::{Credentials, Region};
+use aws_sdk_servicediscovery::config::interceptors::BeforeTransmitInterceptorContextMut;
+use aws_sdk_servicediscovery::config::{ConfigBag, Credentials, Intercept, Region, RuntimeComponents};
+use aws_sdk_servicediscovery::error::BoxError;
 use aws_smithy_http_client::tls;
 
 pub const MOTO_SERVER_ENV: &str = "MOTO_SERVER";
@@ -137,6 +139,33 @@ impl Drop for Moto {
     }
 }
 
+/// The Discover calls carry the modelled host prefix `data-`, which no loopback host has;
+/// the seeder sends them to the endpoint as given (as `client.rs` does for our poller).
+#[derive(Debug)]
+struct NoDataPrefix;
+
+impl Intercept for NoDataPrefix {
+    fn name(&self) -> &'static str {
+        "NoDataPrefix"
+    }
+
+    fn modify_before_signing(
+        &self,
+        context: &mut BeforeTransmitInterceptorContextMut<'_>,
+        _runtime_components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let request = context.request_mut();
+        let uri = request.uri().to_owned();
+        if let Some((scheme, rest)) = uri.split_once("://")
+            && let Some(host) = rest.strip_prefix("data-")
+        {
+            request.set_uri(format!("{scheme}://{host}").as_str())?;
+        }
+        Ok(())
+    }
+}
+
 /// A registered service, as the tests need it.
 #[derive(Debug, Clone)]
 pub struct SeededService {
@@ -163,7 +192,38 @@ impl Seeder {
             .credentials_provider(Credentials::new(ACCESS_KEY_ID, SECRET_ACCESS_KEY, None, None, "test"))
             .load()
             .await;
-        Seeder { client: sd::Client::new(&sdk) }
+        let config = sd::config::Builder::from(&sdk).interceptor(NoDataPrefix).build();
+        Seeder { client: sd::Client::from_conf(config) }
+    }
+
+    /// `DiscoverInstances` under a health filter, straight from moto: the instance IDs and
+    /// `AWS_INSTANCE_IPV4`s a Cloud Map client is given, sorted by ID.
+    pub async fn discover(
+        &self,
+        namespace_http_name: &str,
+        service: &str,
+        health: sd::types::HealthStatusFilter,
+    ) -> Vec<(String, String)> {
+        let out = self
+            .client
+            .discover_instances()
+            .namespace_name(namespace_http_name)
+            .service_name(service)
+            .max_results(1000)
+            .health_status(health)
+            .send()
+            .await
+            .unwrap();
+        let mut instances: Vec<(String, String)> = out
+            .instances()
+            .iter()
+            .map(|i| {
+                let ip = i.attributes().and_then(|a| a.get("AWS_INSTANCE_IPV4")).cloned().unwrap_or_default();
+                (i.instance_id().unwrap_or_default().to_owned(), ip)
+            })
+            .collect();
+        instances.sort();
+        instances
     }
 
     pub fn client(&self) -> &sd::Client {

@@ -430,9 +430,13 @@ impl Inventory {
         match self.services.get_mut(&key) {
             Some(s) => {
                 if s.service_id != svc.id || s.http_name != ns.http_name {
-                    // Re-created (or its namespace was): read it again whatever the revision says.
+                    // Re-created (or its namespace was): read it again whatever the revision says,
+                    // and at once: the backoff earned by the deleted one (ServiceNotFound for every
+                    // call until this listing) is not the new one's.
                     s.changed = true;
                     s.revision = None;
+                    s.failures = 0;
+                    s.retry_at = None;
                 }
                 if s.created != svc.created || s.health_checked != svc.health_checked {
                     self.dirty = true;
@@ -696,7 +700,8 @@ impl Inventory {
                 Some(service.clone())
             })
             .collect();
-        Some(Registry { services })
+        // Forced out by --initial-sync-timeout before the first complete sync: partial.
+        Some(Registry { services, complete: self.initial_synced })
     }
 
     /// Per namespace (with an empty service name: its ListServices calls) and per service.

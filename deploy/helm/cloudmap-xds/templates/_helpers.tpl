@@ -20,6 +20,11 @@ cloudmap-xds, the Service istiod dials: xds://cloudmap-xds.<namespace>.svc:15099
 {{- end }}
 {{- end }}
 
+{{/* The headless Service of the peer bootstrap: <fullname>-peers, within 63 characters. */}}
+{{- define "cloudmap-xds.peersName" -}}
+{{- printf "%s-peers" (include "cloudmap-xds.fullname" . | trunc 57 | trimSuffix "-") }}
+{{- end }}
+
 {{/* Labels that select our pods (Deployment, Service, PDB, NetworkPolicy, spread). Never change them: a
 Deployment's selector is immutable. */}}
 {{- define "cloudmap-xds.selectorLabels" -}}

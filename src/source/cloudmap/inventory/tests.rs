@@ -163,6 +163,7 @@ fn nothing_is_published_before_every_service_was_read() {
     assert_eq!(inv.last_full_sync(), Some(clock.at(5.2).wall));
     let registry = inv.registry_update().expect("published after the first complete sync");
     assert_eq!(registry.services.len(), 2);
+    assert!(registry.complete);
     assert_eq!(inv.registry_update(), None, "unchanged content is not published again");
 }
 
@@ -177,6 +178,7 @@ fn force_publish_serves_what_was_read() {
     inv.force_publish();
     let registry = inv.registry_update().unwrap();
     assert_eq!(registry.services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["a"]);
+    assert!(!registry.complete, "a forced registry is partial (it never replaces a borrowed set)");
 }
 
 #[test]
@@ -1047,4 +1049,34 @@ fn a_listing_never_restarts_the_sweep_and_new_services_go_first() {
         .map(|t| t.key.1.clone())
         .collect();
     assert_eq!(rest, ["c", "d", "new", "a", "b"]);
+}
+
+#[test]
+fn a_recreated_service_is_read_at_once_whatever_the_deleted_one_failed() {
+    // Deleted: every call by its name answers ServiceNotFound until the next listing, and the
+    // failures back off. Re-created under the same name before that listing: the listing sees
+    // a new service ID, and the new service is read at once, not after the old one's backoff.
+    let clock = Clock::new();
+    let mut inv = synced(&clock, &["a", "b"]);
+    let mut t = 5.0;
+    while t <= 30.0 {
+        let now = clock.at(t);
+        for target in inv.plan_next_poll(now.instant).revision {
+            let answer = if target.key == key("a") { Err(err(ErrorKind::NotFound)) } else { Ok(1) };
+            inv.apply_revision(&target.key, answer, now);
+        }
+        t += 5.0;
+    }
+    // Failed at 5, 10, 15 and 30 s: the next attempt is 7 polls later.
+    let plan = inv.clone().plan_next_poll(clock.at(35.0).instant);
+    assert_eq!(keys(&plan.revision), ["shop/b"], "a backs off until 65 s");
+    let mut l = listing(&["b"]);
+    let mut recreated = svc(Some("ns-1"), "a");
+    recreated.id = "srv-a-2".into();
+    l.services.get_mut("ns-1").unwrap().result.as_mut().unwrap().push(recreated);
+    inv.apply_listing(Ok(l), clock.at(35.0));
+    assert_eq!(keys(&inv.plan_reads(clock.at(35.0).instant)), ["shop/a"], "read right after the listing");
+    inv.apply_instances(&key("a"), Ok(discovered(&["10.0.0.9"], 1)), clock.at(35.1));
+    let registry = inv.registry_update().unwrap();
+    assert_eq!(&registry.services[0].instances[0].attributes["AWS_INSTANCE_IPV4"], "10.0.0.9");
 }
