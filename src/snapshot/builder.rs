@@ -154,15 +154,22 @@ impl Builder {
         }
         let mut changes = Vec::new();
         let mut still_known = 0;
+        // Upserts of a known service replace its old allocation, which is then not "gone".
+        let mut replacing = 0;
         for (i, service) in services.iter().enumerate() {
             let a = address(service);
             if self.order.get(i) == Some(&a) || self.known.contains(&a) {
                 still_known += 1;
             } else {
+                if self.services.contains_key(&(service.namespace.clone(), service.name.clone())) {
+                    replacing += 1;
+                }
                 changes.push(Change::Upsert(service.clone()));
             }
         }
-        if still_known < self.known.len() {
+        // Only when some known allocation is neither listed nor replaced is a
+        // service gone; finding which costs a pass over every service.
+        if still_known + replacing < self.known.len() {
             // Some service is gone or was replaced: find those gone.
             let present: HashSet<usize> = services.iter().map(address).collect();
             let upserted: HashSet<ServiceKey> = changes
