@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use cloudmap_xds::snapshot::Builder;
 use cloudmap_xds::source::registry_file;
+use cloudmap_xds::translate;
 use cloudmap_xds::xds::response::{DiscoveryResponse, Resources};
 use common::{change, generated, options};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
@@ -27,6 +28,14 @@ fn bench(c: &mut Criterion) {
         // A fresh builder: every service translated and encoded, as at start-up.
         group.bench_with_input(BenchmarkId::new("full", &shape), &registry, |b, r| {
             b.iter(|| Builder::new(options()).build(r))
+        });
+        // What bounds the full build: translation alone, and prost encoding alone of the same ServiceEntries.
+        group.bench_with_input(BenchmarkId::new("translate_only", &shape), &registry, |b, r| {
+            b.iter(|| translate::translate(r, &options()).entries.len())
+        });
+        let entries = translate::translate(&registry, &options()).entries;
+        group.bench_with_input(BenchmarkId::new("prost_encode_only", &shape), &entries, |b, entries| {
+            b.iter(|| entries.iter().map(|e| e.spec.encode_to_vec().len()).sum::<usize>())
         });
         let snapshot = Arc::new(Builder::new(options()).build(&registry));
         eprintln!(

@@ -84,18 +84,28 @@ async fn metrics(State(state): State<AdminState>) -> Response {
 
 async fn snapshot(State(state): State<AdminState>) -> Json<Value> {
     let snapshot = state.snapshots.borrow().clone();
-    let entries: Vec<Value> = snapshot
-        .resources
-        .iter()
-        .map(|r| {
-            json!({
-                "name": r.name,
-                "version": r.version,
-                "createTime": humantime::format_rfc3339(r.create_time).to_string(),
-                "spec": render::spec_json(&r.spec),
+    // The snapshot keeps only encoded bytes: decoding every entry is CPU work, kept off the stream workers.
+    let resources = snapshot.clone();
+    let entries: Vec<Value> = tokio::task::spawn_blocking(move || {
+        resources
+            .resources
+            .iter()
+            .map(|r| {
+                let spec = match r.spec() {
+                    Ok(spec) => render::spec_json(&spec),
+                    Err(e) => json!({"error": format!("cannot decode: {e}")}),
+                };
+                json!({
+                    "name": r.name,
+                    "version": r.version,
+                    "createTime": humantime::format_rfc3339(r.create_time).to_string(),
+                    "spec": spec,
+                })
             })
-        })
-        .collect();
+            .collect()
+    })
+    .await
+    .unwrap_or_default();
     let skipped: Vec<Value> = snapshot
         .skipped
         .iter()

@@ -125,20 +125,28 @@ impl Debug for DebugService {
         _request: Request<ListServiceEntriesRequest>,
     ) -> Result<Response<ListServiceEntriesResponse>, Status> {
         let snapshot = self.snapshots.borrow().clone();
-        let service_entries = snapshot
-            .resources
-            .iter()
-            .map(|r| ServiceEntryResource {
-                name: r.name.clone(),
-                version: r.version.clone(),
-                create_time: timestamp(Some(r.create_time)),
-                spec: Some(r.spec.clone()),
-            })
-            .collect();
-        Ok(Response::new(ListServiceEntriesResponse {
-            snapshot_version: snapshot.version.clone(),
-            service_entries,
-        }))
+        let snapshot_version = snapshot.version.clone();
+        // The snapshot keeps only encoded bytes: decoding every entry is CPU work, kept off the stream workers.
+        let decoded = tokio::task::spawn_blocking(move || {
+            snapshot
+                .resources
+                .iter()
+                .map(|r| {
+                    let spec = r.spec().map_err(|e| format!("{}: {e}", r.name))?;
+                    Ok(ServiceEntryResource {
+                        name: r.name.clone(),
+                        version: r.version.clone(),
+                        create_time: timestamp(Some(r.create_time)),
+                        spec: Some(spec),
+                    })
+                })
+                .collect::<Result<Vec<_>, String>>()
+        })
+        .await
+        .map_err(|e| Status::internal(format!("decoding the snapshot failed: {e}")))?;
+        let service_entries =
+            decoded.map_err(|e| Status::internal(format!("cannot decode a served ServiceEntry: {e}")))?;
+        Ok(Response::new(ListServiceEntriesResponse { snapshot_version, service_entries }))
     }
 
     async fn get_status(

@@ -1,9 +1,13 @@
 //! The registry as plain Rust types: what every source produces and what
 //! translation consumes. No AWS and no protobuf types live here.
 
+mod attributes;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
+
+pub use self::attributes::{Attributes, Text, intern};
 
 /// Everything one source knows at one moment: every service of every namespace.
 ///
@@ -51,7 +55,7 @@ pub struct Service {
 pub struct Instance {
     pub id: String,
     pub health: Health,
-    pub attributes: BTreeMap<String, String>,
+    pub attributes: Attributes,
 }
 
 /// Cloud Map's instance health status.
@@ -122,7 +126,7 @@ mod tests {
     use super::*;
 
     fn instance(id: &str, health: Health) -> Instance {
-        Instance { id: id.into(), health, attributes: BTreeMap::new() }
+        Instance { id: id.into(), health, attributes: Attributes::new() }
     }
 
     #[test]

@@ -1,13 +1,20 @@
 //! Immutable, versioned snapshots of everything served, encoded once.
 //!
-//! Each ServiceEntry is encoded into its MCP `Resource` envelope exactly once
-//! per snapshot; every ADS stream copies those bytes and never re-serialises.
-//! Snapshots travel on a `tokio::sync::watch`, so a burst of changes reaches a
-//! slow stream as its latest state, and an unchanged snapshot wakes nobody.
+//! Each ServiceEntry is encoded into its MCP `Resource` envelope exactly once;
+//! every ADS stream copies those bytes and never re-serialises, and the decoded
+//! ServiceEntry is not kept (the debug views decode it on demand). Snapshots
+//! travel on a `tokio::sync::watch`, so a burst of changes reaches a slow stream
+//! as its latest state, and an unchanged snapshot wakes nobody.
+//!
+//! - `builder`: the incremental [`Builder`] production uses (one changed service
+//!   costs one translation, one encode and an update of the sorted list);
+//! - `list`: the sorted resource list, shared between snapshots chunk by chunk;
+//! - `publish`: the stage's loop.
 
+mod builder;
+mod list;
 pub mod publish;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -15,11 +22,12 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use crate::model::{Registry, Service};
+pub use self::builder::Builder;
+pub use self::list::ResourceList;
 use crate::proto::SharedAny;
 use crate::proto::istio::mcp::v1alpha1::{Metadata, Resource as McpResource};
 use crate::proto::istio::networking::v1alpha3::ServiceEntry;
-use crate::translate::{self, Options, SettingProblem, Skipped, SkippedLabel, Translation};
+use crate::translate::{self, SettingProblem, Skipped, Translation};
 
 /// `Any` type of every resource in a ServiceEntry response.
 pub const MCP_RESOURCE_TYPE_URL: &str = "type.googleapis.com/istio.mcp.v1alpha1.Resource";
@@ -36,11 +44,24 @@ pub struct Resource {
     /// Content hash of name, create time and spec.
     pub version: String,
     pub create_time: SystemTime,
-    pub spec: ServiceEntry,
+    /// How many endpoints the ServiceEntry lists.
+    pub endpoints: usize,
     /// `Any{istio.mcp.v1alpha1.Resource}`, ready to go on the wire.
     pub encoded: SharedAny,
     /// The Cloud Map (namespace, service) it came from; empty when borrowed from a peer.
     pub origin: (String, String),
+    /// Hash of name and version; snapshot versions add these up.
+    digest: u128,
+}
+
+impl Resource {
+    /// The ServiceEntry, decoded from the encoded bytes (for the debug views;
+    /// the snapshot keeps only the bytes).
+    pub fn spec(&self) -> Result<ServiceEntry, prost::DecodeError> {
+        let resource = McpResource::decode(&self.encoded.value[..])?;
+        let body = resource.body.unwrap_or_default();
+        ServiceEntry::decode(&body.value[..])
+    }
 }
 
 /// Where a served set came from when this replica did not build it: a peer
@@ -85,18 +106,54 @@ pub struct Snapshot {
     pub synced: bool,
     /// Set while the set served is a peer's, not built here.
     pub borrowed: Option<Arc<Borrowed>>,
-    /// Sorted by name; shared with the next snapshot when unchanged.
-    pub resources: Vec<Arc<Resource>>,
+    /// Sorted by name; shared with the next snapshot where unchanged.
+    pub resources: ResourceList,
     pub endpoints: usize,
-    pub skipped: Vec<Skipped>,
+    /// Sorted; shared with the next snapshot when unchanged.
+    pub skipped: Arc<[Skipped]>,
     pub skipped_labels: usize,
-    /// Service attributes of ours that could not be used (the setting fell back).
-    pub invalid_settings: Vec<SettingProblem>,
+    /// Service attributes of ours that could not be used (the setting fell back). Sorted.
+    pub invalid_settings: Arc<[SettingProblem]>,
     pub built_at: SystemTime,
     /// Bytes the resources take as the repeated `resources` field of a
     /// `DiscoveryResponse` (keys and lengths included), so a response knows its
     /// size without walking them.
     resources_field_len: usize,
+    /// Total of the resources' `encoded.value` lengths.
+    encoded_len: usize,
+}
+
+/// What a snapshot's figures add up from, maintained as resources come and go.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Totals {
+    /// Wrapping sum of the resources' digests: independent of order, and updated
+    /// by one addition and one subtraction when a resource changes.
+    digest: u128,
+    endpoints: usize,
+    resources_field_len: usize,
+    encoded_len: usize,
+}
+
+impl Totals {
+    fn add(&mut self, r: &Resource) {
+        self.digest = self.digest.wrapping_add(r.digest);
+        self.endpoints += r.endpoints;
+        self.resources_field_len += framed_len(&r.encoded);
+        self.encoded_len += r.encoded.value.len();
+    }
+
+    fn remove(&mut self, r: &Resource) {
+        self.digest = self.digest.wrapping_sub(r.digest);
+        self.endpoints -= r.endpoints;
+        self.resources_field_len -= framed_len(&r.encoded);
+        self.encoded_len -= r.encoded.value.len();
+    }
+
+    /// The snapshot version: a hash of the sum, so that it looks like every other
+    /// version. It depends on the resources' names and versions alone.
+    fn version(&self) -> String {
+        hex_prefix(&Sha256::digest(self.digest.to_le_bytes()))
+    }
 }
 
 impl Snapshot {
@@ -106,49 +163,57 @@ impl Snapshot {
             version: String::new(),
             synced: false,
             borrowed: None,
-            resources: Vec::new(),
+            resources: ResourceList::default(),
             endpoints: 0,
-            skipped: Vec::new(),
+            skipped: Arc::from([]),
             skipped_labels: 0,
-            invalid_settings: Vec::new(),
+            invalid_settings: Arc::from([]),
             built_at: SystemTime::now(),
             resources_field_len: 0,
+            encoded_len: 0,
         }
     }
 
-    /// Encodes a translation. Deterministic: the same translation gives the same bytes and versions.
+    /// Encodes a translation. Deterministic: the same translation gives the same
+    /// bytes and versions, and the same as [`Builder`] gives for the registry.
     pub fn build(translation: Translation) -> Self {
-        let resources = translation.entries.into_iter().map(|e| Arc::new(encode_entry(e))).collect();
+        let mut skipped = translation.skipped;
+        let resources: Vec<Arc<Resource>> =
+            translation.entries.into_iter().map(|e| Arc::new(encode_entry(e))).collect();
+        let resources = translate::first_per_name(resources, |r| (&r.name, &r.origin), &mut skipped);
+        let mut invalid_settings = translation.invalid_settings;
+        skipped.sort();
+        invalid_settings.sort();
+        let mut totals = Totals::default();
+        resources.iter().for_each(|r| totals.add(r));
         Self::assemble(
-            resources,
-            translation.skipped,
+            ResourceList::from_sorted(resources),
+            totals,
+            skipped.into(),
             translation.skipped_labels.len(),
-            translation.invalid_settings,
+            invalid_settings.into(),
         )
     }
 
     fn assemble(
-        resources: Vec<Arc<Resource>>,
-        mut skipped: Vec<Skipped>,
+        resources: ResourceList,
+        totals: Totals,
+        skipped: Arc<[Skipped]>,
         skipped_labels: usize,
-        mut invalid_settings: Vec<SettingProblem>,
+        invalid_settings: Arc<[SettingProblem]>,
     ) -> Self {
-        let resources = translate::first_per_name(resources, |r| (&r.name, &r.origin), &mut skipped);
-        skipped.sort();
-        invalid_settings.sort();
-        let endpoints = resources.iter().map(|r| r.spec.endpoints.len()).sum();
-        let resources_field_len = resources.iter().map(|r| framed_len(&r.encoded)).sum();
         Snapshot {
-            version: set_version(&resources),
+            version: totals.version(),
             synced: true,
             borrowed: None,
             resources,
-            endpoints,
+            endpoints: totals.endpoints,
             skipped,
             skipped_labels,
             invalid_settings,
             built_at: SystemTime::now(),
-            resources_field_len,
+            resources_field_len: totals.resources_field_len,
+            encoded_len: totals.encoded_len,
         }
     }
 
@@ -160,17 +225,11 @@ impl Snapshot {
         resources.sort_by(|a, b| a.name.cmp(&b.name));
         resources.dedup_by(|later, first| later.name == first.name);
         let resources: Vec<Arc<Resource>> = resources.into_iter().map(Arc::new).collect();
+        let mut totals = Totals::default();
+        resources.iter().for_each(|r| totals.add(r));
         Snapshot {
-            version: set_version(&resources),
-            synced: true,
             borrowed: Some(Arc::new(borrowed)),
-            endpoints: resources.iter().map(|r| r.spec.endpoints.len()).sum(),
-            resources_field_len: resources.iter().map(|r| framed_len(&r.encoded)).sum(),
-            resources,
-            skipped: Vec::new(),
-            skipped_labels: 0,
-            invalid_settings: Vec::new(),
-            built_at: SystemTime::now(),
+            ..Self::assemble(ResourceList::from_sorted(resources), totals, Arc::from([]), 0, Arc::from([]))
         }
     }
 
@@ -191,7 +250,7 @@ impl Snapshot {
 
     /// Total encoded bytes of one ServiceEntry response's resources.
     pub fn encoded_len(&self) -> usize {
-        self.resources.iter().map(|r| r.encoded.value.len()).sum()
+        self.encoded_len
     }
 }
 
@@ -202,16 +261,18 @@ fn framed_len(any: &SharedAny) -> usize {
     prost::encoding::key_len(RESOURCES_FIELD) + prost::encoding::encoded_len_varint(len as u64) + len
 }
 
-/// The snapshot version: a hash of every resource's name and version, in name order.
-fn set_version(resources: &[Arc<Resource>]) -> String {
+/// A resource's share of the snapshot version: a hash of its name and version
+/// alone, so that a set received from a peer (names and versions as sent) has
+/// the version the peer gave it.
+fn version_digest(name: &str, version: &str) -> u128 {
     let mut hasher = Sha256::new();
-    for r in resources {
-        hasher.update(r.name.as_bytes());
-        hasher.update([0]);
-        hasher.update(r.version.as_bytes());
-        hasher.update([0]);
-    }
-    hex_prefix(&hasher.finalize())
+    hasher.update(name.as_bytes());
+    hasher.update([0]);
+    hasher.update(version.as_bytes());
+    let digest = hasher.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    u128::from_le_bytes(bytes)
 }
 
 /// Reads back one `Any{istio.mcp.v1alpha1.Resource}` as sent by a replica (the
@@ -235,14 +296,22 @@ pub fn decode_resource(encoded: SharedAny) -> Result<Resource, DecodeError> {
     }
     let spec = ServiceEntry::decode(body.value)
         .map_err(|e| DecodeError::Body { name: name.clone(), message: e.to_string() })?;
-    Ok(Resource { name, version, create_time, spec, encoded, origin: (String::new(), String::new()) })
+    Ok(Resource {
+        digest: version_digest(&name, &version),
+        name,
+        version,
+        create_time,
+        endpoints: spec.endpoints.len(),
+        encoded,
+        origin: (String::new(), String::new()),
+    })
 }
 
 fn encode_entry(entry: translate::Entry) -> Resource {
-    encode(format!("{}/{}", entry.namespace, entry.name), entry.create_time, entry.spec, entry.origin)
+    encode(format!("{}/{}", entry.namespace, entry.name), entry.create_time, &entry.spec, entry.origin)
 }
 
-fn encode(name: String, create_time: SystemTime, spec: ServiceEntry, origin: (String, String)) -> Resource {
+fn encode(name: String, create_time: SystemTime, spec: &ServiceEntry, origin: (String, String)) -> Resource {
     let body = spec.encode_to_vec();
     let timestamp = prost_types::Timestamp::from(create_time);
     let mut hasher = Sha256::new();
@@ -264,68 +333,25 @@ fn encode(name: String, create_time: SystemTime, spec: ServiceEntry, origin: (St
     };
     let encoded =
         SharedAny { type_url: MCP_RESOURCE_TYPE_URL.into(), value: resource.encode_to_vec().into() };
-    Resource { name, version, create_time, spec, encoded, origin }
-}
-
-/// Builds snapshots incrementally: a service equal to the one seen last time
-/// reuses its translation and encoded resource, so one changed service costs one
-/// translation and one encode, not a rebuild of everything.
-#[derive(Debug)]
-pub struct Builder {
-    options: Options,
-    cache: HashMap<(String, String), Cached>,
-}
-
-#[derive(Debug)]
-struct Cached {
-    service: Arc<Service>,
-    resource: Option<Arc<Resource>>,
-    skipped: Vec<Skipped>,
-    skipped_labels: Vec<SkippedLabel>,
-    invalid_settings: Vec<SettingProblem>,
-}
-
-impl Builder {
-    pub fn new(options: Options) -> Self {
-        Builder { options, cache: HashMap::new() }
-    }
-
-    pub fn build(&mut self, registry: &Registry) -> Snapshot {
-        let mut next = HashMap::with_capacity(registry.services.len());
-        for service in &registry.services {
-            let key = (service.namespace.clone(), service.name.clone());
-            let cached = match self.cache.remove(&key) {
-                // Arc equality compares pointers first: a republished, unchanged service costs nothing.
-                Some(cached) if cached.service == *service => cached,
-                _ => {
-                    let t = translate::translate_service(service, &self.options);
-                    Cached {
-                        service: service.clone(),
-                        resource: t.entries.into_iter().next().map(|e| Arc::new(encode_entry(e))),
-                        skipped: t.skipped,
-                        skipped_labels: t.skipped_labels,
-                        invalid_settings: t.invalid_settings,
-                    }
-                }
-            };
-            next.insert(key, cached);
-        }
-        self.cache = next;
-        let resources = self.cache.values().filter_map(|c| c.resource.clone()).collect();
-        let skipped = self.cache.values().flat_map(|c| c.skipped.iter().cloned()).collect();
-        let skipped_labels = self.cache.values().map(|c| c.skipped_labels.len()).sum();
-        let invalid_settings = self.cache.values().flat_map(|c| c.invalid_settings.iter().cloned()).collect();
-        Snapshot::assemble(resources, skipped, skipped_labels, invalid_settings)
-    }
-
-    /// Skipped custom attributes of the last build, for logging.
-    pub fn skipped_labels(&self) -> impl Iterator<Item = &SkippedLabel> {
-        self.cache.values().flat_map(|c| c.skipped_labels.iter())
+    Resource {
+        digest: version_digest(&name, &version),
+        name,
+        version,
+        create_time,
+        endpoints: spec.endpoints.len(),
+        encoded,
+        origin,
     }
 }
 
 fn hex_prefix(digest: &[u8]) -> String {
-    digest.iter().take(VERSION_HEX_LEN / 2).map(|b| format!("{b:02x}")).collect()
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(VERSION_HEX_LEN);
+    for b in digest.iter().take(VERSION_HEX_LEN / 2) {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    out
 }
 
 /// The single writer of snapshots.
@@ -472,7 +498,7 @@ mod tests {
         assert_eq!(meta.create_time.unwrap(), prost_types::Timestamp { seconds: 1, nanos: 0 });
         let body = decoded.body.unwrap();
         assert_eq!(body.type_url, SERVICE_ENTRY_BODY_TYPE_URL);
-        assert_eq!(ServiceEntry::decode(&body.value[..]).unwrap(), r.spec);
+        assert_eq!(ServiceEntry::decode(&body.value[..]).unwrap(), r.spec().unwrap());
     }
 
     #[test]

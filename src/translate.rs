@@ -22,7 +22,7 @@ use self::ports::PlannedPort;
 use self::settings::{
     AddressMode, Defaults, InvalidSetting, Origin, ResolutionMode, ServiceSettings, Sourced,
 };
-use crate::model::{Health, HealthFilter, Instance, Registry, Service, attr};
+use crate::model::{Attributes, Health, HealthFilter, Instance, Registry, Service, attr};
 use crate::proto::istio::networking::v1alpha3::{
     ServiceEntry, ServicePort, WorkloadEntry,
     service_entry::{Location, Resolution},
@@ -307,9 +307,9 @@ pub fn explain_service(service: &Service, options: &Options) -> Result<Explanati
 
     let mut endpoints: Vec<Endpoint> = Vec::new();
     for instance in selected {
-        for key in instance.attributes.keys().filter(|k| is_custom(k)) {
-            if !valid_label(key, &instance.attributes[key]) {
-                skipped_labels.push(key.clone());
+        for (key, value) in instance.attributes.iter().filter(|(k, _)| is_custom(k)) {
+            if !valid_label(key, value) {
+                skipped_labels.push(key.to_owned());
             }
         }
         match to_endpoint(instance) {
@@ -637,7 +637,7 @@ fn to_endpoint(instance: &Instance) -> Result<Endpoint, SkipReason> {
         None => None,
         Some(value) => match value.trim().parse::<u16>() {
             Ok(p) if p > 0 => Some(p),
-            _ => return Err(SkipReason::InvalidPort(value.clone())),
+            _ => return Err(SkipReason::InvalidPort(value.to_owned())),
         },
     };
     Ok(Endpoint {
@@ -646,7 +646,7 @@ fn to_endpoint(instance: &Instance) -> Result<Endpoint, SkipReason> {
         labels: attrs
             .iter()
             .filter(|(k, v)| is_custom(k) && valid_label(k, v))
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect(),
         locality: to_locality(attrs),
         instances: vec![instance.id.clone()],
@@ -657,7 +657,7 @@ type AddressParser = fn(&str) -> Option<Address>;
 
 /// IPv4 wins over IPv6, and an IP over a DNS name. The first present attribute
 /// that is invalid is the reason given when no attribute is usable.
-fn to_address(attrs: &BTreeMap<String, String>) -> Result<Address, SkipReason> {
+fn to_address(attrs: &Attributes) -> Result<Address, SkipReason> {
     let mut first_invalid = None;
     let candidates: [(&'static str, AddressParser); 4] = [
         (attr::IPV4, |v| v.parse::<Ipv4Addr>().ok().map(|ip| Address::Ip(ip.into()))),
@@ -670,7 +670,8 @@ fn to_address(attrs: &BTreeMap<String, String>) -> Result<Address, SkipReason> {
         match parse(value.trim()) {
             Some(address) => return Ok(address),
             None => {
-                first_invalid.get_or_insert(SkipReason::InvalidAddress { attribute, value: value.clone() });
+                first_invalid
+                    .get_or_insert(SkipReason::InvalidAddress { attribute, value: value.to_owned() });
             }
         }
     }
@@ -678,8 +679,8 @@ fn to_address(attrs: &BTreeMap<String, String>) -> Result<Address, SkipReason> {
 }
 
 /// ECS's `REGION` and `AVAILABILITY_ZONE` as Istio's `region/zone`.
-fn to_locality(attrs: &BTreeMap<String, String>) -> String {
-    let part = |key| attrs.get(key).map(|v: &String| v.trim()).filter(|v| valid_locality_part(v));
+fn to_locality(attrs: &Attributes) -> String {
+    let part = |key| attrs.get(key).map(str::trim).filter(|v| valid_locality_part(v));
     match (part(attr::REGION), part(attr::AVAILABILITY_ZONE)) {
         (Some(region), Some(zone)) => format!("{region}/{zone}"),
         (Some(region), None) => region.to_owned(),

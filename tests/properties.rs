@@ -189,7 +189,10 @@ fn every_service_entry_passes_istio_validation() {
                 let _ = writeln!(
                     reasons,
                     "- {} ({} check): {}\n  generated service: {service:#?}\n  emitted spec: {:#?}",
-                    r.name, r.check, r.error, resource.spec
+                    r.name,
+                    r.check,
+                    r.error,
+                    resource.spec()
                 );
             }
             Err(TestCaseError::fail(reasons))

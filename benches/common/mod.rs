@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use cloudmap_xds::metrics::Metrics;
-use cloudmap_xds::model::{Health, HealthFilter, Instance, Registry, Service};
+use cloudmap_xds::model::{Attributes, Health, HealthFilter, Instance, Registry, Service};
 use cloudmap_xds::snapshot::{self, Builder, Snapshot};
 use cloudmap_xds::source;
 use cloudmap_xds::translate::Options;
@@ -36,14 +36,14 @@ pub fn generated(services: usize, instances: usize) -> Registry {
                 .map(|i| Instance {
                     id: format!("task-{s}-{i}"),
                     health: Health::Healthy,
-                    attributes: BTreeMap::from([
-                        ("AWS_INSTANCE_IPV4".into(), format!("10.{}.{}.{}", s / 256 % 256, s % 256, i)),
-                        ("AWS_INSTANCE_PORT".into(), "8080".into()),
-                        ("AVAILABILITY_ZONE".into(), format!("us-east-1{}", ['a', 'b', 'c'][i % 3])),
-                        ("REGION".into(), "us-east-1".into()),
-                        ("ECS_CLUSTER_NAME".into(), "prod".into()),
-                        ("ECS_SERVICE_NAME".into(), format!("service-{s}")),
-                        ("version".into(), "v2".into()),
+                    attributes: Attributes::from([
+                        ("AWS_INSTANCE_IPV4", format!("10.{}.{}.{}", s / 256 % 256, s % 256, i)),
+                        ("AWS_INSTANCE_PORT", "8080".into()),
+                        ("AVAILABILITY_ZONE", format!("us-east-1{}", ['a', 'b', 'c'][i % 3])),
+                        ("REGION", "us-east-1".into()),
+                        ("ECS_CLUSTER_NAME", "prod".into()),
+                        ("ECS_SERVICE_NAME", format!("service-{s}")),
+                        ("version", "v2".into()),
                     ]),
                 })
                 .collect(),
@@ -59,9 +59,7 @@ pub fn change(registry: &Registry, k: usize) -> Registry {
     let index = (k * 7919) % next.services.len();
     let service = Arc::make_mut(&mut next.services[index]);
     if let Some(instance) = service.instances.first_mut() {
-        instance
-            .attributes
-            .insert("AWS_INSTANCE_IPV4".into(), format!("10.255.{}.{}", k / 250 % 250, k % 250 + 1));
+        instance.attributes.insert("AWS_INSTANCE_IPV4", format!("10.255.{}.{}", k / 250 % 250, k % 250 + 1));
     }
     next
 }

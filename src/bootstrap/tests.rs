@@ -116,8 +116,8 @@ fn a_borrowed_set_is_the_peers_set_byte_for_byte() {
     assert_eq!(borrowed.endpoints, peer.endpoints);
     for (b, p) in borrowed.resources.iter().zip(&peer.resources) {
         assert_eq!(
-            (&b.name, &b.version, b.create_time, &b.spec),
-            (&p.name, &p.version, p.create_time, &p.spec)
+            (&b.name, &b.version, b.create_time, b.spec().unwrap()),
+            (&p.name, &p.version, p.create_time, p.spec().unwrap())
         );
     }
     // The replica's own sync of the same Cloud Map content is the same set: same version.

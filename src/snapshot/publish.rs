@@ -36,6 +36,7 @@ pub async fn run(
         logged_skips: BTreeSet::new(),
         logged_labels: BTreeSet::new(),
         logged_settings: BTreeSet::new(),
+        last_lists: None,
         publisher,
         metrics,
     };
@@ -77,12 +78,18 @@ pub async fn run(
     }
 }
 
+/// A snapshot's skipped instances, unusable settings and count of skipped labels.
+type Lists = (Arc<[Skipped]>, Arc<[SettingProblem]>, usize);
+
 /// The builder and what was logged, carried from one registry to the next.
 struct Stage {
     builder: Builder,
     logged_skips: BTreeSet<Skipped>,
     logged_labels: BTreeSet<SkippedLabel>,
     logged_settings: BTreeSet<SettingProblem>,
+    /// The skip and setting lists last logged and counted: the builder shares them
+    /// until they change, so an unchanged list costs nothing to recognise.
+    last_lists: Option<Lists>,
     publisher: Publisher,
     metrics: Metrics,
 }
@@ -93,13 +100,23 @@ impl Stage {
         let started = Instant::now();
         let snapshot = self.builder.build(registry);
         self.metrics.snapshot.build_duration.observe(started.elapsed().as_secs_f64());
-        log_new_skips(
-            &snapshot.skipped,
-            &mut self.logged_skips,
-            self.builder.skipped_labels(),
-            &mut self.logged_labels,
-        );
-        log_new_invalid_settings(&snapshot.invalid_settings, &mut self.logged_settings);
+        let lists_changed = self.last_lists.as_ref().is_none_or(|(skipped, invalid, labels)| {
+            !Arc::ptr_eq(skipped, &snapshot.skipped)
+                || !Arc::ptr_eq(invalid, &snapshot.invalid_settings)
+                || *labels != snapshot.skipped_labels
+        });
+        if lists_changed {
+            log_new_skips(
+                &snapshot.skipped,
+                &mut self.logged_skips,
+                self.builder.skipped_labels(),
+                &mut self.logged_labels,
+            );
+            log_new_invalid_settings(&snapshot.invalid_settings, &mut self.logged_settings);
+            record_list_metrics(&self.metrics, &snapshot);
+            self.last_lists =
+                Some((snapshot.skipped.clone(), snapshot.invalid_settings.clone(), snapshot.skipped_labels));
+        }
         record_snapshot_metrics(&self.metrics, &snapshot, registry.services.len());
         let (version, entries, endpoints) =
             (snapshot.version.clone(), snapshot.resources.len(), snapshot.endpoints);
@@ -148,13 +165,18 @@ fn record_snapshot_metrics(metrics: &Metrics, snapshot: &Snapshot, services: usi
     m.endpoints.set(i64::try_from(snapshot.endpoints).unwrap_or(i64::MAX));
     m.skipped_labels.set(i64::try_from(snapshot.skipped_labels).unwrap_or(i64::MAX));
     m.encoded_bytes.set(i64::try_from(snapshot.encoded_len()).unwrap_or(i64::MAX));
+    metrics.source.services.set(i64::try_from(services).unwrap_or(i64::MAX));
+}
+
+/// The skip and setting counters; only when those lists changed.
+fn record_list_metrics(metrics: &Metrics, snapshot: &Snapshot) {
+    let m = &metrics.snapshot;
     m.skipped_instances.clear();
-    for s in &snapshot.skipped {
+    for s in snapshot.skipped.iter() {
         m.skipped_instances.get_or_create(&ReasonLabels { reason: s.reason.kind() }).inc();
     }
     m.invalid_settings.clear();
-    for p in &snapshot.invalid_settings {
+    for p in snapshot.invalid_settings.iter() {
         m.invalid_settings.get_or_create(&SettingLabels { setting: p.setting.kind() }).inc();
     }
-    metrics.source.services.set(i64::try_from(services).unwrap_or(i64::MAX));
 }

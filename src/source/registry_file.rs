@@ -400,7 +400,7 @@ mod tests {
         assert_eq!(svc.created, DEFAULT_CREATED);
         assert_eq!(svc.instances[0].id, "instance-1");
         assert_eq!(svc.instances[0].health, Health::Healthy);
-        assert_eq!(svc.instances[0].attributes["AWS_INSTANCE_IPV4"], "52.192.72.89");
+        assert_eq!(&svc.instances[0].attributes["AWS_INSTANCE_IPV4"], "52.192.72.89");
     }
 
     #[test]
@@ -411,7 +411,7 @@ mod tests {
         .unwrap();
         let svc = &registry.services[0];
         assert_eq!(svc.created, SystemTime::UNIX_EPOCH + Duration::from_secs(1_714_564_800));
-        assert_eq!(svc.instances[0].attributes["AWS_INSTANCE_PORT"], "8080");
+        assert_eq!(&svc.instances[0].attributes["AWS_INSTANCE_PORT"], "8080");
         assert_eq!(svc.instances[0].health, Health::Unhealthy);
     }
 

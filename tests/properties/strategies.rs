@@ -310,7 +310,7 @@ pub fn created() -> BoxedStrategy<SystemTime> {
 
 pub fn instance() -> BoxedStrategy<Instance> {
     (instance_id(), health(), instance_attributes())
-        .prop_map(|(id, health, attributes)| Instance { id, health, attributes })
+        .prop_map(|(id, health, attributes)| Instance { id, health, attributes: attributes.into() })
         .boxed()
 }
 

@@ -529,6 +529,6 @@ mod tests {
             .build();
         let converted = instance(&i).unwrap();
         assert_eq!(converted.health, Health::Unknown);
-        assert_eq!(converted.attributes["AWS_INSTANCE_IPV4"], "10.0.0.1");
+        assert_eq!(&converted.attributes["AWS_INSTANCE_IPV4"], "10.0.0.1");
     }
 }

@@ -147,9 +147,10 @@ struct ServiceState {
     health_checked: bool,
     /// The service attributes and their read schedule.
     attributes: attributes::ServiceAttributes,
-    /// The last good read, sorted by instance ID; `None` until the first.
+    /// The last good read, sorted by instance ID, while it is not in `published`
+    /// (which then holds the only copy; see [`ServiceState::read`]).
     instances: Option<Vec<Instance>>,
-    /// `instances` as published, shared until the service changes again.
+    /// The service as published, shared until it changes again.
     published: Option<Arc<Service>>,
     /// The revision that goes with `instances`; compared for equality only.
     revision: Option<i64>,
@@ -174,7 +175,22 @@ impl ServiceState {
     }
 
     fn needs_read(&self, now: Instant) -> bool {
-        self.instances.is_none() || self.changed || self.next_full.is_some_and(|t| t <= now)
+        self.read().is_none() || self.changed || self.next_full.is_some_and(|t| t <= now)
+    }
+
+    /// The last good read of the instances; `None` until the first.
+    fn read(&self) -> Option<&[Instance]> {
+        self.published.as_ref().map(|p| &p.instances[..]).or(self.instances.as_deref())
+    }
+
+    /// Something other than the instances changed: the service is published again,
+    /// with the instances the published one holds.
+    fn unpublish(&mut self) {
+        if let Some(published) = self.published.take()
+            && self.instances.is_none()
+        {
+            self.instances = Some(published.instances.clone());
+        }
     }
 }
 
@@ -253,7 +269,7 @@ impl Inventory {
 
     /// Services read at least once: instances, and attributes settled.
     pub fn read_count(&self) -> usize {
-        self.services.values().filter(|s| s.instances.is_some() && s.attributes.settled).count()
+        self.services.values().filter(|s| s.read().is_some() && s.attributes.settled).count()
     }
 
     pub fn last_full_sync(&self) -> Option<SystemTime> {
@@ -445,7 +461,7 @@ impl Inventory {
                 s.http_name.clone_from(&ns.http_name);
                 s.service_id = svc.id;
                 if s.created != svc.created {
-                    s.published = None;
+                    s.unpublish();
                 }
                 s.created = svc.created;
                 s.health_checked = svc.health_checked;
@@ -594,12 +610,13 @@ impl Inventory {
             by_id.insert(instance.id.clone(), instance);
         }
         let instances: Vec<Instance> = by_id.into_values().collect();
-        let changed = s.instances.as_ref() != Some(&instances);
+        let changed = s.read() != Some(&instances[..]);
         s.status.instances = u32::try_from(instances.len()).unwrap_or(u32::MAX);
         if changed {
+            // One copy of each instance: the new read replaces the published one.
             s.published = None;
+            s.instances = Some(instances);
         }
-        s.instances = Some(instances);
         s.revision = s.pending_revision.take().or(discovered.revision);
         s.changed = false;
         s.read_in_cycle = Some(self.cycle);
@@ -687,17 +704,18 @@ impl Inventory {
                 if !(s.attributes.settled || forced) {
                     return None;
                 }
-                let instances = s.instances.as_ref()?;
-                let service = s.published.get_or_insert_with(|| {
-                    Arc::new(Service {
+                if s.published.is_none() {
+                    // Moved, not copied: the published service holds the only copy.
+                    let instances = s.instances.take()?;
+                    s.published = Some(Arc::new(Service {
                         namespace: key.0.clone(),
                         name: key.1.clone(),
                         created: s.created,
                         attributes: s.attributes.values.clone(),
-                        instances: instances.clone(),
-                    })
-                });
-                Some(service.clone())
+                        instances,
+                    }));
+                }
+                s.published.clone()
             })
             .collect();
         // Forced out by --initial-sync-timeout before the first complete sync: partial.

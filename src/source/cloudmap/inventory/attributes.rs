@@ -241,7 +241,7 @@ impl Inventory {
                 info!(namespace = %key.0, service = %key.1, attributes = ?values, "service attributes changed");
             }
             a.values = values;
-            s.published = None;
+            s.unpublish();
         }
         if changed || first {
             // A service whose attributes just settled may be published now, even with none.

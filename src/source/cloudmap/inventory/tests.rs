@@ -71,11 +71,7 @@ fn listing_of(namespaces: &[(&str, &str, &[&str])]) -> Listing {
 }
 
 fn instance(id: &str, ip: &str, health: Health) -> Instance {
-    Instance {
-        id: id.into(),
-        health,
-        attributes: BTreeMap::from([("AWS_INSTANCE_IPV4".to_owned(), ip.to_owned())]),
-    }
+    Instance { id: id.into(), health, attributes: [("AWS_INSTANCE_IPV4", ip)].into() }
 }
 
 fn discovered(ips: &[&str], revision: i64) -> Discovered {
@@ -384,8 +380,8 @@ fn one_failing_service_does_not_block_the_others_and_backs_off() {
     // Retried at the next poll, then after 1, 3, 7 and at most 12 poll intervals.
     assert_eq!(attempts_of_a, [5.0, 10.0, 15.0, 30.0, 65.0]);
     let registry = inv.registry_update().unwrap();
-    assert_eq!(registry.services[0].instances[0].attributes["AWS_INSTANCE_IPV4"], "10.0.0.1", "a kept");
-    assert_eq!(registry.services[1].instances[0].attributes["AWS_INSTANCE_IPV4"], "10.0.0.2", "b moved on");
+    assert_eq!(&registry.services[0].instances[0].attributes["AWS_INSTANCE_IPV4"], "10.0.0.1", "a kept");
+    assert_eq!(&registry.services[1].instances[0].attributes["AWS_INSTANCE_IPV4"], "10.0.0.2", "b moved on");
     let status = &inv.statuses()[&key("a")];
     assert!(status.last_error.as_deref().unwrap().starts_with("DiscoverInstancesRevision: boom"));
     // The first read, its attributes, then the attempts.
@@ -660,7 +656,7 @@ fn random_order_and_duplicates_do_not_count_as_changes() {
     ));
     let registry = inv.registry_update().unwrap();
     let ips: Vec<&str> =
-        registry.services[0].instances.iter().map(|i| i.attributes["AWS_INSTANCE_IPV4"].as_str()).collect();
+        registry.services[0].instances.iter().map(|i| &i.attributes["AWS_INSTANCE_IPV4"]).collect();
     assert_eq!(ips, ["10.0.0.3", "10.0.0.2"]);
     assert_eq!(inv.statuses()[&key("a")].instances, 2);
 }
@@ -1082,5 +1078,5 @@ fn a_recreated_service_is_read_at_once_whatever_the_deleted_one_failed() {
     assert_eq!(keys(&inv.plan_reads(clock.at(35.0).instant)), ["shop/a"], "read right after the listing");
     inv.apply_instances(&key("a"), Ok(discovered(&["10.0.0.9"], 1)), clock.at(35.1));
     let registry = inv.registry_update().unwrap();
-    assert_eq!(registry.services[0].instances[0].attributes["AWS_INSTANCE_IPV4"], "10.0.0.9");
+    assert_eq!(&registry.services[0].instances[0].attributes["AWS_INSTANCE_IPV4"], "10.0.0.9");
 }

@@ -103,11 +103,7 @@ impl FakeCloudMap {
 }
 
 fn instance(id: &str, ip: &str) -> Instance {
-    Instance {
-        id: id.into(),
-        health: Health::Healthy,
-        attributes: BTreeMap::from([("AWS_INSTANCE_IPV4".to_owned(), ip.to_owned())]),
-    }
+    Instance { id: id.into(), health: Health::Healthy, attributes: [("AWS_INSTANCE_IPV4", ip)].into() }
 }
 
 fn page<T: Clone>(items: &[T], token: Option<String>) -> Page<T> {
@@ -239,7 +235,7 @@ fn ips(reg: &Registry, ns: &str, svc: &str) -> Vec<String> {
     reg.services
         .iter()
         .find(|s| s.namespace == ns && s.name == svc)
-        .map(|s| s.instances.iter().map(|i| i.attributes["AWS_INSTANCE_IPV4"].clone()).collect())
+        .map(|s| s.instances.iter().map(|i| i.attributes["AWS_INSTANCE_IPV4"].to_owned()).collect())
         .unwrap_or_default()
 }
 
