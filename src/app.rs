@@ -293,6 +293,8 @@ impl Bound {
     /// A task ended before the drain: readiness and grpc.health turn false at
     /// once, the reason is logged, and the server drains and reports an error
     /// (the binary exits non-zero, so Kubernetes restarts it).
+    // `mut` only for the test hook (`exit_hold`), compiled in with the `testing` feature.
+    #[cfg_attr(not(feature = "testing"), allow(unused_mut))]
     async fn fail(mut self, ended: Ended) -> anyhow::Result<()> {
         let reason = ended.to_string();
         error!(
