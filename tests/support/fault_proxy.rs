@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -108,6 +108,20 @@ struct Shared {
     faulted: u64,
     /// Faults injected, by (operation, kind).
     fired: BTreeMap<(String, Fault), u64>,
+    /// Every request in arrival order, faulted or not.
+    journal: Vec<Call>,
+}
+
+/// One request as the proxy saw it.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub at: Instant,
+    pub operation: String,
+    /// The service name (Discover calls) or ID (GetServiceAttributes), when the call names one.
+    pub service: Option<String>,
+    /// The namespace's HTTP name (Discover calls).
+    pub namespace: Option<String>,
+    pub fault: Option<Fault>,
 }
 
 impl Shared {
@@ -231,6 +245,11 @@ impl FaultProxy {
     pub fn faulted(&self) -> u64 {
         self.shared.lock().unwrap().faulted
     }
+
+    /// Every request so far, in arrival order, with the fault it got.
+    pub fn journal(&self) -> Vec<Call> {
+        self.shared.lock().unwrap().journal.clone()
+    }
 }
 
 impl Drop for FaultProxy {
@@ -254,6 +273,11 @@ impl Request {
 
     fn operation(&self) -> String {
         self.header("x-amz-target").and_then(|t| t.rsplit('.').next()).unwrap_or("").to_owned()
+    }
+
+    fn namespace(&self) -> Option<String> {
+        let body: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
+        body.get("NamespaceName")?.as_str().map(ToOwned::to_owned)
     }
 
     fn service(&self) -> Option<String> {
@@ -315,6 +339,13 @@ async fn serve(
                 s.faulted += 1;
                 *s.fired.entry((operation.clone(), fault)).or_default() += 1;
             }
+            s.journal.push(Call {
+                at: Instant::now(),
+                operation: operation.clone(),
+                service: service.clone(),
+                namespace: request.namespace(),
+                fault,
+            });
             (fault, nth)
         };
         match fault {

@@ -435,9 +435,16 @@ impl Inventory {
             );
         }
         self.listed_once = true;
-        let regular = now.instant + self.jitter(self.config.list_interval);
+        let mut next = now.instant + self.jitter(self.config.list_interval);
+        // A namespace that failed to list is listed again with the same backoff as a failed
+        // ListNamespaces, not a whole interval later: its new services wait for it.
+        let failures =
+            failed_namespaces.iter().filter_map(|id| self.namespaces.get(id)).map(|n| n.failures).max();
+        if let Some(failures) = failures {
+            next = next.min(now.instant + self.backoff(failures.max(1)));
+        }
         // A hold is confirmed (or released) by the first listing at or after its deadline.
-        self.next_listing = self.guard.next_deadline().map_or(regular, |deadline| regular.min(deadline));
+        self.next_listing = self.guard.next_deadline().map_or(next, |deadline| next.min(deadline));
         report
     }
 

@@ -595,6 +595,27 @@ fn a_failed_listing_or_namespace_keeps_what_was_listed() {
 }
 
 #[test]
+fn a_namespace_that_fails_to_list_is_listed_again_at_the_next_poll_not_a_list_interval_later() {
+    // Its services created since the last listing wait for its next ListServices.
+    let clock = Clock::new();
+    let mut inv = synced(&clock, &["a"]);
+    let failing = |calls| {
+        let mut l = listing(&[]);
+        l.services.insert("ns-1".into(), NamespaceListing { result: Err(err(ErrorKind::Other)), calls });
+        l
+    };
+    inv.apply_listing(Ok(failing(3)), clock.at(60.0));
+    assert!(inv.listing_due(clock.at(60.0).instant), "first retry at the next poll");
+    inv.apply_listing(Ok(failing(3)), clock.at(65.0));
+    assert!(!inv.listing_due(clock.at(65.0).instant), "then backs off: one poll");
+    assert!(inv.listing_due(clock.at(70.0).instant));
+    let report = inv.apply_listing(Ok(listing(&["a", "new"])), clock.at(70.0));
+    assert_eq!(report.added, vec![key("new")]);
+    assert!(!inv.listing_due(clock.at(75.0).instant), "listed: back to the list interval");
+    assert!(inv.listing_due(clock.at(70.0 + LIST.as_secs_f64() * 1.1).instant));
+}
+
+#[test]
 fn services_of_another_namespace_are_filtered_client_side() {
     // moto returns every service for every NAMESPACE_ID filter.
     let clock = Clock::new();
