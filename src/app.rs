@@ -77,7 +77,9 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
     let peers = args.peer.peers(tls.is_some())?;
     let source_view = start_source(&args, &metrics, draining.clone(), &mut supervisor).await?;
     let (publisher, snapshots) = snapshot::channel();
-    if let Some(peers) = peers {
+    // Spawned once the gRPC server runs: its first round asks every peer address, this
+    // replica's own included, and a replica must answer its own GetStatus to be told apart.
+    let peer_bootstrap = peers.map(|peers| {
         let settings = bootstrap::Settings {
             peers,
             instance_id: instance_id.clone(),
@@ -85,11 +87,8 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
             max_response_size: args.max_response_size,
             retry_interval: bootstrap::RETRY_INTERVAL,
         };
-        supervisor.spawn(
-            task_names::PEER_BOOTSTRAP,
-            bootstrap::run(settings, publisher.clone(), snapshots.clone(), metrics.clone(), draining.clone()),
-        );
-    }
+        bootstrap::run(settings, publisher.clone(), snapshots.clone(), metrics.clone(), draining.clone())
+    });
     supervisor.spawn(
         task_names::SNAPSHOT_BUILDER,
         snapshot::publish::run(
@@ -178,6 +177,10 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
                 let _ = grpc_draining.wait_for(|d| *d).await;
             }),
     );
+
+    if let Some(peer_bootstrap) = peer_bootstrap {
+        supervisor.spawn(task_names::PEER_BOOTSTRAP, peer_bootstrap);
+    }
 
     let (stopped, mut admin_stop) = watch::channel(false);
     let admin_state = AdminState {
