@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use super::SourceSink;
 use crate::metrics::{OutcomeLabels, SourceMetrics};
-use crate::model::{Health, Instance, Registry, Service};
+use crate::model::{Attributes, Health, Instance, Registry, Service};
 
 /// How often the file's metadata is checked; an edit is served within about
 /// twice this long (two reads must agree).
@@ -68,8 +68,8 @@ struct InstanceEntry {
     id: Option<String>,
     #[serde(default)]
     health: HealthEntry,
-    #[serde(default)]
-    attributes: BTreeMap<String, Scalar>,
+    #[serde(default, deserialize_with = "deserialize_attributes")]
+    attributes: Attributes,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -102,6 +102,31 @@ impl Scalar {
     }
 }
 
+/// Straight into the model's interned attributes, entry by entry: a map of owned
+/// strings per instance, kept until the whole file is read, would be most of the
+/// parse's memory (100,000 instances at 10,000 × 10). Of two equal keys the last
+/// wins, as in a `BTreeMap`.
+fn deserialize_attributes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Attributes, D::Error> {
+    struct AttributesVisitor;
+    impl<'de> serde::de::Visitor<'de> for AttributesVisitor {
+        type Value = Attributes;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a map")
+        }
+        fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<Attributes, M::Error> {
+            let mut entries = Vec::new();
+            while let Some((key, value)) = map.next_entry::<String, Scalar>()? {
+                entries.push((key, value.into_string()));
+            }
+            Ok(entries.into_iter().collect())
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Attributes, E> {
+            Ok(Attributes::new())
+        }
+    }
+    d.deserialize_map(AttributesVisitor)
+}
+
 fn deserialize_time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SystemTime>, D::Error> {
     let text = String::deserialize(d)?;
     humantime::parse_rfc3339_weak(&text).map(Some).map_err(|e| {
@@ -111,9 +136,29 @@ fn deserialize_time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Sys
     })
 }
 
-/// Parses registry-file text into the model. Pure; `path` only labels errors.
-pub fn parse(path: &Path, text: &str) -> Result<Registry, Error> {
-    let file: RegistryFile = serde_norway::from_str(text).map_err(|e| {
+/// serde-saphyr set to read what serde_norway reads: repeated keys reach serde
+/// (a repeated field is an error, a repeated attribute keeps its last value),
+/// `<<` is an ordinary key, YAML 1.2 scalars (`yes`, `017`, `1_000` are strings),
+/// and no size budget (the file is the operator's and already in memory; depth
+/// and alias expansion stay bounded).
+fn streaming_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_events = usize::MAX;
+    budget.max_nodes = usize::MAX;
+    budget.max_total_scalar_bytes = usize::MAX;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options.duplicate_keys = serde_saphyr::DuplicateKeyPolicy::PassThrough;
+    options.merge_keys = serde_saphyr::MergeKeyPolicy::AsOrdinary;
+    options.with_snippet = false;
+    options.strict_booleans = true;
+    options.leading_zero_numbers_as_strings = true;
+    options.underscored_numbers_as_strings = true;
+    options
+}
+
+fn from_str_buffered(path: &Path, text: &str) -> Result<RegistryFile, Error> {
+    serde_norway::from_str(text).map_err(|e| {
         let text = e.to_string();
         let message = text.split(" at line ").next().unwrap_or(&text).to_owned();
         match e.location() {
@@ -121,7 +166,21 @@ pub fn parse(path: &Path, text: &str) -> Result<Registry, Error> {
             // A few errors have no position (a second YAML document, say); no `0:0`.
             None => Error::Invalid { path: path.to_owned(), message },
         }
-    })?;
+    })
+}
+
+/// Parses registry-file text into the model. Pure; `path` only labels errors.
+pub fn parse(path: &Path, text: &str) -> Result<Registry, Error> {
+    // serde_norway loads every event of the document before deserializing (about
+    // 14 times the file's size at 10,000 × 10), leaving the heap fragmented long
+    // after; serde-saphyr streams. serde_norway stays the reference for what a
+    // file means and what its errors say: a file serde-saphyr does not take is
+    // read again by serde_norway, which either reports the error as it always
+    // has or accepts what serde-saphyr is stricter about.
+    let file: RegistryFile = match serde_saphyr::from_str_with_options(text, streaming_options()) {
+        Ok(file) => file,
+        Err(_) => from_str_buffered(path, text)?,
+    };
     let invalid = |message: String| Error::Invalid { path: path.to_owned(), message };
     let mut seen = BTreeSet::new();
     let mut services = Vec::new();
@@ -150,7 +209,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Registry, Error> {
                         HealthEntry::Unhealthy => Health::Unhealthy,
                         HealthEntry::Unknown => Health::Unknown,
                     },
-                    attributes: i.attributes.into_iter().map(|(k, v)| (k, v.into_string())).collect(),
+                    attributes: i.attributes,
                 })
                 .collect();
             services.push(Service {
@@ -545,6 +604,24 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "registry file r.yaml: deserializing from YAML containing more than one document is not supported"
+        );
+    }
+
+    #[test]
+    fn yaml_1_1_scalars_stay_strings_repeated_attributes_keep_the_last_and_null_lists_are_empty() {
+        let registry = parse_str(
+            "namespaces:\n- name: ns\n  services:\n  - name: s\n    instances:\n    - id: a\n      attributes: {Y: yes, O: 017, U: 1_000, P: 8080, T: true, A: 1, A: 2}\n  - name: t\n    instances:\n",
+        )
+        .unwrap();
+        let attributes = &registry.services[0].instances[0].attributes;
+        let values: Vec<_> =
+            ["Y", "O", "U", "P", "T", "A"].iter().map(|k| attributes.get(k).unwrap()).collect();
+        assert_eq!(values, ["yes", "017", "1_000", "8080", "true", "2"]);
+        assert!(registry.services[1].instances.is_empty());
+        let err = parse_str("namespaces:\n- name: ns\n  name: other\n").unwrap_err().to_string();
+        assert!(
+            err.starts_with("registry file r.yaml:2:3: ") && err.contains("duplicate field `name`"),
+            "{err}"
         );
     }
 
