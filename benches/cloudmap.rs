@@ -52,8 +52,8 @@ fn main() {
             seeder.register_many(&svc.id, instances, |i| format!("10.{}.{}.{i}", s / 256, s % 256)).await;
         }
         eprintln!("seeded {services} x {instances} in {:.1?}", seeding.elapsed());
-        let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let grpc = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let admin = std::net::SocketAddr::from(([127, 0, 0, 1], cloudmap_xds::test_helpers::free_port()));
+        let grpc = std::net::SocketAddr::from(([127, 0, 0, 1], cloudmap_xds::test_helpers::free_port()));
         let started = Instant::now();
         let mut child = Command::new(&bin)
             .args(["serve", "--aws-region", moto::REGION, "--aws-endpoint-url", &moto.endpoint()])

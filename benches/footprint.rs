@@ -40,8 +40,8 @@ fn main() {
         // As deployed, the file predates the server (a fresh file is re-read until it settles).
         let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
         std::fs::File::options().write(true).open(&path).unwrap().set_modified(hour_ago).unwrap();
-        let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let grpc = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let admin = std::net::SocketAddr::from(([127, 0, 0, 1], cloudmap_xds::test_helpers::free_port()));
+        let grpc = std::net::SocketAddr::from(([127, 0, 0, 1], cloudmap_xds::test_helpers::free_port()));
         let started = Instant::now();
         let mut child = Command::new(&bin)
             .args(["serve", "--registry-file"])

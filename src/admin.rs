@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::render;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{self, Snapshot};
 use crate::source::SourceView;
 
 #[derive(Clone)]
@@ -84,25 +84,17 @@ async fn metrics(State(state): State<AdminState>) -> Response {
 
 async fn snapshot(State(state): State<AdminState>) -> Json<Value> {
     let snapshot = state.snapshots.borrow().clone();
-    // The snapshot keeps only encoded bytes: decoding every entry is CPU work, kept off the stream workers.
-    let resources = snapshot.clone();
-    let entries: Vec<Value> = tokio::task::spawn_blocking(move || {
-        resources
-            .resources
-            .iter()
-            .map(|r| {
-                let spec = match r.spec() {
-                    Ok(spec) => render::spec_json(&spec),
-                    Err(e) => json!({"error": format!("cannot decode: {e}")}),
-                };
-                json!({
-                    "name": r.name,
-                    "version": r.version,
-                    "createTime": humantime::format_rfc3339(r.create_time).to_string(),
-                    "spec": spec,
-                })
-            })
-            .collect()
+    let entries: Vec<Value> = snapshot::decode_all(snapshot.clone(), |r, spec| {
+        let spec = match spec {
+            Ok(spec) => render::spec_json(&spec),
+            Err(e) => json!({"error": format!("cannot decode: {e}")}),
+        };
+        json!({
+            "name": r.name,
+            "version": r.version,
+            "createTime": humantime::format_rfc3339(r.create_time).to_string(),
+            "spec": spec,
+        })
     })
     .await
     .unwrap_or_default();

@@ -316,6 +316,9 @@ impl Bound {
         }
         let drained = self.drain().await;
         Err(match drained {
+            // When the failed task is one of the servers, the drain finds that same end
+            // again: report it once.
+            Err(e) if e.to_string() == reason => e,
             Ok(()) => anyhow::anyhow!("{reason}"),
             Err(e) => e.context(reason),
         })

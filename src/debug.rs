@@ -13,7 +13,7 @@ use crate::proto::cloudmap_xds::debug::v1::{
     SettingExplanation, SkippedInstance, TypeState, debug_server::Debug,
 };
 use crate::render;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{self, Snapshot};
 use crate::source::SourceView;
 use crate::translate::{self, Explanation, Options};
 use crate::xds::Clients;
@@ -126,26 +126,20 @@ impl Debug for DebugService {
     ) -> Result<Response<ListServiceEntriesResponse>, Status> {
         let snapshot = self.snapshots.borrow().clone();
         let snapshot_version = snapshot.version.clone();
-        // The snapshot keeps only encoded bytes: decoding every entry is CPU work, kept off the stream workers.
-        let decoded = tokio::task::spawn_blocking(move || {
-            snapshot
-                .resources
-                .iter()
-                .map(|r| {
-                    let spec = r.spec().map_err(|e| format!("{}: {e}", r.name))?;
-                    Ok(ServiceEntryResource {
-                        name: r.name.clone(),
-                        version: r.version.clone(),
-                        create_time: timestamp(Some(r.create_time)),
-                        spec: Some(spec),
-                    })
-                })
-                .collect::<Result<Vec<_>, String>>()
+        let decoded = snapshot::decode_all(snapshot, |r, spec| {
+            Ok(ServiceEntryResource {
+                name: r.name.clone(),
+                version: r.version.clone(),
+                create_time: timestamp(Some(r.create_time)),
+                spec: Some(spec.map_err(|e| format!("{}: {e}", r.name))?),
+            })
         })
         .await
         .map_err(|e| Status::internal(format!("decoding the snapshot failed: {e}")))?;
-        let service_entries =
-            decoded.map_err(|e| Status::internal(format!("cannot decode a served ServiceEntry: {e}")))?;
+        let service_entries = decoded
+            .into_iter()
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(|e| Status::internal(format!("cannot decode a served ServiceEntry: {e}")))?;
         Ok(Response::new(ListServiceEntriesResponse { snapshot_version, service_entries }))
     }
 

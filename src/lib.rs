@@ -10,6 +10,7 @@ pub mod bootstrap;
 pub mod cli;
 pub mod config;
 pub mod debug;
+pub mod error_text;
 pub mod incoming;
 pub mod limits;
 pub mod metrics;

@@ -64,6 +64,16 @@ impl Resource {
     }
 }
 
+/// Every resource of `snapshot` with its decoded ServiceEntry, turned into a view by `view`
+/// (the debug views). The snapshot keeps only encoded bytes and decoding them all is CPU
+/// work, so it runs on the blocking pool, off the workers that serve streams.
+pub async fn decode_all<T: Send + 'static>(
+    snapshot: Arc<Snapshot>,
+    view: impl Fn(&Resource, Result<ServiceEntry, prost::DecodeError>) -> T + Send + 'static,
+) -> Result<Vec<T>, tokio::task::JoinError> {
+    tokio::task::spawn_blocking(move || snapshot.resources.iter().map(|r| view(r, r.spec())).collect()).await
+}
+
 /// Where a served set came from when this replica did not build it: a peer
 /// replica's full set, taken over ADS before this replica's own first complete
 /// sync (`--peer-bootstrap`, see `bootstrap`).

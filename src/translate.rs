@@ -247,9 +247,6 @@ pub fn translate_service(service: &Service, options: &Options) -> Translation {
         spec: explanation.spec,
         origin: (service.namespace.clone(), service.name.clone()),
     });
-    // Report as `translate` does (once per instance id and reason, once per key), so the
-    // snapshot builder, which uses this per service, counts what a full translation counts.
-    out.normalize();
     out
 }
 
@@ -484,10 +481,14 @@ pub fn explain_service(service: &Service, options: &Options) -> Result<Explanati
             .unzip()
     };
 
+    // Once per instance id and reason, once per key: what a full translation reports, so
+    // the snapshot builder, which translates per service, counts the same.
     skipped.sort();
+    skipped.dedup();
     skipped_labels.sort();
     skipped_labels.dedup();
     invalid_settings.sort();
+    invalid_settings.dedup();
     let spec = ServiceEntry {
         hosts: vec![host.clone()],
         addresses,

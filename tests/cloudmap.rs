@@ -8,40 +8,19 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use cloudmap_xds::config::ServeArgs;
 use cloudmap_xds::proto::envoy::service::discovery::v3::DiscoveryResponse;
 use cloudmap_xds::proto::istio::mcp::v1alpha1::Metadata;
 use cloudmap_xds::proto::istio::networking::v1alpha3::ServiceEntry;
 use cloudmap_xds::proto::istio::networking::v1alpha3::service_entry::Resolution;
-use cloudmap_xds::test_helpers::server::serve_args;
 use cloudmap_xds::test_helpers::{
     AdsClient, DEADLINE, SERVICE_ENTRY_V1, TestServer, eventually, http_get, service_entries,
 };
 use support::fault_proxy::{Fault, FaultProxy};
 use support::moto::{self, Moto};
 
-/// `serve` against `endpoint` with test credentials; `extra` flags override the defaults here.
-fn args(endpoint: &str, extra: &[&str]) -> ServeArgs {
-    let defaults = [
-        ("--aws-region", moto::REGION),
-        ("--aws-endpoint-url", endpoint),
-        ("--publish-namespace", "istio-system"),
-        ("--poll-interval", "200ms"),
-        ("--aws-request-timeout", "2s"),
-    ];
-    let mut argv: Vec<&str> = extra.to_vec();
-    for (flag, value) in defaults {
-        if !extra.contains(&flag) {
-            argv.extend([flag, value]);
-        }
-    }
-    let mut args = serve_args(&argv);
-    args.cloudmap = args.cloudmap.with_static_credentials(moto::ACCESS_KEY_ID, moto::SECRET_ACCESS_KEY);
-    args
-}
-
+/// `serve` in-process against `endpoint` with test credentials; `extra` flags override the defaults.
 async fn serve(endpoint: &str, extra: &[&str]) -> TestServer {
-    TestServer::start(args(endpoint, extra)).await.unwrap()
+    TestServer::start(moto::serve_args(endpoint, extra)).await.unwrap()
 }
 
 /// Connects like istiod and returns the first ServiceEntry response (sent only after the first complete sync).

@@ -15,7 +15,6 @@ use cloudmap_xds::proto::envoy::service::discovery::v3::DiscoveryResponse;
 use cloudmap_xds::proto::istio::mcp::v1alpha1::Metadata;
 use cloudmap_xds::proto::istio::networking::v1alpha3::ServiceEntry;
 use cloudmap_xds::proto::istio::networking::v1alpha3::service_entry::Location;
-use cloudmap_xds::test_helpers::server::serve_args;
 use cloudmap_xds::test_helpers::{
     AdsClient, SERVICE_ENTRY_V1, TestServer, eventually, free_port, http_get, service_entries,
 };
@@ -26,22 +25,7 @@ const PORTS: &str = "cloudmap-xds/ports";
 
 /// `serve` in-process against `endpoint` with test credentials; `extra` flags override the defaults here.
 async fn serve(endpoint: &str, extra: &[&str]) -> TestServer {
-    let defaults = [
-        ("--aws-region", moto::REGION),
-        ("--aws-endpoint-url", endpoint),
-        ("--publish-namespace", "istio-system"),
-        ("--poll-interval", "200ms"),
-        ("--aws-request-timeout", "2s"),
-    ];
-    let mut argv: Vec<&str> = extra.to_vec();
-    for (flag, value) in defaults {
-        if !extra.contains(&flag) {
-            argv.extend([flag, value]);
-        }
-    }
-    let mut args = serve_args(&argv);
-    args.cloudmap = args.cloudmap.with_static_credentials(moto::ACCESS_KEY_ID, moto::SECRET_ACCESS_KEY);
-    TestServer::start(args).await.unwrap()
+    TestServer::start(moto::serve_args(endpoint, extra)).await.unwrap()
 }
 
 /// Connects like istiod and returns the first ServiceEntry response (sent only after the first complete sync).
@@ -127,16 +111,7 @@ fn unavailable(metrics: &BTreeMap<String, f64>) -> f64 {
 /// An ECS bridge-mode service: three tasks, each on its own random host port.
 async fn seed_bridge_mode(seeder: &Seeder, ns: &str) -> String {
     let web = seeder.create_service(ns, "web", false).await;
-    for (n, port) in ["32768", "32769", "32770"].iter().enumerate() {
-        let ip = format!("10.0.0.{}", n + 1);
-        seeder
-            .register(
-                &web.id,
-                &format!("task-{n}"),
-                &[("AWS_INSTANCE_IPV4", &ip), ("AWS_INSTANCE_PORT", port)],
-            )
-            .await;
-    }
+    seeder.register_bridge_mode_tasks(&web.id).await;
     web.id
 }
 

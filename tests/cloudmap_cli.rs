@@ -81,16 +81,7 @@ fn rendered_specs(yaml: &str) -> BTreeMap<String, serde_json::Value> {
 async fn seed(seeder: &Seeder) {
     let shop = seeder.create_http_namespace("shop").await;
     let web = seeder.create_service(&shop, "web", true).await;
-    for (n, port) in ["32768", "32769", "32770"].iter().enumerate() {
-        let ip = format!("10.0.0.{}", n + 1);
-        seeder
-            .register(
-                &web.id,
-                &format!("task-{n}"),
-                &[("AWS_INSTANCE_IPV4", &ip), ("AWS_INSTANCE_PORT", port)],
-            )
-            .await;
-    }
+    seeder.register_bridge_mode_tasks(&web.id).await;
     seeder.set_health(&web.id, "task-2", false).await;
     seeder.update_service_attributes(&web.id, &[("cloudmap-xds/ports", "http=80/HTTP")]).await;
     let api = seeder.create_service(&shop, "api", false).await;

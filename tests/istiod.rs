@@ -63,11 +63,7 @@ async fn serve_cloudmap(dir: &Path, moto: &Moto, extra: &[&str]) -> ServerProces
         "2s",
     ]);
     args.extend(extra);
-    let envs = [
-        ("AWS_ACCESS_KEY_ID", moto::ACCESS_KEY_ID),
-        ("AWS_SECRET_ACCESS_KEY", moto::SECRET_ACCESS_KEY),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-    ];
+    let envs = moto::CLIENT_ENV;
     ServerProcess::start(BIN, dir.join("cloudmap-xds.log"), &args, &envs).await
 }
 

@@ -109,11 +109,7 @@ async fn serve_cloudmap(dir: &Path, moto: &Moto) -> ServerProcess {
         "--aws-request-timeout",
         "2s",
     ];
-    let envs = [
-        ("AWS_ACCESS_KEY_ID", moto::ACCESS_KEY_ID),
-        ("AWS_SECRET_ACCESS_KEY", moto::SECRET_ACCESS_KEY),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-    ];
+    let envs = moto::CLIENT_ENV;
     ServerProcess::start(BIN, dir.join("cloudmap-xds.log"), &args, &envs).await
 }
 
@@ -969,11 +965,7 @@ async fn peered_replica(
         "--peer-bootstrap",
         peers,
     ];
-    let envs = [
-        ("AWS_ACCESS_KEY_ID", moto::ACCESS_KEY_ID),
-        ("AWS_SECRET_ACCESS_KEY", moto::SECRET_ACCESS_KEY),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-    ];
+    let envs = moto::CLIENT_ENV;
     ServerProcess::start_at(BIN, dir.join(format!("cloudmap-xds-{name}.log")), at, &args, &envs).await
 }
 

@@ -64,11 +64,7 @@ async fn cloudmap_replica(
         args.extend(["--peer-bootstrap", &peers]);
     }
     args.extend_from_slice(extra);
-    let envs = [
-        ("AWS_ACCESS_KEY_ID", moto::ACCESS_KEY_ID),
-        ("AWS_SECRET_ACCESS_KEY", moto::SECRET_ACCESS_KEY),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-    ];
+    let envs = moto::CLIENT_ENV;
     ServerProcess::start_at(BIN, dir.join(format!("{name}.log")), at, &args, &envs).await
 }
 

@@ -765,11 +765,7 @@ async fn churn_through_faults_never_loses_an_entry_and_ends_exactly_as_moto() {
         "--log",
         "info,cloudmap_xds::source::cloudmap=debug",
     ];
-    let envs = [
-        ("AWS_ACCESS_KEY_ID", moto::ACCESS_KEY_ID),
-        ("AWS_SECRET_ACCESS_KEY", moto::SECRET_ACCESS_KEY),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-    ];
+    let envs = moto::CLIENT_ENV;
     let server = ServerProcess::start(BIN, dir.path().join("cloudmap-xds.log"), &args, &envs).await;
     let mut istiod = Istiod::spawn(&bin, dir.path(), &[server.grpc]);
     istiod.wait_synced(ISTIOD_SYNC_DEADLINE).await;

@@ -47,11 +47,7 @@ async fn start(task: &str, kind: &str, hold: bool) -> Fixture {
         let moto = Moto::start().await;
         moto.seeder().await.seed_tutorial().await;
         let endpoint = moto.endpoint();
-        envs.extend([
-            ("AWS_ACCESS_KEY_ID", moto::ACCESS_KEY_ID),
-            ("AWS_SECRET_ACCESS_KEY", moto::SECRET_ACCESS_KEY),
-            ("AWS_EC2_METADATA_DISABLED", "true"),
-        ]);
+        envs.extend(moto::CLIENT_ENV);
         let args = [
             "--aws-region",
             moto::REGION,

@@ -13,12 +13,14 @@ use super::{
     CONNECT_TIMEOUT, FIRST_RESPONSE_TIMEOUT, PEER_NODE_PREFIX, SERVICE_ENTRY_TYPE_URL, STATUS_TIMEOUT,
     Settings, Target, borrowed_from, borrowed_snapshot, outcomes,
 };
+use crate::error_text::error_chain;
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::proto::cloudmap_xds::debug::v1::debug_client::DebugClient;
 use crate::proto::cloudmap_xds::debug::v1::{GetStatusRequest, GetStatusResponse};
 use crate::proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use crate::proto::envoy::service::discovery::v3::{DiscoveryRequest, Node};
 use crate::snapshot::Publisher;
+use crate::snapshot::publish::record_served_metrics;
 
 /// HTTP/2 pings on a followed stream, so a peer that vanished (node lost) is noticed.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -52,7 +54,7 @@ pub(super) async fn probe(
 async fn connect(settings: &Settings, target: &Target, addr: SocketAddr) -> Result<Channel, String> {
     let scheme = if settings.peers.tls.is_some() { "https" } else { "http" };
     let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
-        .map_err(|e| chain(&e))?
+        .map_err(|e| error_chain(&e))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
@@ -62,9 +64,9 @@ async fn connect(settings: &Settings, target: &Target, addr: SocketAddr) -> Resu
         let name = tls.server_name.clone().unwrap_or_else(|| target.host.clone());
         let config =
             ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem)).domain_name(name);
-        endpoint = endpoint.tls_config(config).map_err(|e| chain(&e))?;
+        endpoint = endpoint.tls_config(config).map_err(|e| error_chain(&e))?;
     }
-    endpoint.connect().await.map_err(|e| chain(&e))
+    endpoint.connect().await.map_err(|e| error_chain(&e))
 }
 
 /// Takes the candidate's ServiceEntry set and serves it, then each later push, until
@@ -131,10 +133,7 @@ pub(super) async fn follow(
         let borrowed = serving.borrowed.is_some();
         metrics.peer.serving_borrowed.set(i64::from(borrowed));
         if borrowed {
-            let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-            metrics.snapshot.service_entries.set(gauge(serving.resources.len()));
-            metrics.snapshot.endpoints.set(gauge(serving.endpoints));
-            metrics.snapshot.encoded_bytes.set(gauge(serving.encoded_len()));
+            record_served_metrics(metrics, &serving);
         }
         if !taken {
             metrics.peer.attempts.get_or_create(&OutcomeLabels { outcome: outcomes::BORROWED }).inc();
@@ -162,20 +161,4 @@ pub(super) async fn follow(
             return Ok("the stream closed".into());
         }
     }
-}
-
-/// An error with its sources, on one line (tonic's transport errors say little on their own).
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        // Some errors repeat their source in their own message.
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }

@@ -117,7 +117,7 @@ impl Stage {
             self.last_lists =
                 Some((snapshot.skipped.clone(), snapshot.invalid_settings.clone(), snapshot.skipped_labels));
         }
-        record_snapshot_metrics(&self.metrics, &snapshot, registry.services.len());
+        record_build_metrics(&self.metrics, &snapshot, registry.services.len());
         let (version, entries, endpoints) =
             (snapshot.version.clone(), snapshot.resources.len(), snapshot.endpoints);
         let published = if registry.complete {
@@ -125,6 +125,7 @@ impl Stage {
         } else {
             self.publisher.publish_partial(snapshot)
         };
+        record_served_metrics(&self.metrics, &self.publisher.current());
         if published {
             self.metrics.snapshot.published.inc();
             info!(%version, service_entries = entries, endpoints, "snapshot published");
@@ -159,13 +160,18 @@ fn log_new_invalid_settings(problems: &[SettingProblem], logged: &mut BTreeSet<S
     *logged = problems.iter().cloned().collect();
 }
 
-fn record_snapshot_metrics(metrics: &Metrics, snapshot: &Snapshot, services: usize) {
-    let m = &metrics.snapshot;
-    m.service_entries.set(i64::try_from(snapshot.resources.len()).unwrap_or(i64::MAX));
-    m.endpoints.set(i64::try_from(snapshot.endpoints).unwrap_or(i64::MAX));
-    m.skipped_labels.set(i64::try_from(snapshot.skipped_labels).unwrap_or(i64::MAX));
-    m.encoded_bytes.set(i64::try_from(snapshot.encoded_len()).unwrap_or(i64::MAX));
+fn record_build_metrics(metrics: &Metrics, snapshot: &Snapshot, services: usize) {
+    metrics.snapshot.skipped_labels.set(i64::try_from(snapshot.skipped_labels).unwrap_or(i64::MAX));
     metrics.source.services.set(i64::try_from(services).unwrap_or(i64::MAX));
+}
+
+/// The gauges of the set being served: after an own build (published or turned away in
+/// favour of a borrowed set) and after a peer's push (`bootstrap`).
+pub(crate) fn record_served_metrics(metrics: &Metrics, served: &Snapshot) {
+    let m = &metrics.snapshot;
+    m.service_entries.set(i64::try_from(served.resources.len()).unwrap_or(i64::MAX));
+    m.endpoints.set(i64::try_from(served.endpoints).unwrap_or(i64::MAX));
+    m.encoded_bytes.set(i64::try_from(served.encoded_len()).unwrap_or(i64::MAX));
 }
 
 /// The skip and setting counters; only when those lists changed.

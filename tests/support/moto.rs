@@ -8,16 +8,43 @@ use std::time::{Duration, Instant, SystemTime};
 
 use aws_config::BehaviorVersion;
 use aws_sdk_servicediscovery as sd;
-use aws_sdk_servicediscovery::config::interceptors::BeforeTransmitInterceptorContextMut;
-use aws_sdk_servicediscovery::config::{ConfigBag, Credentials, Intercept, Region, RuntimeComponents};
-use aws_sdk_servicediscovery::error::BoxError;
+use aws_sdk_servicediscovery::config::{Credentials, Region};
 use aws_smithy_http_client::tls;
+use cloudmap_xds::source::cloudmap::client::StripDataPrefix;
 
 pub const MOTO_SERVER_ENV: &str = "MOTO_SERVER";
 pub const REGION: &str = "us-east-1";
 /// moto accepts any key, but every request must be SigV4-signed.
 pub const ACCESS_KEY_ID: &str = "test";
 pub const SECRET_ACCESS_KEY: &str = "test";
+/// The environment a `cloudmap-xds` process needs to sign its calls to moto, and not to
+/// look for an instance metadata service that loopback does not have.
+pub const CLIENT_ENV: [(&str, &str); 3] = [
+    ("AWS_ACCESS_KEY_ID", ACCESS_KEY_ID),
+    ("AWS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY),
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+];
+
+/// In-process `serve` arguments against `endpoint` with moto's credentials; `extra` flags
+/// override the defaults here.
+pub fn serve_args(endpoint: &str, extra: &[&str]) -> cloudmap_xds::config::ServeArgs {
+    let defaults = [
+        ("--aws-region", REGION),
+        ("--aws-endpoint-url", endpoint),
+        ("--publish-namespace", "istio-system"),
+        ("--poll-interval", "200ms"),
+        ("--aws-request-timeout", "2s"),
+    ];
+    let mut argv: Vec<&str> = extra.to_vec();
+    for (flag, value) in defaults {
+        if !extra.contains(&flag) {
+            argv.extend([flag, value]);
+        }
+    }
+    let mut args = cloudmap_xds::test_helpers::server::serve_args(&argv);
+    args.cloudmap = args.cloudmap.with_static_credentials(ACCESS_KEY_ID, SECRET_ACCESS_KEY);
+    args
+}
 // moto_server imports boto and flask before it listens: about 2 s on an idle machine, but tens of seconds
 // when a dozen tests start one at once beside istiod builds on two cores.
 const START_DEADLINE: Duration = Duration::from_secs(90);
@@ -141,33 +168,6 @@ impl Drop for Moto {
     }
 }
 
-/// The Discover calls carry the modelled host prefix `data-`, which no loopback host has;
-/// the seeder sends them to the endpoint as given (as `client.rs` does for our poller).
-#[derive(Debug)]
-struct NoDataPrefix;
-
-impl Intercept for NoDataPrefix {
-    fn name(&self) -> &'static str {
-        "NoDataPrefix"
-    }
-
-    fn modify_before_signing(
-        &self,
-        context: &mut BeforeTransmitInterceptorContextMut<'_>,
-        _runtime_components: &RuntimeComponents,
-        _cfg: &mut ConfigBag,
-    ) -> Result<(), BoxError> {
-        let request = context.request_mut();
-        let uri = request.uri().to_owned();
-        if let Some((scheme, rest)) = uri.split_once("://")
-            && let Some(host) = rest.strip_prefix("data-")
-        {
-            request.set_uri(format!("{scheme}://{host}").as_str())?;
-        }
-        Ok(())
-    }
-}
-
 /// A registered service, as the tests need it.
 #[derive(Debug, Clone)]
 pub struct SeededService {
@@ -194,7 +194,7 @@ impl Seeder {
             .credentials_provider(Credentials::new(ACCESS_KEY_ID, SECRET_ACCESS_KEY, None, None, "test"))
             .load()
             .await;
-        let config = sd::config::Builder::from(&sdk).interceptor(NoDataPrefix).build();
+        let config = sd::config::Builder::from(&sdk).interceptor(StripDataPrefix).build();
         Seeder { client: sd::Client::from_conf(config) }
     }
 
@@ -287,6 +287,16 @@ impl Seeder {
                 .create_date()
                 .map(|d| SystemTime::try_from(*d).unwrap())
                 .unwrap_or(SystemTime::UNIX_EPOCH),
+        }
+    }
+
+    /// An ECS bridge-mode service's tasks: `task-0`..`task-2` on 10.0.0.1-3, each on its own
+    /// random host port (32768, 32769, 32770).
+    pub async fn register_bridge_mode_tasks(&self, service_id: &str) {
+        for (n, port) in ["32768", "32769", "32770"].iter().enumerate() {
+            let ip = format!("10.0.0.{}", n + 1);
+            let attributes = [("AWS_INSTANCE_IPV4", ip.as_str()), ("AWS_INSTANCE_PORT", port)];
+            self.register(service_id, &format!("task-{n}"), &attributes).await;
         }
     }
 

@@ -25,6 +25,7 @@ use tracing::info;
 use super::api::{
     ApiError, CloudMapApi, Discovered, ErrorKind, NamespaceInfo, NamespaceKind, Page, ServiceInfo,
 };
+use crate::error_text::error_chain;
 use crate::model::{Health, Instance};
 
 /// Attempts per call, the first included; the SDK's standard retry backs off
@@ -160,9 +161,10 @@ fn service_endpoint_from_env() -> bool {
 /// DiscoverInstances and DiscoverInstancesRevision are modelled with host prefix
 /// `data-`, which the SDK always applies. AWS serves `data-servicediscovery.<region>…`,
 /// but a custom endpoint (moto on 127.0.0.1, a proxy) has no such host, and the
-/// SDK has no switch; so with a custom endpoint the prefix is taken off again.
+/// SDK has no switch; so with a custom endpoint the prefix is taken off again. Public for
+/// other SDK clients aimed at such an endpoint (the tests' moto seeder).
 #[derive(Debug)]
-struct StripDataPrefix;
+pub struct StripDataPrefix;
 
 impl Intercept for StripDataPrefix {
     fn name(&self) -> &'static str {
@@ -256,22 +258,6 @@ where
     ApiError::new(kind, message)
 }
 
-/// An error and its sources on one line, `outer: inner: ...`: what a user reads in a
-/// status or an exit message (the SDK's `DisplayErrorContext` appends a debug dump).
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![err.to_string()];
-    let mut source = err.source();
-    while let Some(e) = source {
-        let text = e.to_string();
-        // Some errors repeat their source in their own message.
-        if !parts.last().is_some_and(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        source = e.source();
-    }
-    parts.join(": ").split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
 /// Classifies an error answer by its code and HTTP status.
 fn kind_of_answer(code: Option<&str>, status: Option<u16>) -> ErrorKind {
     match code {
@@ -335,8 +321,7 @@ fn instance(i: &sd::types::HttpInstanceSummary) -> Option<Instance> {
         // The wire value UNKNOWN is the SDK's `UnknownValue`.
         _ => Health::Unknown,
     };
-    let attributes =
-        i.attributes().map(|a| a.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default();
+    let attributes = i.attributes().map(|a| a.iter().collect()).unwrap_or_default();
     Some(Instance { id: i.instance_id()?.to_owned(), health, attributes })
 }
 
