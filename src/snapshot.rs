@@ -318,11 +318,25 @@ pub fn decode_resource(encoded: SharedAny) -> Result<Resource, DecodeError> {
 }
 
 fn encode_entry(entry: translate::Entry) -> Resource {
-    encode(format!("{}/{}", entry.namespace, entry.name), entry.create_time, &entry.spec, entry.origin)
+    let endpoints = entry.spec.endpoints.len();
+    let name = format!("{}/{}", entry.namespace, entry.name);
+    encode(name, entry.create_time, entry.spec.encode_to_vec(), endpoints, entry.origin)
 }
 
-fn encode(name: String, create_time: SystemTime, spec: &ServiceEntry, origin: (String, String)) -> Resource {
-    let body = spec.encode_to_vec();
+/// What the builder serves: the ServiceEntry came encoded from `translate`.
+fn encode_translated(entry: translate::EncodedEntry) -> Resource {
+    let name = format!("{}/{}", entry.namespace, entry.name);
+    encode(name, entry.create_time, entry.spec, entry.endpoints, entry.origin)
+}
+
+/// The MCP envelope around an encoded ServiceEntry (`body`).
+fn encode(
+    name: String,
+    create_time: SystemTime,
+    body: Vec<u8>,
+    endpoints: usize,
+    origin: (String, String),
+) -> Resource {
     let timestamp = prost_types::Timestamp::from(create_time);
     let mut hasher = Sha256::new();
     hasher.update(name.as_bytes());
@@ -348,7 +362,7 @@ fn encode(name: String, create_time: SystemTime, spec: &ServiceEntry, origin: (S
         name,
         version,
         create_time,
-        endpoints: spec.endpoints.len(),
+        endpoints,
         encoded,
         origin,
     }

@@ -9,14 +9,16 @@
 //! - `settings`: a service's own attributes (`cloudmap-xds/...`) over the flags' defaults;
 //! - `ports`: which service ports exist and where each endpoint receives them.
 
+mod encode;
 pub mod ports;
 pub mod settings;
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
+use smallvec::{SmallVec, smallvec};
 
 use self::ports::PlannedPort;
 use self::settings::{
@@ -214,40 +216,78 @@ pub fn first_per_name<T>(
 /// Translates one service: at most one entry, plus what was skipped. When the
 /// service cannot be expressed at all, `entries` is empty and `skipped` says why.
 pub fn translate_service(service: &Service, options: &Options) -> Translation {
-    let skip = |instance: Option<String>, reason| Skipped {
-        namespace: service.namespace.clone(),
-        service: service.name.clone(),
-        instance,
-        reason,
-    };
     let mut out = Translation::default();
-    let explanation = match explain_service(service, options) {
-        Ok(explanation) => explanation,
-        Err(reason) => {
-            out.skipped.push(skip(None, reason));
-            return out;
+    match plan_service(service, options) {
+        Ok(plan) => {
+            let spec = plan.spec();
+            out.entries.push(Entry {
+                name: plan.name.clone(),
+                namespace: options.publish_namespace.clone(),
+                create_time: service.created,
+                spec,
+                origin: (service.namespace.clone(), service.name.clone()),
+            });
+            (out.skipped, out.skipped_labels, out.invalid_settings) = plan.problems(service);
         }
-    };
-    out.skipped
-        .extend(explanation.skipped.into_iter().map(|(instance, reason)| skip(Some(instance), reason)));
-    out.skipped_labels.extend(explanation.skipped_labels.into_iter().map(|key| SkippedLabel {
-        namespace: service.namespace.clone(),
-        service: service.name.clone(),
-        key,
-    }));
-    out.invalid_settings.extend(explanation.invalid_settings.into_iter().map(|setting| SettingProblem {
-        namespace: service.namespace.clone(),
-        service: service.name.clone(),
-        setting,
-    }));
-    out.entries.push(Entry {
-        name: explanation.name,
-        namespace: options.publish_namespace.clone(),
-        create_time: service.created,
-        spec: explanation.spec,
-        origin: (service.namespace.clone(), service.name.clone()),
-    });
+        Err(reason) => out.skipped.push(service_skipped(service, reason)),
+    }
     out
+}
+
+/// One translated service as production serves it: its ServiceEntry already
+/// encoded, byte for byte what encoding [`translate_service`]'s entry gives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncodedEntry {
+    /// ServiceEntry name (without namespace).
+    pub name: String,
+    pub namespace: String,
+    pub create_time: SystemTime,
+    /// The encoded `istio.networking.v1alpha3.ServiceEntry`.
+    pub spec: Vec<u8>,
+    /// How many endpoints it lists.
+    pub endpoints: usize,
+    /// Where it came from: (Cloud Map namespace, service).
+    pub origin: (String, String),
+}
+
+/// [`translate_service`] with the entry encoded; see [`EncodedEntry`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EncodedTranslation {
+    pub entry: Option<EncodedEntry>,
+    pub skipped: Vec<Skipped>,
+    pub skipped_labels: Vec<SkippedLabel>,
+    pub invalid_settings: Vec<SettingProblem>,
+}
+
+/// Translates one service straight into the encoded ServiceEntry, without building
+/// the message: the snapshot builder's path, where a full build translates every
+/// instance and the message's maps and strings would be allocated only to be encoded.
+pub fn translate_service_encoded(service: &Service, options: &Options) -> EncodedTranslation {
+    match plan_service(service, options) {
+        Ok(plan) => {
+            let (skipped, skipped_labels, invalid_settings) = plan.problems(service);
+            EncodedTranslation {
+                entry: Some(EncodedEntry {
+                    spec: encode::service_entry(&plan),
+                    endpoints: plan.listed_endpoints().len(),
+                    name: plan.name,
+                    namespace: options.publish_namespace.clone(),
+                    create_time: service.created,
+                    origin: (service.namespace.clone(), service.name.clone()),
+                }),
+                skipped,
+                skipped_labels,
+                invalid_settings,
+            }
+        }
+        Err(reason) => {
+            EncodedTranslation { skipped: vec![service_skipped(service, reason)], ..Default::default() }
+        }
+    }
+}
+
+fn service_skipped(service: &Service, reason: SkipReason) -> Skipped {
+    Skipped { namespace: service.namespace.clone(), service: service.name.clone(), instance: None, reason }
 }
 
 /// Everything decided for one service, and why: the ServiceEntry plus where each
@@ -279,8 +319,178 @@ pub struct Explanation {
     pub spec: ServiceEntry,
 }
 
-/// Plans one service; `Err` when it cannot become a ServiceEntry at all.
+/// Plans one service and explains it; `Err` when it cannot become a ServiceEntry at all.
 pub fn explain_service(service: &Service, options: &Options) -> Result<Explanation, SkipReason> {
+    let plan = plan_service(service, options)?;
+    let selected = options.health_filter.select(&service.instances);
+    let mut health_filtered: Vec<(String, Health)> = service
+        .instances
+        .iter()
+        .filter(|i| !selected.iter().any(|s| std::ptr::eq(*s, *i)))
+        .map(|i| (i.id.clone(), i.health))
+        .collect();
+    health_filtered.sort();
+    let spec = plan.spec();
+    let endpoint_instances = plan
+        .listed_endpoints()
+        .iter()
+        .map(|e| e.instances.iter().map(|i| (*i).to_owned()).collect())
+        .collect();
+    Ok(Explanation {
+        name: plan.name,
+        host: plan.host,
+        ports_origin: plan.ports_origin,
+        ports: plan.ports,
+        location: plan.location,
+        export_to: plan.export_to,
+        resolution: plan.resolution,
+        addresses: plan.address_mode,
+        endpoint_instances,
+        skipped: plan.skipped,
+        health_filtered,
+        skipped_labels: plan.skipped_labels,
+        invalid_settings: plan.invalid_settings,
+        notes: plan.notes,
+        spec,
+    })
+}
+
+/// Everything decided for one service, before it becomes a message ([`Plan::spec`])
+/// or bytes (`encode::service_entry`). Borrows the instances' strings: a full
+/// build plans every instance, and copying each label only to encode it would
+/// cost more than the rest of the translation.
+struct Plan<'a> {
+    name: String,
+    host: String,
+    ports_origin: Origin,
+    ports: Vec<PlannedPort>,
+    /// Indices into `ports` in name order: the order of each endpoint's `targets`
+    /// (a WorkloadEntry's port map is keyed, and encoded, by name).
+    ports_by_name: Vec<usize>,
+    location: Sourced<Location>,
+    export_to: Sourced<Vec<String>>,
+    resolution: Sourced<Resolution>,
+    address_mode: Sourced<AddressMode>,
+    addresses: Vec<String>,
+    /// Sorted, each distinct endpoint once.
+    endpoints: Vec<Served<'a>>,
+    /// Instance ID → why it was left out; sorted.
+    skipped: Vec<(String, SkipReason)>,
+    skipped_labels: Vec<String>,
+    invalid_settings: Vec<InvalidSetting>,
+    notes: Vec<String>,
+}
+
+/// An endpoint as served: the instances that share its address, targets, labels and locality.
+#[derive(Debug, Clone)]
+struct Served<'a> {
+    /// A DNS name that is an IP (an instance CNAME of `10.0.0.1`) is that IP here,
+    /// as it is once rendered.
+    address: Address,
+    /// The target of each service port, in port name order.
+    targets: Vec<u32>,
+    labels: Vec<(&'a str, &'a str)>,
+    locality: Cow<'a, str>,
+    /// Sorted. Nearly always one: inline, so a full build allocates nothing for it.
+    instances: SmallVec<[&'a str; 1]>,
+}
+
+impl Served<'_> {
+    /// Orders endpoints by address (IPs numerically, before names), then ports,
+    /// labels and locality: the order the message's fields give.
+    fn key(&self) -> (&Address, &[u32], &[(&str, &str)], &str) {
+        (&self.address, &self.targets, &self.labels, &self.locality)
+    }
+}
+
+impl<'a> Plan<'a> {
+    /// The endpoints the ServiceEntry lists (none with resolution NONE).
+    fn listed_endpoints(&self) -> &[Served<'a>] {
+        if self.resolution.value == Resolution::None { &[] } else { &self.endpoints }
+    }
+
+    /// The port names in the order of each endpoint's `targets`.
+    fn port_names(&self) -> impl Iterator<Item = &str> + Clone {
+        self.ports_by_name.iter().map(|i| self.ports[*i].spec.name.as_str())
+    }
+
+    /// The ServiceEntry without its endpoints (the fields the encoder takes from prost).
+    fn spec_without_endpoints(&self) -> ServiceEntry {
+        ServiceEntry {
+            hosts: vec![self.host.clone()],
+            addresses: self.addresses.clone(),
+            ports: self
+                .ports
+                .iter()
+                .map(|p| ServicePort {
+                    number: u32::from(p.spec.number),
+                    protocol: p.spec.protocol.as_str().into(),
+                    name: p.spec.name.clone(),
+                    target_port: 0,
+                })
+                .collect(),
+            location: self.location.value.into(),
+            resolution: self.resolution.value.into(),
+            endpoints: Vec::new(),
+            workload_selector: None,
+            export_to: self.export_to.value.clone(),
+            subject_alt_names: Vec::new(),
+        }
+    }
+
+    fn spec(&self) -> ServiceEntry {
+        let endpoints = self
+            .listed_endpoints()
+            .iter()
+            .map(|e| WorkloadEntry {
+                address: e.address.render(),
+                ports: self.port_names().map(str::to_owned).zip(e.targets.iter().copied()).collect(),
+                labels: e.labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+                network: String::new(),
+                locality: e.locality.clone().into_owned(),
+                weight: 0,
+                service_account: String::new(),
+            })
+            .collect();
+        ServiceEntry { endpoints, ..self.spec_without_endpoints() }
+    }
+
+    /// What was left out, as a translation reports it.
+    fn problems(&self, service: &Service) -> (Vec<Skipped>, Vec<SkippedLabel>, Vec<SettingProblem>) {
+        let skipped = self
+            .skipped
+            .iter()
+            .map(|(instance, reason)| Skipped {
+                namespace: service.namespace.clone(),
+                service: service.name.clone(),
+                instance: Some(instance.clone()),
+                reason: reason.clone(),
+            })
+            .collect();
+        let skipped_labels = self
+            .skipped_labels
+            .iter()
+            .map(|key| SkippedLabel {
+                namespace: service.namespace.clone(),
+                service: service.name.clone(),
+                key: key.clone(),
+            })
+            .collect();
+        let invalid_settings = self
+            .invalid_settings
+            .iter()
+            .map(|setting| SettingProblem {
+                namespace: service.namespace.clone(),
+                service: service.name.clone(),
+                setting: setting.clone(),
+            })
+            .collect();
+        (skipped, skipped_labels, invalid_settings)
+    }
+}
+
+/// Plans one service; `Err` when it cannot become a ServiceEntry at all.
+fn plan_service<'a>(service: &'a Service, options: &Options) -> Result<Plan<'a>, SkipReason> {
     let raw_host = format!("{}.{}", service.name, service.namespace);
     let host = to_host(&raw_host).ok_or_else(|| SkipReason::InvalidHost(raw_host.clone()))?;
     let name = entry_name(&raw_host, &host);
@@ -291,25 +501,12 @@ pub fn explain_service(service: &Service, options: &Options) -> Result<Explanati
     let mut skipped = Vec::new();
     let mut skipped_labels = Vec::new();
 
-    let selected = options.health_filter.select(&service.instances);
-    let mut health_filtered: Vec<(String, Health)> = service
-        .instances
-        .iter()
-        .filter(|i| !selected.iter().any(|s| std::ptr::eq(*s, *i)))
-        .map(|i| (i.id.clone(), i.health))
-        .collect();
-    health_filtered.sort();
-    let mut selected = selected;
+    let mut selected = options.health_filter.select(&service.instances);
     selected.sort_by(|a, b| (&a.id, &a.attributes).cmp(&(&b.id, &b.attributes)));
 
-    let mut endpoints: Vec<Endpoint> = Vec::new();
+    let mut endpoints: Vec<Endpoint<'a>> = Vec::with_capacity(selected.len());
     for instance in selected {
-        for (key, value) in instance.attributes.iter().filter(|(k, _)| is_custom(k)) {
-            if !valid_label(key, value) {
-                skipped_labels.push(key.to_owned());
-            }
-        }
-        match to_endpoint(instance) {
+        match to_endpoint(instance, &mut skipped_labels) {
             Ok(endpoint) => endpoints.push(endpoint),
             Err(reason) => skipped.push((instance.id.clone(), reason)),
         }
@@ -321,7 +518,7 @@ pub fn explain_service(service: &Service, options: &Options) -> Result<Explanati
         endpoints.retain(|e| match &e.address {
             Address::Ip(_) => true,
             Address::Hostname(h) => {
-                skipped.extend(e.instances.iter().map(|i| (i.clone(), SkipReason::NotAnIp(h.clone()))));
+                skipped.push((e.instance.to_owned(), SkipReason::NotAnIp(h.clone())));
                 false
             }
         });
@@ -344,44 +541,41 @@ pub fn explain_service(service: &Service, options: &Options) -> Result<Explanati
         }
         None => (ports::derived(&instance_ports, defaults), Origin::Default),
     };
-    let mut workload_entries: Vec<(WorkloadEntry, Vec<String>)> = Vec::new();
-    for (endpoint, targets) in endpoints.iter().zip(plan.targets) {
+    let mut ports_by_name: Vec<usize> = (0..plan.ports.len()).collect();
+    ports_by_name.sort_by(|a, b| plan.ports[*a].spec.name.cmp(&plan.ports[*b].spec.name));
+    let in_name_order = ports_by_name.iter().enumerate().all(|(i, p)| i == *p);
+    let mut served: Vec<Served<'a>> = Vec::with_capacity(endpoints.len());
+    for (endpoint, targets) in endpoints.into_iter().zip(plan.targets) {
         match targets {
-            Some(targets) => workload_entries.push((
-                WorkloadEntry {
-                    address: endpoint.address.render(),
-                    ports: targets,
-                    labels: endpoint.labels.clone(),
-                    network: String::new(),
-                    locality: endpoint.locality.clone(),
-                    weight: 0,
-                    service_account: String::new(),
+            Some(targets) => served.push(Served {
+                address: endpoint.address.into_rendered(),
+                targets: if in_name_order {
+                    targets
+                } else {
+                    ports_by_name.iter().map(|i| targets[*i]).collect()
                 },
-                endpoint.instances.clone(),
-            )),
+                labels: endpoint.labels,
+                locality: endpoint.locality,
+                instances: smallvec![endpoint.instance],
+            }),
             None => {
                 let why = plan.conflict.clone().unwrap_or_default();
-                skipped.extend(
-                    endpoint.instances.iter().map(|i| (i.clone(), SkipReason::PortConflict(why.clone()))),
-                );
+                skipped.push((endpoint.instance.to_owned(), SkipReason::PortConflict(why)));
             }
         }
     }
     // Sorted and deduplicated on content, so instance order and duplicates never show.
-    workload_entries.sort_by(|a, b| {
-        (endpoint_key(&a.0), &a.0.labels, &a.0.locality).cmp(&(
-            endpoint_key(&b.0),
-            &b.0.labels,
-            &b.0.locality,
-        ))
-    });
-    let mut merged: Vec<(WorkloadEntry, Vec<String>)> = Vec::with_capacity(workload_entries.len());
-    for (entry, instances) in workload_entries {
-        match merged.last_mut() {
-            Some((last, ids)) if *last == entry => ids.extend(instances),
-            _ => merged.push((entry, instances)),
+    served.sort_by(|a, b| a.key().cmp(&b.key()));
+    served.dedup_by(|later, kept| {
+        let same = later.key() == kept.key();
+        if same {
+            kept.instances.extend(later.instances.drain(..));
         }
-    }
+        same
+    });
+    let mut merged = served;
+    merged.iter_mut().for_each(|e| e.instances.sort_unstable());
+    let endpoint_ips_usable = merged.iter().all(|e| matches!(e.address, Address::Ip(_)));
 
     // istiod allows DNS_ROUND_ROBIN with at most one endpoint (counted as served: an
     // address that appears with two localities is two endpoints).
@@ -394,21 +588,25 @@ pub fn explain_service(service: &Service, options: &Options) -> Result<Explanati
                 merged.len()
             ),
         });
-        let all_ips = merged.iter().all(|(e, _)| e.address.parse::<IpAddr>().is_ok());
         resolution = Sourced {
-            value: if all_ips { Resolution::Static } else { Resolution::Dns },
+            value: if endpoint_ips_usable { Resolution::Static } else { Resolution::Dns },
             origin: Origin::Default,
         };
     }
 
     // Addresses.
     let kept_ips: Vec<IpAddr> = {
-        let mut ips: Vec<IpAddr> = merged.iter().filter_map(|(e, _)| e.address.parse().ok()).collect();
+        let mut ips: Vec<IpAddr> = merged
+            .iter()
+            .filter_map(|e| match e.address {
+                Address::Ip(ip) => Some(ip),
+                Address::Hostname(_) => None,
+            })
+            .collect();
         ips.sort();
         ips.dedup();
         ips
     };
-    let endpoint_ips_usable = merged.iter().all(|(e, _)| e.address.parse::<IpAddr>().is_ok());
     let addresses_for = |mode: &AddressMode| -> Result<Vec<String>, String> {
         match mode {
             AddressMode::None => Ok(Vec::new()),
@@ -461,25 +659,12 @@ pub fn explain_service(service: &Service, options: &Options) -> Result<Explanati
         resolution.value,
         endpoint_count,
     ));
-    let (endpoints, endpoint_instances): (Vec<WorkloadEntry>, Vec<Vec<String>>) = if resolution.value
-        == Resolution::None
-    {
-        if endpoint_count > 0 {
-            notes.push(format!(
-                    "resolution NONE: the {endpoint_count} endpoint(s) are not listed (istiod forbids endpoints with NONE); \
-                     traffic goes to the address the caller dialled"
-                ));
-        }
-        (Vec::new(), Vec::new())
-    } else {
-        merged
-            .into_iter()
-            .map(|(e, mut ids)| {
-                ids.sort();
-                (e, ids)
-            })
-            .unzip()
-    };
+    if resolution.value == Resolution::None && endpoint_count > 0 {
+        notes.push(format!(
+            "resolution NONE: the {endpoint_count} endpoint(s) are not listed (istiod forbids endpoints with NONE); \
+             traffic goes to the address the caller dialled"
+        ));
+    }
 
     // Once per instance id and reason, once per key: what a full translation reports, so
     // the snapshot builder, which translates per service, counts the same.
@@ -489,42 +674,22 @@ pub fn explain_service(service: &Service, options: &Options) -> Result<Explanati
     skipped_labels.dedup();
     invalid_settings.sort();
     invalid_settings.dedup();
-    let spec = ServiceEntry {
-        hosts: vec![host.clone()],
-        addresses,
-        ports: plan
-            .ports
-            .iter()
-            .map(|p| ServicePort {
-                number: u32::from(p.spec.number),
-                protocol: p.spec.protocol.as_str().into(),
-                name: p.spec.name.clone(),
-                target_port: 0,
-            })
-            .collect(),
-        location: settings.location.value.into(),
-        resolution: resolution.value.into(),
-        endpoints,
-        workload_selector: None,
-        export_to: export_to.value.clone(),
-        subject_alt_names: Vec::new(),
-    };
-    Ok(Explanation {
+    Ok(Plan {
         name,
         host,
         ports_origin,
         ports: plan.ports,
+        ports_by_name,
         location: settings.location,
         export_to,
         resolution,
-        addresses: address_mode,
-        endpoint_instances,
+        address_mode,
+        addresses,
+        endpoints: merged,
         skipped,
-        health_filtered,
         skipped_labels,
         invalid_settings,
         notes,
-        spec,
     })
 }
 
@@ -596,24 +761,15 @@ fn origin_key(origin: &Origin, attribute: &'static str) -> String {
     }
 }
 
-/// Orders endpoints by address (IPs numerically, before names), then ports.
-fn endpoint_key(e: &WorkloadEntry) -> (Address, &BTreeMap<String, u32>) {
-    let address = match e.address.parse::<IpAddr>() {
-        Ok(ip) => Address::Ip(ip),
-        Err(_) => Address::Hostname(e.address.clone()),
-    };
-    (address, &e.ports)
-}
-
 /// An instance reduced to what the ServiceEntry needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Endpoint {
+#[derive(Debug, Clone)]
+struct Endpoint<'a> {
     address: Address,
     port: Option<u16>,
-    labels: BTreeMap<String, String>,
-    locality: String,
-    /// The instance IDs it stands for.
-    instances: Vec<String>,
+    /// Its custom attributes that are valid labels, in key order.
+    labels: Vec<(&'a str, &'a str)>,
+    locality: Cow<'a, str>,
+    instance: &'a str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -630,11 +786,25 @@ impl Address {
             Address::Hostname(h) => h.clone(),
         }
     }
+
+    /// What the rendered address reads as: a DNS name spelled as an IP is that IP.
+    fn into_rendered(self) -> Address {
+        match self {
+            Address::Hostname(h) => match h.parse::<IpAddr>() {
+                Ok(ip) => Address::Ip(ip),
+                Err(_) => Address::Hostname(h),
+            },
+            ip => ip,
+        }
+    }
 }
 
-fn to_endpoint(instance: &Instance) -> Result<Endpoint, SkipReason> {
-    let attrs = &instance.attributes;
-    let port = match attrs.get(attr::PORT) {
+fn to_endpoint<'a>(
+    instance: &'a Instance,
+    skipped_labels: &mut Vec<String>,
+) -> Result<Endpoint<'a>, SkipReason> {
+    let known = Known::read(&instance.attributes, skipped_labels);
+    let port = match known.port {
         None => None,
         Some(value) => match value.trim().parse::<u16>() {
             Ok(p) if p > 0 => Some(p),
@@ -642,32 +812,71 @@ fn to_endpoint(instance: &Instance) -> Result<Endpoint, SkipReason> {
         },
     };
     Ok(Endpoint {
-        address: to_address(attrs)?,
+        address: to_address(&known)?,
         port,
-        labels: attrs
-            .iter()
-            .filter(|(k, v)| is_custom(k) && valid_label(k, v))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect(),
-        locality: to_locality(attrs),
-        instances: vec![instance.id.clone()],
+        locality: to_locality(&known),
+        labels: known.labels,
+        instance: &instance.id,
     })
+}
+
+/// What an endpoint is made of, taken from an instance's attributes in one pass
+/// (a full build reads every instance; a lookup per attribute cost a binary search each).
+#[derive(Debug, Default)]
+struct Known<'a> {
+    ipv4: Option<&'a str>,
+    ipv6: Option<&'a str>,
+    cname: Option<&'a str>,
+    alias_dns_name: Option<&'a str>,
+    port: Option<&'a str>,
+    region: Option<&'a str>,
+    zone: Option<&'a str>,
+    /// The custom attributes that are valid labels, in key order.
+    labels: Vec<(&'a str, &'a str)>,
+}
+
+impl<'a> Known<'a> {
+    /// Custom attributes that cannot be labels are added to `skipped_labels`.
+    fn read(attributes: &'a Attributes, skipped_labels: &mut Vec<String>) -> Self {
+        let mut known = Known { labels: Vec::with_capacity(attributes.len()), ..Known::default() };
+        for (key, value) in attributes.iter() {
+            let slot = match key {
+                attr::IPV4 => &mut known.ipv4,
+                attr::IPV6 => &mut known.ipv6,
+                attr::CNAME => &mut known.cname,
+                attr::ALIAS_DNS_NAME => &mut known.alias_dns_name,
+                attr::PORT => &mut known.port,
+                attr::REGION => &mut known.region,
+                attr::AVAILABILITY_ZONE => &mut known.zone,
+                _ => &mut None,
+            };
+            *slot = Some(value);
+            if is_custom(key) {
+                if valid_label(key, value) {
+                    known.labels.push((key, value));
+                } else {
+                    skipped_labels.push(key.to_owned());
+                }
+            }
+        }
+        known
+    }
 }
 
 type AddressParser = fn(&str) -> Option<Address>;
 
 /// IPv4 wins over IPv6, and an IP over a DNS name. The first present attribute
 /// that is invalid is the reason given when no attribute is usable.
-fn to_address(attrs: &Attributes) -> Result<Address, SkipReason> {
+fn to_address(known: &Known<'_>) -> Result<Address, SkipReason> {
     let mut first_invalid = None;
-    let candidates: [(&'static str, AddressParser); 4] = [
-        (attr::IPV4, |v| v.parse::<Ipv4Addr>().ok().map(|ip| Address::Ip(ip.into()))),
-        (attr::IPV6, |v| v.parse::<Ipv6Addr>().ok().map(|ip| Address::Ip(ip.into()))),
-        (attr::CNAME, |v| to_dns_name(v).map(Address::Hostname)),
-        (attr::ALIAS_DNS_NAME, |v| to_dns_name(v).map(Address::Hostname)),
+    let candidates: [(&'static str, Option<&str>, AddressParser); 4] = [
+        (attr::IPV4, known.ipv4, |v| v.parse::<Ipv4Addr>().ok().map(|ip| Address::Ip(ip.into()))),
+        (attr::IPV6, known.ipv6, |v| v.parse::<Ipv6Addr>().ok().map(|ip| Address::Ip(ip.into()))),
+        (attr::CNAME, known.cname, |v| to_dns_name(v).map(Address::Hostname)),
+        (attr::ALIAS_DNS_NAME, known.alias_dns_name, |v| to_dns_name(v).map(Address::Hostname)),
     ];
-    for (attribute, parse) in candidates {
-        let Some(value) = attrs.get(attribute) else { continue };
+    for (attribute, value, parse) in candidates {
+        let Some(value) = value else { continue };
         match parse(value.trim()) {
             Some(address) => return Ok(address),
             None => {
@@ -680,12 +889,19 @@ fn to_address(attrs: &Attributes) -> Result<Address, SkipReason> {
 }
 
 /// ECS's `REGION` and `AVAILABILITY_ZONE` as Istio's `region/zone`.
-fn to_locality(attrs: &Attributes) -> String {
-    let part = |key| attrs.get(key).map(str::trim).filter(|v| valid_locality_part(v));
-    match (part(attr::REGION), part(attr::AVAILABILITY_ZONE)) {
-        (Some(region), Some(zone)) => format!("{region}/{zone}"),
-        (Some(region), None) => region.to_owned(),
-        _ => String::new(),
+fn to_locality<'a>(known: &Known<'a>) -> Cow<'a, str> {
+    let part = |value: Option<&'a str>| value.map(str::trim).filter(|v| valid_locality_part(v));
+    match (part(known.region), part(known.zone)) {
+        (Some(region), Some(zone)) => {
+            // Built by hand: `format!` cost more than the rest of an endpoint's translation.
+            let mut locality = String::with_capacity(region.len() + 1 + zone.len());
+            locality.push_str(region);
+            locality.push('/');
+            locality.push_str(zone);
+            Cow::Owned(locality)
+        }
+        (Some(region), None) => Cow::Borrowed(region),
+        _ => Cow::Borrowed(""),
     }
 }
 

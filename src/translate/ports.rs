@@ -34,9 +34,9 @@ pub struct PlannedPort {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortPlan {
     pub ports: Vec<PlannedPort>,
-    /// Per endpoint (same order as the input): port name → target port, or
-    /// `None` when the endpoint cannot serve the service's ports.
-    pub targets: Vec<Option<BTreeMap<String, u32>>>,
+    /// Per endpoint (same order as the input): the target port of each of
+    /// `ports` (same order), or `None` when the endpoint cannot serve them.
+    pub targets: Vec<Option<Vec<u32>>>,
     /// Why endpoints were left out, when some were.
     pub conflict: Option<String>,
 }
@@ -50,12 +50,9 @@ pub fn declared(ports: &[PortSpec], instance_ports: &[Option<u16>], origin: &Ori
                 ports
                     .iter()
                     .enumerate()
-                    .map(|(i, p)| {
-                        let target = match own {
-                            Some(own) if i == 0 => *own,
-                            _ => p.number,
-                        };
-                        (p.name.clone(), u32::from(target))
+                    .map(|(i, p)| match own {
+                        Some(own) if i == 0 => u32::from(*own),
+                        _ => u32::from(p.number),
                     })
                     .collect(),
             )
@@ -67,21 +64,22 @@ pub fn declared(ports: &[PortSpec], instance_ports: &[Option<u16>], origin: &Ori
 
 /// Ports derived from what the instances registered (see the module documentation).
 pub fn derived(instance_ports: &[Option<u16>], defaults: &Defaults) -> PortPlan {
-    let offers: Vec<Vec<u16>> = instance_ports
+    // Runs once per service on every build: no collection per endpoint but the targets.
+    let offers: Vec<&[u16]> = instance_ports
         .iter()
         .map(|p| match p {
-            Some(p) => vec![*p],
-            None => PORTLESS_PORTS.to_vec(),
+            Some(p) => std::slice::from_ref(p),
+            None => &PORTLESS_PORTS[..],
         })
         .collect();
     let protocol = |n: u16| defaults.protocol_of(n).value;
-    let protocols_of = |offer: &Vec<u16>| offer.iter().map(|n| protocol(*n)).collect::<BTreeSet<_>>();
+    let protocols_of = |offer: &[u16]| offer.iter().fold(ProtocolSet::EMPTY, |set, n| set.with(protocol(*n)));
 
     // Which endpoints stay: all of them when they share a protocol; otherwise the largest group.
     let mut kept: Vec<bool> = vec![true; offers.len()];
     let mut conflict = None;
     if !offers.is_empty() {
-        let shared = offers.iter().map(protocols_of).reduce(|a, b| &a & &b).unwrap_or_default();
+        let shared = offers.iter().fold(ProtocolSet::ALL, |set, offer| set.and(protocols_of(offer)));
         if shared.is_empty() {
             let winner = winning_protocol(&offers, instance_ports, &protocol);
             for (keep, offer) in kept.iter_mut().zip(&offers) {
@@ -97,20 +95,22 @@ pub fn derived(instance_ports: &[Option<u16>], defaults: &Defaults) -> PortPlan 
         }
     }
 
-    let kept_offers: Vec<&Vec<u16>> = offers.iter().zip(&kept).filter(|(_, k)| **k).map(|(o, _)| o).collect();
-    let numbers: BTreeSet<u16> = if kept_offers.is_empty() {
-        PORTLESS_PORTS.into_iter().collect()
+    let kept_offers: Vec<&[u16]> = offers.iter().zip(&kept).filter(|(_, k)| **k).map(|(o, _)| *o).collect();
+    let mut numbers: Vec<u16> = if kept_offers.is_empty() {
+        PORTLESS_PORTS.to_vec()
     } else {
         kept_offers.iter().flat_map(|o| o.iter().copied()).collect()
     };
-    let shared: BTreeSet<Protocol> = kept_offers
-        .iter()
-        .map(|o| protocols_of(o))
-        .reduce(|a, b| &a & &b)
-        .unwrap_or_else(|| numbers.iter().map(|n| protocol(*n)).collect());
+    numbers.sort_unstable();
+    numbers.dedup();
+    let shared = if kept_offers.is_empty() {
+        numbers.iter().fold(ProtocolSet::EMPTY, |set, n| set.with(protocol(*n)))
+    } else {
+        kept_offers.iter().fold(ProtocolSet::ALL, |set, offer| set.and(protocols_of(offer)))
+    };
     let ports: Vec<PlannedPort> = numbers
         .iter()
-        .filter(|n| shared.contains(&protocol(**n)))
+        .filter(|n| shared.contains(protocol(**n)))
         .map(|&n| {
             let p = defaults.protocol_of(n);
             PlannedPort {
@@ -139,7 +139,7 @@ pub fn derived(instance_ports: &[Option<u16>], defaults: &Defaults) -> PortPlan 
                                 .min()
                                 .unwrap_or(p.spec.number)
                         };
-                        (p.spec.name.clone(), u32::from(target))
+                        u32::from(target)
                     })
                     .collect()
             })
@@ -148,10 +148,39 @@ pub fn derived(instance_ports: &[Option<u16>], defaults: &Defaults) -> PortPlan 
     PortPlan { ports, targets, conflict }
 }
 
+/// A set of protocols as bits, so an endpoint's protocols cost no allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProtocolSet(u32);
+
+impl ProtocolSet {
+    const EMPTY: ProtocolSet = ProtocolSet(0);
+    const ALL: ProtocolSet = ProtocolSet(u32::MAX);
+
+    fn bit(p: Protocol) -> u32 {
+        1 << (p as u32)
+    }
+
+    fn with(self, p: Protocol) -> Self {
+        ProtocolSet(self.0 | Self::bit(p))
+    }
+
+    fn and(self, other: Self) -> Self {
+        ProtocolSet(self.0 & other.0)
+    }
+
+    fn contains(self, p: Protocol) -> bool {
+        self.0 & Self::bit(p) != 0
+    }
+
+    fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+}
+
 /// The protocol served by the most endpoints; ties go to the protocol of endpoints
 /// that registered a port, then to the protocol of the lowest port number.
 fn winning_protocol(
-    offers: &[Vec<u16>],
+    offers: &[&[u16]],
     instance_ports: &[Option<u16>],
     protocol: &impl Fn(u16) -> Protocol,
 ) -> Protocol {
@@ -177,8 +206,14 @@ mod tests {
         plan.ports.iter().map(|p| (p.spec.number, p.spec.name.as_str(), p.spec.protocol)).collect()
     }
 
+    /// Port name → target, in name order.
     fn targets(plan: &PortPlan, i: usize) -> Option<Vec<(&str, u32)>> {
-        plan.targets[i].as_ref().map(|t| t.iter().map(|(k, v)| (k.as_str(), *v)).collect())
+        plan.targets[i].as_ref().map(|t| {
+            let mut named: Vec<(&str, u32)> =
+                plan.ports.iter().map(|p| p.spec.name.as_str()).zip(t.iter().copied()).collect();
+            named.sort();
+            named
+        })
     }
 
     #[test]

@@ -1,6 +1,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
 
+use prost::Message;
+
 use super::*;
 use crate::model::Health;
 
@@ -27,8 +29,11 @@ fn service(ns: &str, name: &str, instances: Vec<Instance>) -> Service {
 }
 
 fn one(svc: Service) -> (Entry, Translation) {
+    let encoded = translate_service_encoded(&svc, &options());
     let t = translate(&Registry::new(vec![svc]), &options());
     assert_eq!(t.entries.len(), 1, "{t:?}");
+    // The builder's path writes the bytes itself: exactly prost's for the same entry.
+    assert_eq!(encoded.entry.map(|e| e.spec), Some(t.entries[0].spec.encode_to_vec()));
     (t.entries[0].clone(), t)
 }
 
