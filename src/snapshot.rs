@@ -15,10 +15,11 @@ mod builder;
 mod list;
 pub mod publish;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::SystemTime;
 
 use prost::Message;
+use prost::bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
@@ -131,6 +132,8 @@ pub struct Snapshot {
     resources_field_len: usize,
     /// Total of the resources' `encoded.value` lengths.
     encoded_len: usize,
+    /// The `resources` field encoded, while some stream is sending it.
+    resources_field: ResourcesField,
 }
 
 /// What a snapshot's figures add up from, maintained as resources come and go.
@@ -181,6 +184,7 @@ impl Snapshot {
             built_at: SystemTime::now(),
             resources_field_len: 0,
             encoded_len: 0,
+            resources_field: ResourcesField::default(),
         }
     }
 
@@ -224,6 +228,7 @@ impl Snapshot {
             built_at: SystemTime::now(),
             resources_field_len: totals.resources_field_len,
             encoded_len: totals.encoded_len,
+            resources_field: ResourcesField::default(),
         }
     }
 
@@ -262,11 +267,77 @@ impl Snapshot {
     pub fn encoded_len(&self) -> usize {
         self.encoded_len
     }
+
+    /// The resources encoded as the repeated `resources` field of a `DiscoveryResponse`
+    /// ([`resources_field_len`](Self::resources_field_len) bytes), in one buffer that every
+    /// stream sending this snapshot shares: a push to N streams encodes the set once, and each
+    /// stream hands the same bytes to its connection. The buffer lives while some stream still
+    /// sends it and is encoded again if a stream needs it later, so it costs no memory between
+    /// pushes.
+    pub fn resources_field(&self) -> Bytes {
+        self.resources_field.get_or_encode(|| {
+            let mut field = Vec::with_capacity(self.resources_field_len);
+            for r in self.resources.iter() {
+                prost::encoding::message::encode(RESOURCES_FIELD, &r.encoded, &mut field);
+            }
+            field
+        })
+    }
+}
+
+/// `DiscoveryResponse.resources`.
+const RESOURCES_FIELD: u32 = 2;
+
+/// A snapshot's encoded `resources` field, held by the streams sending it and only
+/// weakly here. Copies and comparisons of a snapshot ignore it (it is derived).
+#[derive(Default)]
+struct ResourcesField(Mutex<Weak<Vec<u8>>>);
+
+/// One stream's handle on a shared [`ResourcesField`] buffer, as `Bytes`.
+struct SharedField(Arc<Vec<u8>>);
+
+impl AsRef<[u8]> for SharedField {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl ResourcesField {
+    fn get_or_encode(&self, encode: impl FnOnce() -> Vec<u8>) -> Bytes {
+        // Encoding under the lock makes the streams of one push wait for the first one's
+        // encoding rather than each encode its own copy. A panic cannot leave the Weak torn.
+        let mut cached = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let field = cached.upgrade().unwrap_or_else(|| {
+            let field = Arc::new(encode());
+            *cached = Arc::downgrade(&field);
+            field
+        });
+        drop(cached);
+        Bytes::from_owner(SharedField(field))
+    }
+}
+
+impl Clone for ResourcesField {
+    fn clone(&self) -> Self {
+        ResourcesField::default()
+    }
+}
+
+impl PartialEq for ResourcesField {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for ResourcesField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let held = self.0.lock().map_or(0, |w| w.strong_count());
+        write!(f, "ResourcesField(held by {held})")
+    }
 }
 
 /// One resource inside `DiscoveryResponse.resources` (field 2: a one-byte key), length prefix included.
 fn framed_len(any: &SharedAny) -> usize {
-    const RESOURCES_FIELD: u32 = 2;
     let len = any.encoded_len();
     prost::encoding::key_len(RESOURCES_FIELD) + prost::encoding::encoded_len_varint(len as u64) + len
 }

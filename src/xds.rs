@@ -2,9 +2,12 @@
 //!
 //! Each stream is a synchronous [`connection::Connection`] state machine (what was
 //! sent, ACKed and NACKed per type URL) driven by a thin async loop in [`server`];
-//! responses borrow the snapshot's encoded resources ([`response`]) and wait in
-//! a per-stream [`outbox`] where a newer full set replaces an unsent one.
+//! responses borrow the snapshot's encoded resources ([`response`]), wait in
+//! a per-stream [`outbox`] where a newer full set replaces an unsent one, and go
+//! out through a gRPC body ([`body`]) that sends the resources every stream
+//! shares without copying them.
 
+pub mod body;
 pub mod clients;
 pub mod connection;
 pub mod outbox;

@@ -13,7 +13,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use prost::bytes::{Buf, BufMut};
+use prost::bytes::{Buf, BufMut, Bytes};
 use prost::encoding::{DecodeContext, WireType, message, skip_field, string};
 
 use crate::proto::SharedAny;
@@ -85,14 +85,22 @@ impl PartialEq<Vec<SharedAny>> for Resources {
     }
 }
 
-impl prost::Message for DiscoveryResponse {
-    fn encode_raw(&self, buf: &mut impl BufMut) {
+impl DiscoveryResponse {
+    /// The fields before `resources`, encoded into `buf`.
+    pub fn encode_head(&self, buf: &mut impl BufMut) {
         if !self.version_info.is_empty() {
             string::encode(VERSION_INFO, &self.version_info, buf);
         }
-        for any in self.resources.iter() {
-            message::encode(RESOURCES, any, buf);
-        }
+    }
+
+    /// The `resources` field as the snapshot's shared encoding (see
+    /// [`Snapshot::resources_field`]); `None` when there are none.
+    pub fn resources_field(&self) -> Option<Bytes> {
+        self.resources.0.as_ref().filter(|s| !s.resources.is_empty()).map(|s| s.resources_field())
+    }
+
+    /// The fields after `resources`, encoded into `buf`.
+    pub fn encode_tail(&self, buf: &mut impl BufMut) {
         if !self.type_url.is_empty() {
             string::encode(TYPE_URL, &self.type_url, buf);
         }
@@ -102,6 +110,16 @@ impl prost::Message for DiscoveryResponse {
         if let Some(control_plane) = &self.control_plane {
             message::encode(CONTROL_PLANE, control_plane, buf);
         }
+    }
+}
+
+impl prost::Message for DiscoveryResponse {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        self.encode_head(buf);
+        for any in self.resources.iter() {
+            message::encode(RESOURCES, any, buf);
+        }
+        self.encode_tail(buf);
     }
 
     fn merge_field(

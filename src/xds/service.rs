@@ -1,22 +1,25 @@
 //! The `AggregatedDiscoveryService` gRPC service, routed by hand.
 //!
 //! The generated server would encode the generated `DiscoveryResponse`, whose
-//! resources are a `Vec<Any>` built per push; this one encodes
-//! [`DiscoveryResponse`](super::response::DiscoveryResponse), whose resources
-//! are the snapshot's own encoding. Same service name, methods and wire format;
-//! clients (istiod, the generated client) see no difference.
+//! resources are a `Vec<Any>` built per push, into each stream's buffer; this one
+//! decodes requests with tonic but sends its own body ([`ResponseBody`]), where a
+//! response's resources are the snapshot's encoding shared by every stream. Same
+//! service name, methods and wire format; clients (istiod, the generated client)
+//! see no difference.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tonic::body::Body;
+use tonic::codec::Codec;
 use tonic::codegen::{BoxFuture, Service, StdError, http};
-use tonic::server::{Grpc, NamedService, StreamingService};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::metadata::MetadataValue;
+use tonic::server::NamedService;
+use tonic::{Request, Status, Streaming};
 use tonic_prost::ProstCodec;
 
-use super::outbox::Outgoing;
+use super::body::ResponseBody;
 use super::response::DiscoveryResponse;
 use super::server::AdsServer;
 use crate::proto::envoy::service::discovery::v3::DiscoveryRequest;
@@ -42,17 +45,47 @@ impl NamedService for AdsService {
     const NAME: &'static str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
 }
 
-/// One `StreamAggregatedResources` call.
-struct Sotw(Arc<AdsServer>);
+/// The gRPC content type tonic answers with.
+const GRPC_CONTENT_TYPE: &str = "application/grpc";
 
-impl StreamingService<DiscoveryRequest> for Sotw {
-    type Response = DiscoveryResponse;
-    type ResponseStream = Outgoing;
-    type Future = BoxFuture<Response<Outgoing>, Status>;
+/// Refuses compressed requests as tonic does when no compression is enabled.
+fn uncompressed(headers: &http::HeaderMap) -> Result<(), Status> {
+    match headers.get("grpc-encoding").map(|v| v.as_bytes()) {
+        None | Some(b"identity") => Ok(()),
+        Some(other) => {
+            let mut status = Status::unimplemented(format!(
+                "Content is compressed with `{}` which isn't supported",
+                String::from_utf8_lossy(other)
+            ));
+            status.metadata_mut().insert("grpc-accept-encoding", MetadataValue::from_static("identity"));
+            Err(status)
+        }
+    }
+}
 
-    fn call(&mut self, request: Request<Streaming<DiscoveryRequest>>) -> Self::Future {
-        let result = self.0.stream_aggregated_resources(request);
-        Box::pin(async move { result })
+/// One `StreamAggregatedResources` call: tonic decodes the requests, [`ResponseBody`]
+/// sends the responses.
+fn stream_aggregated_resources<B>(server: &AdsServer, request: http::Request<B>) -> http::Response<Body>
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    if let Err(status) = uncompressed(request.headers()) {
+        return status.into_http();
+    }
+    // Requests are bounded by --max-request-size; responses by --max-response-size,
+    // which the stream checks itself before queueing (so it can log and count).
+    let decoder = ProstCodec::<DiscoveryResponse, DiscoveryRequest>::default().decoder();
+    let request =
+        request.map(|body| Streaming::new_request(decoder, body, None, Some(server.limits().request_size)));
+    match server.stream_aggregated_resources(Request::from_http(request)) {
+        Ok(response) => {
+            let mut http = http::Response::new(Body::new(ResponseBody::new(response.into_inner())));
+            http.headers_mut()
+                .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(GRPC_CONTENT_TYPE));
+            http
+        }
+        Err(status) => status.into_http(),
     }
 }
 
@@ -73,14 +106,7 @@ where
         match request.uri().path() {
             STREAM_AGGREGATED_RESOURCES => {
                 let server = self.server.clone();
-                Box::pin(async move {
-                    // Requests are bounded by --max-request-size; responses by --max-response-size,
-                    // which the stream checks itself before queueing (so it can log and count).
-                    let limits = server.limits();
-                    let mut grpc = Grpc::new(ProstCodec::<DiscoveryResponse, DiscoveryRequest>::default())
-                        .apply_max_message_size_config(Some(limits.request_size), Some(usize::MAX));
-                    Ok(grpc.streaming(Sotw(server), request).await)
-                })
+                Box::pin(async move { Ok(stream_aggregated_resources(&server, request)) })
             }
             DELTA_AGGREGATED_RESOURCES => Box::pin(async {
                 Ok(Status::unimplemented(
