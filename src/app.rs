@@ -101,6 +101,11 @@ pub async fn build(args: ServeArgs) -> anyhow::Result<Bound> {
         ),
     );
 
+    supervisor.spawn(
+        task_names::MEMORY_TRIMMER,
+        crate::memory::trim_periodically(crate::memory::TRIM_INTERVAL, draining.clone()),
+    );
+
     let clients = Clients::default();
     let grpc_listener = TcpListener::bind(args.grpc_addr)
         .await

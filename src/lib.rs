@@ -13,6 +13,7 @@ pub mod debug;
 pub mod error_text;
 pub mod incoming;
 pub mod limits;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod render;

@@ -24,6 +24,7 @@ pub mod task_names {
     pub const READINESS_MIRROR: &str = "readiness-mirror";
     pub const TLS_RELOADER: &str = "tls-reloader";
     pub const PEER_BOOTSTRAP: &str = "peer-bootstrap";
+    pub const MEMORY_TRIMMER: &str = "memory-trimmer";
 }
 
 /// How a supervised task ended.

@@ -126,6 +126,8 @@ impl Stage {
             self.publisher.publish_partial(snapshot)
         };
         record_served_metrics(&self.metrics, &self.publisher.current());
+        // A build frees about as much as it keeps (the old snapshot, the encoding buffers).
+        crate::memory::trim();
         if published {
             self.metrics.snapshot.published.inc();
             info!(%version, service_entries = entries, endpoints, "snapshot published");

@@ -258,7 +258,7 @@ def test_tuned_values_reach_the_container():
     assert env["CLOUDMAP_XDS_HEALTH_FILTER"] == "HEALTHY"
     assert env["AWS_EC2_METADATA_DISABLED"] == "true"
     assert c["resources"]["limits"]["memory"] == "512Mi"
-    assert c["resources"]["requests"] == {"cpu": "50m", "memory": "96Mi"}, "other resources keep their defaults"
+    assert c["resources"]["requests"] == {"cpu": "150m", "memory": "96Mi"}, "other resources keep their defaults"
     assert deploy["spec"]["template"]["spec"]["priorityClassName"] == "system-cluster-critical"
     defaults = env_by_name(container(deployment(scenario_docs("defaults"))))
     assert "CLOUDMAP_XDS_PUBLISH_NAMESPACE" not in defaults, "default: the pod's namespace (POD_NAMESPACE)"

@@ -9,6 +9,10 @@
 //! of that operation for that service came before, so the faults each service
 //! sees repeat with the seed however the poller's concurrent calls interleave.
 //!
+//! Client connections are kept alive (one upstream connection per request), which
+//! moto itself never does: `benches/cloudmap.rs` measures the CPU per call of a client
+//! that reuses its connections, as it does with AWS, through a proxy without faults.
+//!
 //! Requests are the AWS JSON 1.1 protocol: the operation is the suffix of
 //! `X-Amz-Target` and the service is the `ServiceName` (Discover calls) or
 //! `ServiceId` (GetServiceAttributes) of the JSON body.
@@ -110,6 +114,8 @@ struct Shared {
     fired: BTreeMap<(String, Fault), u64>,
     /// Every request in arrival order, faulted or not.
     journal: Vec<Call>,
+    /// Client connections accepted (each serves requests until the client closes it).
+    connections: u64,
 }
 
 /// One request as the proxy saw it.
@@ -181,6 +187,7 @@ impl FaultProxy {
         let state = shared.clone();
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                state.lock().unwrap().connections += 1;
                 let state = state.clone();
                 tokio::spawn(async move {
                     let _ = serve(stream, upstream, state).await;
@@ -240,6 +247,11 @@ impl FaultProxy {
     /// Calls per (operation, service name or ID).
     pub fn calls_by_service(&self) -> BTreeMap<(String, String), u64> {
         self.shared.lock().unwrap().calls_by_service.clone()
+    }
+
+    /// Client connections accepted so far: fewer than the calls when the client reuses them.
+    pub fn connections(&self) -> u64 {
+        self.shared.lock().unwrap().connections
     }
 
     pub fn faulted(&self) -> u64 {
