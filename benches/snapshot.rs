@@ -11,7 +11,7 @@ use cloudmap_xds::snapshot::Builder;
 use cloudmap_xds::source::registry_file;
 use cloudmap_xds::translate;
 use common::{change, generated, options};
-use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_main};
+use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group};
 use prost::Message;
 
 fn bench(c: &mut Criterion) {
@@ -72,4 +72,10 @@ fn bench(c: &mut Criterion) {
 }
 
 criterion_group!(benches, bench);
-criterion_main!(benches);
+
+fn main() {
+    // As the binary runs: one malloc arena (see `memory`).
+    cloudmap_xds::memory::use_one_arena();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -22,9 +22,6 @@ type ServiceKey = (String, String);
 /// sorted whole instead of being updated service by service.
 const REBUILD_SHARE: usize = 8;
 
-/// From this many changed services on, they are translated on several threads.
-const PARALLEL_TRANSLATION_MIN: usize = 256;
-
 /// Builds snapshots incrementally; see the module documentation.
 #[derive(Debug)]
 pub struct Builder {
@@ -115,9 +112,8 @@ impl Builder {
             let rebuild = self.services.is_empty() || changes.len() > registry.services.len() / REBUILD_SHARE;
             let mut lists_changed = false;
             let mut touched = Vec::new();
-            let translated = self.translate_changes(&changes);
-            for (change, translated) in changes.into_iter().zip(translated) {
-                if let Some(t) = self.apply(change, translated, &mut lists_changed) {
+            for change in changes {
+                if let Some(t) = self.apply(change, &mut lists_changed) {
                     touched.push(t);
                 }
             }
@@ -196,48 +192,12 @@ impl Builder {
         changes
     }
 
-    /// Translates the upserted services that changed in content, in parallel when
-    /// there are many (a full build at start, or a source that republished
-    /// everything): translation is pure per service, and a 100,000-endpoint
-    /// registry takes a core for tens of milliseconds.
-    fn translate_changes(&self, changes: &[Change]) -> Vec<Option<Cached>> {
-        let translate = |change: &Change| match change {
-            Change::Upsert(service) if !self.holds_equal(service) => {
-                Some(Cached::translate(service.clone(), &self.options))
-            }
-            _ => None,
-        };
-        let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-        if threads < 2 || changes.len() < PARALLEL_TRANSLATION_MIN {
-            return changes.iter().map(translate).collect();
-        }
-        let translate = &translate;
-        std::thread::scope(|scope| {
-            let workers: Vec<_> = changes
-                .chunks(changes.len().div_ceil(threads))
-                .map(|chunk| scope.spawn(move || chunk.iter().map(translate).collect::<Vec<_>>()))
-                .collect();
-            workers
-                .into_iter()
-                .flat_map(|worker| worker.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
-                .collect()
-        })
-    }
-
-    /// Whether the builder already holds this service with equal content (a re-read
-    /// file republishes every service in new allocations).
-    fn holds_equal(&self, service: &Service) -> bool {
-        self.services.get(&key_of(service)).is_some_and(|cached| *cached.service == *service)
-    }
-
-    /// Takes one change into `services` (`translated`: the upserted service's
-    /// translation, when `translate_changes` made it); returns the service and its
-    /// resource before and after when what it serves may have changed.
+    /// Takes one change into `services`; returns the service and its resource
+    /// before and after when what it serves may have changed.
     #[allow(clippy::type_complexity)]
     fn apply(
         &mut self,
         change: Change,
-        translated: Option<Cached>,
         lists_changed: &mut bool,
     ) -> Option<(ServiceKey, Option<Arc<Resource>>, Option<Arc<Resource>>)> {
         let (key, next) = match change {
@@ -253,8 +213,7 @@ impl Builder {
                     return None;
                 }
                 self.known.insert(address(&service));
-                let next = translated.unwrap_or_else(|| Cached::translate(service, &self.options));
-                (key, Some(next))
+                (key, Some(Cached::translate(service, &self.options)))
             }
             Change::Remove(key) => (key, None),
         };
