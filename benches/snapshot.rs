@@ -36,7 +36,8 @@ fn bench(c: &mut Criterion) {
                 BatchSize::LargeInput,
             )
         });
-        // What bounds the full build: translation alone, and prost encoding alone of the same ServiceEntries.
+        // The message path (`translate()`, which render and the debug views use) and prost's
+        // encoding of its entries: what the full build cost before translate wrote the bytes itself.
         group.bench_with_input(BenchmarkId::new("translate_only", &shape), &registry, |b, r| {
             b.iter(|| translate::translate(r, &options()).entries.len())
         });
