@@ -43,8 +43,10 @@ pub async fn trim_periodically(interval: Duration, mut shutdown: watch::Receiver
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = ticks.tick() => trim(),
+            _ = ticks.tick() => {}
             _ = shutdown.wait_for(|d| *d) => return,
         }
+        // A trim walks the whole heap: on the blocking pool, not on a worker serving streams.
+        let _ = tokio::task::spawn_blocking(trim).await;
     }
 }

@@ -33,9 +33,8 @@ const VALUE: u32 = 2;
 /// The encoded `ServiceEntry` of `plan`.
 pub(super) fn service_entry(plan: &Plan<'_>) -> Vec<u8> {
     // Tags 1-5 come before the endpoints (6), export_to (7) after; prost writes in tag order.
-    let spec = plan.spec_without_endpoints();
-    let head = ServiceEntry { export_to: Vec::new(), ..spec.clone() };
-    let tail = ServiceEntry { export_to: spec.export_to, ..ServiceEntry::default() };
+    let mut head = plan.spec_without_endpoints();
+    let tail = ServiceEntry { export_to: std::mem::take(&mut head.export_to), ..ServiceEntry::default() };
     let port_names: Vec<&str> = plan.port_names().collect();
     let endpoints = plan.listed_endpoints();
     let sized: Vec<(AddressText<'_>, usize)> = endpoints

@@ -132,36 +132,13 @@ impl Body for ResponseBody {
 mod tests {
     use std::sync::Arc;
 
-    use std::time::{Duration, SystemTime};
-
     use prost::Message;
 
     use super::*;
-    use crate::model::{Health, HealthFilter, Instance, Registry, Service};
     use crate::proto::envoy::service::discovery::v3::{ControlPlane, DiscoveryResponse as Generated};
     use crate::snapshot::Snapshot;
-    use crate::translate::{Options, translate};
     use crate::xds::outbox;
     use crate::xds::response::Resources;
-
-    fn snapshot_of_services(services: usize) -> Snapshot {
-        let registry = Registry::new(
-            (0..services)
-                .map(|n| Service {
-                    namespace: "ns".into(),
-                    name: format!("svc-{n}"),
-                    created: SystemTime::UNIX_EPOCH + Duration::from_secs(n as u64),
-                    attributes: Default::default(),
-                    instances: vec![Instance {
-                        id: "i".into(),
-                        health: Health::Healthy,
-                        attributes: [("AWS_INSTANCE_IPV4".to_string(), format!("10.0.0.{n}"))].into(),
-                    }],
-                })
-                .collect(),
-        );
-        Snapshot::build(translate(&registry, &Options::new("istio-system", HealthFilter::All)))
-    }
 
     /// Every data byte and the trailers of a body.
     async fn collect(mut body: ResponseBody) -> (Vec<u8>, HeaderMap) {
@@ -210,7 +187,7 @@ mod tests {
 
     #[tokio::test]
     async fn sends_the_bytes_tonic_would_and_ends_with_grpc_status() {
-        let snapshot = Arc::new(snapshot_of_services(200));
+        let snapshot = crate::xds::response::tests::snapshot(200);
         let (tx, rx) = outbox::channel(4);
         let sent = [
             response(&snapshot, "networking.istio.io/v1/VirtualService", "1"),
@@ -242,7 +219,7 @@ mod tests {
 
     #[tokio::test]
     async fn streams_of_one_push_share_one_encoding_of_the_resources() {
-        let snapshot = Arc::new(snapshot_of_services(50));
+        let snapshot = crate::xds::response::tests::snapshot(50);
         let first =
             response(&snapshot, "networking.istio.io/v1/ServiceEntry", "1").resources_field().unwrap();
         let second =
@@ -257,7 +234,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_closed_with_an_error_ends_with_its_status_after_what_is_queued() {
-        let snapshot = Arc::new(snapshot_of_services(3));
+        let snapshot = crate::xds::response::tests::snapshot(3);
         let (tx, rx) = outbox::channel(4);
         tx.send(response(&snapshot, "networking.istio.io/v1/ServiceEntry", "1")).await.unwrap();
         tx.close_with(Status::resource_exhausted("limit"));

@@ -157,7 +157,7 @@ impl prost::Message for DiscoveryResponse {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::time::{Duration, SystemTime};
 
     use prost::Message;
@@ -167,7 +167,8 @@ mod tests {
     use crate::proto::envoy::service::discovery::v3::DiscoveryResponse as Generated;
     use crate::translate::{Options, translate};
 
-    fn snapshot(services: usize) -> Arc<Snapshot> {
+    /// A snapshot of `services` one-instance services (also for the body tests).
+    pub(crate) fn snapshot(services: usize) -> Arc<Snapshot> {
         let registry = Registry::new(
             (0..services)
                 .map(|n| Service {
