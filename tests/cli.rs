@@ -77,8 +77,10 @@ fn bad_flags_are_clear_errors() {
     ]);
     assert_eq!(code, 1);
     assert!(stderr.contains("invalid publish namespace \"Bad_NS\""), "{stderr}");
-    let port = free_port();
-    let busy = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    // Holding the listener from the moment the port is chosen: a port picked first and bound later
+    // can be taken by a parallel test in between.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
     let (code, _, stderr) = run(&[
         "serve",
         "--registry-file",

@@ -476,24 +476,30 @@ async fn throttling_and_a_failing_service_leave_the_others_updating() {
     assert_eq!(addresses(&entries["a.shop"].1), ["10.0.0.1"], "a keeps its last good state");
     assert_eq!(addresses(&entries["b.shop"].1), ["10.0.0.1"], "b keeps its last good state");
 
-    let metrics = eventually("throttled calls counted", Duration::from_secs(20), || {
-        let server = &server;
-        async move {
-            let c = counters(server).await;
-            (counter(&c, "DiscoverInstancesRevision", "throttled") > 0.0
-                && counter(&c, "DiscoverInstancesRevision", "error") > 0.0)
-                .then_some(c)
-        }
-    })
-    .await;
+    // The counter moves when the call returns, the service's last_error when its poll is recorded:
+    // both are waited for, not read once.
+    let (metrics, errors) =
+        eventually("throttled calls counted and recorded per service", Duration::from_secs(20), || {
+            let server = &server;
+            async move {
+                let c = counters(server).await;
+                let status = snapshot_json(server).await;
+                let errors: BTreeMap<String, String> = status["source"]["services"]
+                    .as_array()?
+                    .iter()
+                    .filter_map(|s| {
+                        Some((s["service"].as_str()?.to_owned(), s["last_error"].as_str()?.to_owned()))
+                    })
+                    .collect();
+                (counter(&c, "DiscoverInstancesRevision", "throttled") > 0.0
+                    && counter(&c, "DiscoverInstancesRevision", "error") > 0.0
+                    && errors.contains_key("a")
+                    && errors.contains_key("b"))
+                .then_some((c, errors))
+            }
+        })
+        .await;
     assert!(proxy.faulted() > 0);
-    let status = snapshot_json(&server).await;
-    let errors: BTreeMap<String, String> = status["source"]["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|s| Some((s["service"].as_str()?.to_owned(), s["last_error"].as_str()?.to_owned())))
-        .collect();
     assert!(errors["a"].contains("ThrottlingException"), "{errors:?}");
     assert!(errors["b"].contains("InvalidInput"), "{errors:?}");
     assert!(!errors.contains_key("c"), "{errors:?}");
