@@ -8,7 +8,10 @@
 //! alone: one changed service costs one translation, one encode, a binary search
 //! and the copy of one chunk of the list, not a pass over every service.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
+
+// A full build hashes every service key and address; SipHash was a twentieth of it.
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::sync::Arc;
 
 use super::{Resource, ResourceList, Snapshot, Totals, encode_translated};

@@ -18,7 +18,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use smallvec::SmallVec;
+
 use super::settings::{Defaults, Origin, PortSpec, Protocol, default_port_name};
+
+/// An endpoint's target port for each service port. Services declare a few ports, so
+/// they live inline: a full build has one of these per endpoint.
+pub type Targets = SmallVec<[u32; 4]>;
 
 /// The two ports of an instance that registers none (the seed tutorial's rule).
 pub const PORTLESS_PORTS: [u16; 2] = [80, 443];
@@ -36,7 +42,7 @@ pub struct PortPlan {
     pub ports: Vec<PlannedPort>,
     /// Per endpoint (same order as the input): the target port of each of
     /// `ports` (same order), or `None` when the endpoint cannot serve them.
-    pub targets: Vec<Option<Vec<u32>>>,
+    pub targets: Vec<Option<Targets>>,
     /// Why endpoints were left out, when some were.
     pub conflict: Option<String>,
 }
