@@ -509,13 +509,10 @@ impl<A: CloudMapApi> Poller<A> {
                 debug!(services, "Cloud Map registry published");
             }
         }
-        let (statuses, last_full_sync, last_error) = (
-            self.inventory.statuses(),
-            self.inventory.last_full_sync(),
-            self.inventory.last_error().cloned(),
-        );
+        let (inventory, last_full_sync, last_error) =
+            (&self.inventory, self.inventory.last_full_sync(), self.inventory.last_error().cloned());
         self.sink.update_status(|s| {
-            s.services = statuses;
+            inventory.copy_statuses(&mut s.services);
             s.last_full_sync = last_full_sync;
             if let Some((message, at)) = last_error {
                 s.last_error = Some(message);
