@@ -26,6 +26,7 @@ mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -48,6 +49,19 @@ fn metric(body: &str, name: &str) -> f64 {
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
         .sum()
+}
+
+/// `cloudmap_xds_aws_calls_total` by its `api` label, all outcomes.
+fn calls_by_api(body: &str) -> BTreeMap<String, f64> {
+    let mut calls = BTreeMap::new();
+    for line in body.lines().filter(|l| l.starts_with("cloudmap_xds_aws_calls_total{")) {
+        let api = line.split_once("api=\"").and_then(|(_, rest)| rest.split_once('"')).map(|(api, _)| api);
+        let value = line.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok());
+        if let (Some(api), Some(value)) = (api, value) {
+            *calls.entry(api.to_owned()).or_default() += value;
+        }
+    }
+    calls
 }
 
 async fn metrics(admin: SocketAddr) -> String {
@@ -75,6 +89,8 @@ struct Run {
     peak: u64,
     idle_ms_per_s: f64,
     calls_per_s: f64,
+    /// Per second, by API.
+    calls_by_api: BTreeMap<String, f64>,
     cpu_per_call_us: f64,
 }
 
@@ -108,10 +124,14 @@ async fn run(
     let pid = child.id();
     let rss_ready = rss_bytes(pid);
     tokio::time::sleep(settle).await;
-    let calls = async || metric(&metrics(admin).await, "cloudmap_xds_aws_calls_total");
-    let (cpu0, calls0) = (process_cpu(pid), calls().await);
+    let (cpu0, before) = (process_cpu(pid), calls_by_api(&metrics(admin).await));
     tokio::time::sleep(window).await;
-    let (cpu, calls) = (process_cpu(pid) - cpu0, calls().await - calls0);
+    let (cpu, after) = (process_cpu(pid) - cpu0, calls_by_api(&metrics(admin).await));
+    let calls_by_api: BTreeMap<String, f64> = after
+        .iter()
+        .map(|(api, n)| (api.clone(), (n - before.get(api).unwrap_or(&0.0)) / window.as_secs_f64()))
+        .collect();
+    let calls = calls_by_api.values().sum::<f64>() * window.as_secs_f64();
     let (rss, rss_anon, peak) = (rss_bytes(pid), status_bytes(pid, "RssAnon"), status_bytes(pid, "VmHWM"));
     check(admin).await;
     let _ = child.kill();
@@ -124,6 +144,7 @@ async fn run(
         peak,
         idle_ms_per_s: cpu.as_secs_f64() * 1000.0 / window.as_secs_f64(),
         calls_per_s: calls / window.as_secs_f64(),
+        calls_by_api,
         cpu_per_call_us: if calls > 0.0 { cpu.as_secs_f64() * 1e6 / calls } else { 0.0 },
     }
 }
@@ -227,7 +248,7 @@ async fn fake_run(
     println!(
         "Cloud Map on the in-process fake, {services} × {instances} ({}): ready after {:.1} s, RSS {:.0} MB after \
          ready, {:.0} MB steady ({:.0} MB anonymous, peak {:.0} MB), idle CPU {:.1} ms/s at {:.0} AWS calls/s, {:.0} µs \
-         CPU per call ({calls_per_connection:.0} calls per connection); load average {}",
+         CPU per call ({calls_per_connection:.0} calls per connection; per second: {}); load average {}",
         flags.join(" "),
         measured.ready.as_secs_f64(),
         mb(measured.rss_ready),
@@ -237,13 +258,14 @@ async fn fake_run(
         measured.idle_ms_per_s,
         measured.calls_per_s,
         measured.cpu_per_call_us,
+        measured.calls_by_api.iter().map(|(api, n)| format!("{api} {n:.1}")).collect::<Vec<_>>().join(", "),
         load_average(),
     );
     println!(
         "BENCH_JSON {{\"bench\":\"cloudmap\",\"backend\":\"fake\",\"services\":{services},\"instances\":{instances},\
          \"flags\":\"{}\",\"ready_ms\":{:.0},\"rss_ready_mb\":{:.1},\"rss_mb\":{:.1},\"rss_anon_mb\":{:.1},\
          \"peak_mb\":{:.1},\"idle_cpu_ms_per_s\":{:.2},\"calls_per_s\":{:.1},\"cpu_per_call_us\":{:.0},\
-         \"calls_per_connection\":{calls_per_connection:.1}}}",
+         \"calls_per_connection\":{calls_per_connection:.1},\"calls_per_s_by_api\":{{{}}}}}",
         flags.join(" "),
         measured.ready.as_millis(),
         mb(measured.rss_ready),
@@ -253,6 +275,12 @@ async fn fake_run(
         measured.idle_ms_per_s,
         measured.calls_per_s,
         measured.cpu_per_call_us,
+        measured
+            .calls_by_api
+            .iter()
+            .map(|(api, n)| format!("\"{api}\":{n:.1}"))
+            .collect::<Vec<_>>()
+            .join(","),
     );
 }
 
