@@ -38,7 +38,7 @@ pub struct SourceStatus {
 }
 
 /// Per-service read status (Cloud Map).
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Default, PartialEq, Eq, Serialize)]
 pub struct ServiceStatus {
     pub namespace: String,
     pub service: String,
@@ -50,6 +50,32 @@ pub struct ServiceStatus {
     /// AWS calls spent on this service since start.
     pub api_calls: u64,
     pub instances: u32,
+}
+
+impl Clone for ServiceStatus {
+    fn clone(&self) -> Self {
+        ServiceStatus {
+            namespace: self.namespace.clone(),
+            service: self.service.clone(),
+            last_success: self.last_success,
+            last_error: self.last_error.clone(),
+            last_error_time: self.last_error_time,
+            api_calls: self.api_calls,
+            instances: self.instances,
+        }
+    }
+
+    /// Reuses the strings already allocated: the Cloud Map source copies every
+    /// service's status after each poll.
+    fn clone_from(&mut self, source: &Self) {
+        self.namespace.clone_from(&source.namespace);
+        self.service.clone_from(&source.service);
+        self.last_success = source.last_success;
+        self.last_error.clone_from(&source.last_error);
+        self.last_error_time = source.last_error_time;
+        self.api_calls = source.api_calls;
+        self.instances = source.instances;
+    }
 }
 
 fn serialize_services<S: serde::Serializer>(

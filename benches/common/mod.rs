@@ -1,9 +1,12 @@
 //! Shared by the bench targets: the ECS-like registry they all serve, a server
-//! child process driven over standard input, and CPU and RSS readings from `/proc`.
+//! child process driven over standard input, CPU and RSS readings from `/proc`, and
+//! an in-process fake Cloud Map serving such a registry (`fake_cloudmap`).
 //!
 //! `benches/common/mod.rs` rather than `benches/common.rs`: every bench target is a
 //! crate of its own and each uses a different subset, hence the `dead_code` allowance.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod fake_cloudmap;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};

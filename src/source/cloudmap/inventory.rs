@@ -731,10 +731,39 @@ impl Inventory {
 
     /// Per namespace (with an empty service name: its ListServices calls) and per service.
     pub fn statuses(&self) -> BTreeMap<(String, String), ServiceStatus> {
-        let namespaces =
-            self.namespaces.values().map(|n| ((n.name.clone(), String::new()), n.status.clone()));
-        let services = self.services.iter().map(|(key, s)| (key.clone(), s.status.clone()));
-        namespaces.chain(services).collect()
+        let mut statuses = BTreeMap::new();
+        self.copy_statuses(&mut statuses);
+        statuses
+    }
+
+    /// Makes `statuses` equal to [`Inventory::statuses`], in place: entries of
+    /// namespaces and services no longer known go, the others are overwritten
+    /// reusing their strings. The poller copies every status after each poll; a fresh
+    /// map each time held a third copy beside the inventory's and the one it
+    /// replaced (about 4 MB at 10,000 services) and made 40,000 string allocations.
+    pub fn copy_statuses(&self, statuses: &mut BTreeMap<(String, String), ServiceStatus>) {
+        let namespaces: BTreeSet<&str> = self.namespaces.values().map(|n| n.name.as_str()).collect();
+        statuses.retain(|key, _| {
+            if key.1.is_empty() {
+                namespaces.contains(key.0.as_str())
+            } else {
+                self.services.contains_key(key)
+            }
+        });
+        for n in self.namespaces.values() {
+            statuses
+                .entry((n.name.clone(), String::new()))
+                .and_modify(|status| status.clone_from(&n.status))
+                .or_insert_with(|| n.status.clone());
+        }
+        for (key, s) in &self.services {
+            match statuses.get_mut(key) {
+                Some(status) => status.clone_from(&s.status),
+                None => {
+                    statuses.insert(key.clone(), s.status.clone());
+                }
+            }
+        }
     }
 
     /// How long to wait before the next poll: the poll interval with jitter or,

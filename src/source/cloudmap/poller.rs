@@ -1,12 +1,12 @@
 //! The thin async loop around [`Inventory`]: each poll tick starts the listing
 //! when due, one call per service (revision check or read) and the attribute
-//! reads due (at most [`MAX_IN_FLIGHT`] at a time, topped up as they answer); answers are
-//! applied as they arrive; the registry is published when its content changed,
-//! and the status is copied out. Calls run concurrently as tasks, each behind
-//! its API's token bucket, a bound on calls in flight and a timeout, and every
-//! one is counted in `cloudmap_xds_aws_calls{api,outcome}` and in its service's status.
+//! reads due (each family at most [`MAX_IN_FLIGHT`] at a time, topped up as they
+//! answer); answers are applied as they arrive; the registry is published when its
+//! content changed, and the status is copied out. Calls run concurrently as tasks,
+//! each behind its API's token bucket, a bound on calls in flight and a timeout, and
+//! every one is counted in `cloudmap_xds_aws_calls{api,outcome}` and in its service's status.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -185,8 +185,9 @@ enum Done {
 /// What a running task is for.
 enum Owner {
     Listing,
-    /// A revision check or an instance read.
-    Service(ServiceKey),
+    Revision(ServiceKey),
+    /// An instance read (DiscoverInstances).
+    Read(ServiceKey),
     Attributes(ServiceKey),
 }
 
@@ -221,6 +222,14 @@ pub struct Poller<A> {
     listing_in_flight: bool,
     /// Attribute reads out; they are started in windows, so an IAM denial stops them quickly.
     attributes_in_flight: usize,
+    /// Revision checks and instance reads planned but not started. A task is spawned
+    /// only when its family has a free slot: a spawned task holds its whole SDK call
+    /// future (about 5 KB), so spawning a poll of 10,000 services at once held some
+    /// 50 MB of tasks waiting for a slot; a queued target is a few strings.
+    queued_revisions: VecDeque<Target>,
+    queued_reads: VecDeque<Target>,
+    revisions_in_flight: usize,
+    reads_in_flight: usize,
     window: Window,
     /// When the last tick that spawned calls started, until they all finished.
     wave_started: Option<Instant>,
@@ -247,6 +256,10 @@ impl<A: CloudMapApi> Poller<A> {
             owners: HashMap::new(),
             listing_in_flight: false,
             attributes_in_flight: 0,
+            queued_revisions: VecDeque::new(),
+            queued_reads: VecDeque::new(),
+            revisions_in_flight: 0,
+            reads_in_flight: 0,
             window: Window::default(),
             wave_started: None,
         }
@@ -315,12 +328,9 @@ impl<A: CloudMapApi> Poller<A> {
             self.spawn_listing();
         }
         let plan = self.inventory.plan_next_poll(now);
-        for target in plan.revision {
-            self.spawn_revision(target);
-        }
-        for target in plan.discover {
-            self.spawn_discover(target);
-        }
+        self.queued_revisions.extend(plan.revision);
+        self.queued_reads.extend(plan.discover);
+        self.start_queued();
         self.spawn_attribute_reads();
         if !self.tasks.is_empty() && self.wave_started.is_none() {
             self.wave_started = Some(now);
@@ -338,7 +348,14 @@ impl<A: CloudMapApi> Poller<A> {
                 // Only a panic gets here (tasks are aborted only on shutdown): free the service for the next poll.
                 error!(error = %e, "a Cloud Map call task died");
                 match self.owners.remove(&e.id()) {
-                    Some(Owner::Service(key)) => self.inventory.abandon(&key),
+                    Some(Owner::Revision(key)) => {
+                        self.revisions_in_flight -= 1;
+                        self.inventory.abandon(&key);
+                    }
+                    Some(Owner::Read(key)) => {
+                        self.reads_in_flight -= 1;
+                        self.inventory.abandon(&key);
+                    }
                     Some(Owner::Attributes(key)) => {
                         self.attributes_in_flight -= 1;
                         self.inventory.abandon_attributes(&key);
@@ -346,6 +363,7 @@ impl<A: CloudMapApi> Poller<A> {
                     Some(Owner::Listing) => self.listing_in_flight = false,
                     None => {}
                 }
+                self.start_queued();
                 return;
             }
         };
@@ -368,18 +386,19 @@ impl<A: CloudMapApi> Poller<A> {
                     );
                 }
                 // New services are read now, not at the next poll.
-                for target in self.inventory.plan_reads(Instant::now()) {
-                    self.spawn_discover(target);
-                }
+                let reads = self.inventory.plan_reads(Instant::now());
+                self.queued_reads.extend(reads);
                 self.spawn_attribute_reads();
             }
             Done::Revision(target, result) => {
+                self.revisions_in_flight -= 1;
                 self.window.note(&result);
                 if self.inventory.apply_revision(&target.key, result, Now::current()) {
-                    self.spawn_discover(target);
+                    self.queued_reads.push_back(target);
                 }
             }
             Done::Instances(key, result) => {
+                self.reads_in_flight -= 1;
                 self.window.note(&result);
                 self.inventory.apply_instances(&key, result, Now::current());
             }
@@ -389,6 +408,21 @@ impl<A: CloudMapApi> Poller<A> {
                 self.inventory.apply_attributes(&key, result, Now::current());
                 self.spawn_attribute_reads();
             }
+        }
+        self.start_queued();
+    }
+
+    /// Spawns queued revision checks and reads while their family has a free slot.
+    fn start_queued(&mut self) {
+        while self.revisions_in_flight < MAX_IN_FLIGHT
+            && let Some(target) = self.queued_revisions.pop_front()
+        {
+            self.spawn_revision(target);
+        }
+        while self.reads_in_flight < MAX_IN_FLIGHT
+            && let Some(target) = self.queued_reads.pop_front()
+        {
+            self.spawn_read(target);
         }
     }
 
@@ -409,10 +443,11 @@ impl<A: CloudMapApi> Poller<A> {
             let result = caller.call(Api::DiscoverInstancesRevision, request).await;
             Done::Revision(target, result)
         });
-        self.owners.insert(handle.id(), Owner::Service(key));
+        self.owners.insert(handle.id(), Owner::Revision(key));
+        self.revisions_in_flight += 1;
     }
 
-    fn spawn_discover(&mut self, target: Target) {
+    fn spawn_read(&mut self, target: Target) {
         let caller = self.caller.clone();
         let key = target.key.clone();
         let handle = self.tasks.spawn(async move {
@@ -420,7 +455,8 @@ impl<A: CloudMapApi> Poller<A> {
             let result = caller.call(Api::DiscoverInstances, request).await;
             Done::Instances(target.key, result)
         });
-        self.owners.insert(handle.id(), Owner::Service(key));
+        self.owners.insert(handle.id(), Owner::Read(key));
+        self.reads_in_flight += 1;
     }
 
     /// Starts the attribute reads due, up to [`MAX_IN_FLIGHT`] out at once.
@@ -473,13 +509,10 @@ impl<A: CloudMapApi> Poller<A> {
                 debug!(services, "Cloud Map registry published");
             }
         }
-        let (statuses, last_full_sync, last_error) = (
-            self.inventory.statuses(),
-            self.inventory.last_full_sync(),
-            self.inventory.last_error().cloned(),
-        );
+        let (inventory, last_full_sync, last_error) =
+            (&self.inventory, self.inventory.last_full_sync(), self.inventory.last_error().cloned());
         self.sink.update_status(|s| {
-            s.services = statuses;
+            inventory.copy_statuses(&mut s.services);
             s.last_full_sync = last_full_sync;
             if let Some((message, at)) = last_error {
                 s.last_error = Some(message);

@@ -654,6 +654,31 @@ fn include_and_exclude_filters_apply_to_listings() {
 }
 
 #[test]
+fn statuses_are_copied_in_place_dropping_what_is_gone() {
+    let clock = Clock::new();
+    let mut inv = synced(&clock, &["a", "b"]);
+    let mut copy = BTreeMap::new();
+    copy.insert(("gone".to_owned(), String::new()), ServiceStatus::default());
+    copy.insert(("shop".to_owned(), "gone".to_owned()), ServiceStatus::default());
+    copy.insert(
+        key("a"),
+        ServiceStatus { last_error: Some("stale".into()), api_calls: 99, ..ServiceStatus::default() },
+    );
+    inv.copy_statuses(&mut copy);
+    assert_eq!(copy, inv.statuses());
+    assert_eq!(copy.len(), 3, "the namespace and two services");
+
+    let now = clock.at(5.0);
+    inv.plan_next_poll(now.instant);
+    inv.apply_revision(&key("a"), Err(err(ErrorKind::Other)), now);
+    inv.apply_listing(Ok(listing(&["a"])), now);
+    inv.copy_statuses(&mut copy);
+    assert_eq!(copy, inv.statuses());
+    assert!(copy[&key("a")].last_error.as_deref().unwrap().contains("boom"));
+    assert!(!copy.contains_key(&key("b")), "b is no longer listed");
+}
+
+#[test]
 fn random_order_and_duplicates_do_not_count_as_changes() {
     let clock = Clock::new();
     let mut inv = synced(&clock, &["a"]);

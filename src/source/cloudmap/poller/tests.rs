@@ -374,6 +374,31 @@ async fn the_first_sync_completes_while_calls_keep_overlapping() {
     assert_eq!(reg.services.len(), 100);
 }
 
+#[tokio::test]
+async fn a_poll_of_many_services_queues_its_calls_instead_of_spawning_them_all() {
+    // A spawned call holds its whole SDK future (about 5 KB) while it waits for a slot:
+    // a poll of 10,000 services spawned at once held about 50 MB. Each family (reads,
+    // revision checks, attribute reads) has at most MAX_IN_FLIGHT tasks at a time.
+    const SERVICES: usize = 400;
+    let names: Vec<String> = (0..SERVICES).map(|n| format!("s{n:03}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let fake = FakeCloudMap::with(&[("shop", &refs)]);
+    fake.state.lock().unwrap().latency = Duration::from_millis(2);
+    let r = run(fake, &args());
+    let alive = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    let revisions = || r.fake.calls().get(&Api::DiscoverInstancesRevision).copied().unwrap_or(0);
+    let (mut most, deadline) = (0, tokio::time::Instant::now() + WAIT);
+    // Through the first sync (a read and an attribute read per service) and a whole revision poll.
+    while revisions() < 2 * SERVICES as u64 {
+        most = most.max(alive());
+        assert!(tokio::time::Instant::now() < deadline, "timed out; {:?}", r.fake.calls());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(r.view.status().synced);
+    // Three families, the listing, the poller and this test.
+    assert!(most <= 3 * MAX_IN_FLIGHT + 3, "{most} tasks alive at once for {SERVICES} services");
+}
+
 fn attributes_of(reg: &Registry, ns: &str, svc: &str) -> BTreeMap<String, String> {
     reg.services
         .iter()
