@@ -11,7 +11,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::{self, JoinSet};
 use tracing::{debug, error, info, warn};
 
@@ -26,7 +26,9 @@ use crate::source::SourceSink;
 
 /// Calls in flight at once per API family, whatever the rates allow: bounds
 /// sockets when Cloud Map hangs. Per family, so a read triggered by a changed
-/// revision never queues behind the rest of the poll's revision checks.
+/// revision never queues behind the rest of the poll's revision checks. The
+/// poller holds the bound by spawning a family's call only when it has a free
+/// slot (the listing runs one call at a time).
 pub const MAX_IN_FLIGHT: usize = 32;
 /// A List call that pages on beyond this is treated as failed rather than trusted.
 pub const MAX_PAGES: usize = 10_000;
@@ -36,16 +38,15 @@ pub const PUBLISH_DELAY: Duration = Duration::from_millis(50);
 /// While waiting for the first complete sync, progress is logged at most this often.
 const WAIT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
-/// A token bucket and [`MAX_IN_FLIGHT`] slots for one API family.
+/// The token bucket of one API family.
 #[derive(Debug, Clone)]
 pub struct Family {
     pub rate: RateLimiter,
-    slots: Arc<Semaphore>,
 }
 
 impl Family {
     fn new(rate: f64) -> Self {
-        Family { rate: RateLimiter::new(rate), slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)) }
+        Family { rate: RateLimiter::new(rate) }
     }
 }
 
@@ -100,16 +101,13 @@ impl<A> Clone for Caller<A> {
 }
 
 impl<A: CloudMapApi> Caller<A> {
-    /// One AWS request: waits for a slot and a token, bounds the time, counts the outcome.
+    /// One AWS request: waits for a token, bounds the time, counts the outcome.
     async fn call<T>(
         &self,
         api: Api,
         request: impl Future<Output = Result<T, ApiError>>,
     ) -> Result<T, ApiError> {
-        let family = self.limits.for_api(api);
-        // The semaphore is never closed, so acquiring cannot fail.
-        let _slot = family.slots.acquire().await.ok();
-        family.rate.acquire().await;
+        self.limits.for_api(api).rate.acquire().await;
         let result = match tokio::time::timeout(self.timeout, request).await {
             Ok(result) => result,
             Err(_) => Err(ApiError::new(ErrorKind::Timeout, format!("no answer within {:?}", self.timeout))),
@@ -339,29 +337,27 @@ impl<A: CloudMapApi> Poller<A> {
     }
 
     fn on_done(&mut self, joined: Result<(task::Id, Done), task::JoinError>) {
+        let id = match &joined {
+            Ok((id, _)) => *id,
+            Err(e) => e.id(),
+        };
+        let owner = self.owners.remove(&id);
+        match &owner {
+            Some(Owner::Listing) => self.listing_in_flight = false,
+            Some(Owner::Revision(_)) => self.revisions_in_flight -= 1,
+            Some(Owner::Read(_)) => self.reads_in_flight -= 1,
+            Some(Owner::Attributes(_)) => self.attributes_in_flight -= 1,
+            None => {}
+        }
         let done = match joined {
-            Ok((id, done)) => {
-                self.owners.remove(&id);
-                done
-            }
+            Ok((_, done)) => done,
             Err(e) => {
                 // Only a panic gets here (tasks are aborted only on shutdown): free the service for the next poll.
                 error!(error = %e, "a Cloud Map call task died");
-                match self.owners.remove(&e.id()) {
-                    Some(Owner::Revision(key)) => {
-                        self.revisions_in_flight -= 1;
-                        self.inventory.abandon(&key);
-                    }
-                    Some(Owner::Read(key)) => {
-                        self.reads_in_flight -= 1;
-                        self.inventory.abandon(&key);
-                    }
-                    Some(Owner::Attributes(key)) => {
-                        self.attributes_in_flight -= 1;
-                        self.inventory.abandon_attributes(&key);
-                    }
-                    Some(Owner::Listing) => self.listing_in_flight = false,
-                    None => {}
+                match owner {
+                    Some(Owner::Revision(key) | Owner::Read(key)) => self.inventory.abandon(&key),
+                    Some(Owner::Attributes(key)) => self.inventory.abandon_attributes(&key),
+                    Some(Owner::Listing) | None => {}
                 }
                 self.start_queued();
                 return;
@@ -369,7 +365,6 @@ impl<A: CloudMapApi> Poller<A> {
         };
         match done {
             Done::Listing(listing) => {
-                self.listing_in_flight = false;
                 match &listing {
                     Err(e) => self.window.note::<()>(&Err(e.clone())),
                     Ok(l) => l.services.values().for_each(|n| self.window.note(&n.result)),
@@ -391,19 +386,16 @@ impl<A: CloudMapApi> Poller<A> {
                 self.spawn_attribute_reads();
             }
             Done::Revision(target, result) => {
-                self.revisions_in_flight -= 1;
                 self.window.note(&result);
                 if self.inventory.apply_revision(&target.key, result, Now::current()) {
                     self.queued_reads.push_back(target);
                 }
             }
             Done::Instances(key, result) => {
-                self.reads_in_flight -= 1;
                 self.window.note(&result);
                 self.inventory.apply_instances(&key, result, Now::current());
             }
             Done::Attributes(key, result) => {
-                self.attributes_in_flight -= 1;
                 self.window.note(&result);
                 self.inventory.apply_attributes(&key, result, Now::current());
                 self.spawn_attribute_reads();
