@@ -13,7 +13,6 @@ mod encode;
 pub mod ports;
 pub mod settings;
 
-use std::borrow::Cow;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::SystemTime;
 
@@ -234,46 +233,58 @@ pub fn translate_service(service: &Service, options: &Options) -> Translation {
     out
 }
 
-/// One translated service as production serves it: its ServiceEntry already
-/// encoded, byte for byte what encoding [`translate_service`]'s entry gives.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EncodedEntry {
+/// One translated service as production serves it: its ServiceEntry sized, to be
+/// written by the caller into a buffer it frames (see [`translate_service_encoded`]).
+/// The bytes written are exactly prost's encoding of [`translate_service`]'s entry.
+#[derive(Debug)]
+pub struct EncodedEntry<'a> {
     /// ServiceEntry name (without namespace).
     pub name: String,
-    pub namespace: String,
     pub create_time: SystemTime,
-    /// The encoded `istio.networking.v1alpha3.ServiceEntry`.
-    pub spec: Vec<u8>,
     /// How many endpoints it lists.
     pub endpoints: usize,
-    /// Where it came from: (Cloud Map namespace, service).
-    pub origin: (String, String),
+    plan: Plan<'a>,
+    sized: encode::Sized,
 }
 
-/// [`translate_service`] with the entry encoded; see [`EncodedEntry`].
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct EncodedTranslation {
-    pub entry: Option<EncodedEntry>,
+impl EncodedEntry<'_> {
+    /// The length of the encoded `istio.networking.v1alpha3.ServiceEntry`.
+    pub fn spec_len(&self) -> usize {
+        self.sized.len()
+    }
+
+    /// Appends the encoded ServiceEntry ([`spec_len`](Self::spec_len) bytes) to `buf`.
+    pub fn write_spec(&self, buf: &mut Vec<u8>) {
+        self.sized.write(&self.plan, buf);
+    }
+}
+
+/// [`translate_service`] with the entry sized for encoding; see [`EncodedEntry`].
+#[derive(Debug, Default)]
+pub struct EncodedTranslation<'a> {
+    pub entry: Option<EncodedEntry<'a>>,
     pub skipped: Vec<Skipped>,
     pub skipped_labels: Vec<SkippedLabel>,
     pub invalid_settings: Vec<SettingProblem>,
 }
 
-/// Translates one service straight into the encoded ServiceEntry, without building
-/// the message: the snapshot builder's path, where a full build translates every
-/// instance and the message's maps and strings would be allocated only to be encoded.
-pub fn translate_service_encoded(service: &Service, options: &Options) -> EncodedTranslation {
+/// Translates one service for encoding straight into bytes, without building the
+/// message: the snapshot builder's path, where a full build translates every
+/// instance and the message's maps and strings would be allocated only to be
+/// encoded. The entry's length is known before its bytes are written, so the
+/// caller writes them once, after its own framing.
+pub fn translate_service_encoded<'a>(service: &'a Service, options: &Options) -> EncodedTranslation<'a> {
     match plan_service(service, options) {
-        Ok(plan) => {
+        Ok(mut plan) => {
             let (skipped, skipped_labels, invalid_settings) = plan.problems(service);
+            let sized = encode::Sized::of(&plan);
             EncodedTranslation {
                 entry: Some(EncodedEntry {
-                    spec: encode::service_entry(&plan),
-                    endpoints: plan.listed_endpoints().len(),
-                    name: plan.name,
-                    namespace: options.publish_namespace.clone(),
+                    name: std::mem::take(&mut plan.name),
                     create_time: service.created,
-                    origin: (service.namespace.clone(), service.name.clone()),
+                    endpoints: plan.listed_endpoints().len(),
+                    plan,
+                    sized,
                 }),
                 skipped,
                 skipped_labels,
@@ -359,6 +370,7 @@ pub fn explain_service(service: &Service, options: &Options) -> Result<Explanati
 /// or bytes (`encode::service_entry`). Borrows the instances' strings: a full
 /// build plans every instance, and copying each label only to encode it would
 /// cost more than the rest of the translation.
+#[derive(Debug)]
 struct Plan<'a> {
     name: String,
     host: String,
@@ -389,8 +401,8 @@ struct Served<'a> {
     address: Address,
     /// The target of each service port, in port name order.
     targets: ports::Targets,
-    labels: Vec<(&'a str, &'a str)>,
-    locality: Cow<'a, str>,
+    labels: Labels<'a>,
+    locality: Locality<'a>,
     /// Sorted. Nearly always one: inline, so a full build allocates nothing for it.
     instances: SmallVec<[&'a str; 1]>,
 }
@@ -398,7 +410,7 @@ struct Served<'a> {
 impl Served<'_> {
     /// Orders endpoints by address (IPs numerically, before names), then ports,
     /// labels and locality: the order the message's fields give.
-    fn key(&self) -> (&Address, &[u32], &[(&str, &str)], &str) {
+    fn key(&self) -> (&Address, &[u32], &[(&str, &str)], &Locality<'_>) {
         (&self.address, &self.targets, &self.labels, &self.locality)
     }
 }
@@ -447,7 +459,7 @@ impl<'a> Plan<'a> {
                 ports: self.port_names().map(str::to_owned).zip(e.targets.iter().copied()).collect(),
                 labels: e.labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
                 network: String::new(),
-                locality: e.locality.clone().into_owned(),
+                locality: e.locality.to_string(),
                 weight: 0,
                 service_account: String::new(),
             })
@@ -502,7 +514,11 @@ fn plan_service<'a>(service: &'a Service, options: &Options) -> Result<Plan<'a>,
     let mut skipped_labels = Vec::new();
 
     let mut selected = options.health_filter.select(&service.instances);
-    selected.sort_by(|a, b| (&a.id, &a.attributes).cmp(&(&b.id, &b.attributes)));
+    let order = |a: &&Instance, b: &&Instance| (&a.id, &a.attributes).cmp(&(&b.id, &b.attributes));
+    // Sources list instances by id: checking is cheaper than sorting again.
+    if !selected.is_sorted_by(|a, b| order(a, b).is_le()) {
+        selected.sort_by(order);
+    }
 
     let mut endpoints: Vec<Endpoint<'a>> = Vec::with_capacity(selected.len());
     for instance in selected {
@@ -767,8 +783,8 @@ struct Endpoint<'a> {
     address: Address,
     port: Option<u16>,
     /// Its custom attributes that are valid labels, in key order.
-    labels: Vec<(&'a str, &'a str)>,
-    locality: Cow<'a, str>,
+    labels: Labels<'a>,
+    locality: Locality<'a>,
     instance: &'a str,
 }
 
@@ -814,7 +830,7 @@ fn to_endpoint<'a>(
     Ok(Endpoint {
         address: to_address(&known)?,
         port,
-        locality: to_locality(&known),
+        locality: Locality::of(&known),
         labels: known.labels,
         instance: &instance.id,
     })
@@ -832,13 +848,13 @@ struct Known<'a> {
     region: Option<&'a str>,
     zone: Option<&'a str>,
     /// The custom attributes that are valid labels, in key order.
-    labels: Vec<(&'a str, &'a str)>,
+    labels: Labels<'a>,
 }
 
 impl<'a> Known<'a> {
     /// Custom attributes that cannot be labels are added to `skipped_labels`.
     fn read(attributes: &'a Attributes, skipped_labels: &mut Vec<String>) -> Self {
-        let mut known = Known { labels: Vec::with_capacity(attributes.len()), ..Known::default() };
+        let mut known = Known::default();
         for (key, value) in attributes.iter() {
             let slot = match key {
                 attr::IPV4 => &mut known.ipv4,
@@ -888,20 +904,63 @@ fn to_address(known: &Known<'_>) -> Result<Address, SkipReason> {
     Err(first_invalid.unwrap_or(SkipReason::NoAddress))
 }
 
-/// ECS's `REGION` and `AVAILABILITY_ZONE` as Istio's `region/zone`.
-fn to_locality<'a>(known: &Known<'a>) -> Cow<'a, str> {
-    let part = |value: Option<&'a str>| value.map(str::trim).filter(|v| valid_locality_part(v));
-    match (part(known.region), part(known.zone)) {
-        (Some(region), Some(zone)) => {
-            // Built by hand: `format!` cost more than the rest of an endpoint's translation.
-            let mut locality = String::with_capacity(region.len() + 1 + zone.len());
-            locality.push_str(region);
-            locality.push('/');
-            locality.push_str(zone);
-            Cow::Owned(locality)
+/// An endpoint's custom attributes that are valid labels, in key order. Inline:
+/// ECS registers five (`REGION`, `AVAILABILITY_ZONE` and three `ECS_*`), and a
+/// full build would otherwise allocate for every instance.
+type Labels<'a> = SmallVec<[(&'a str, &'a str); 6]>;
+
+/// ECS's `REGION` and `AVAILABILITY_ZONE` as Istio's `region/zone` (or `region`
+/// alone, or nothing). Kept as its parts and spelled out only when written: a full
+/// build would otherwise allocate the joined string for every instance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Locality<'a> {
+    /// Empty when there is no locality.
+    region: &'a str,
+    /// Empty when there is no zone.
+    zone: &'a str,
+}
+
+impl<'a> Locality<'a> {
+    fn of(known: &Known<'a>) -> Self {
+        let part = |value: Option<&'a str>| value.map(str::trim).filter(|v| valid_locality_part(v));
+        match (part(known.region), part(known.zone)) {
+            (Some(region), zone) => Locality { region, zone: zone.unwrap_or("") },
+            (None, _) => Locality::default(),
         }
-        (Some(region), None) => Cow::Borrowed(region),
-        _ => Cow::Borrowed(""),
+    }
+
+    /// The parts as written: `region`, `/`, `zone`, each possibly empty.
+    fn parts(&self) -> [&'a str; 3] {
+        let separator = if self.zone.is_empty() { "" } else { "/" };
+        [self.region, separator, self.zone]
+    }
+
+    fn len(&self) -> usize {
+        self.parts().iter().map(|p| p.len()).sum()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.region.is_empty()
+    }
+}
+
+impl std::fmt::Display for Locality<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.parts().iter().try_for_each(|p| f.write_str(p))
+    }
+}
+
+impl Ord for Locality<'_> {
+    /// As the written strings compare.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        let bytes = |l: &Self| l.parts().into_iter().flat_map(str::bytes);
+        bytes(self).cmp(bytes(other))
+    }
+}
+
+impl PartialOrd for Locality<'_> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
     }
 }
 
@@ -914,6 +973,10 @@ fn valid_locality_part(v: &str) -> bool {
 /// `svc.ns` as a valid lower-case DNS name: upper case is lowered, every other
 /// character outside `[a-z0-9-]` becomes `-`. `None` when no valid name remains.
 pub fn to_host(raw: &str) -> Option<String> {
+    // Nearly every name is valid as it is; mapping it label by label allocates each.
+    if is_dns_subdomain(raw) && raw.contains('.') && !raw.rsplit('.').next().is_some_and(all_digits) {
+        return Some(raw.to_owned());
+    }
     let labels: Vec<String> = raw
         .split('.')
         .map(|label| {

@@ -30,49 +30,77 @@ const LOCALITY: u32 = 5;
 const KEY: u32 = 1;
 const VALUE: u32 = 2;
 
-/// The encoded `ServiceEntry` of `plan`.
-pub(super) fn service_entry(plan: &Plan<'_>) -> Vec<u8> {
-    // Tags 1-5 come before the endpoints (6), export_to (7) after; prost writes in tag order.
-    let mut head = plan.spec_without_endpoints();
-    let tail = ServiceEntry { export_to: std::mem::take(&mut head.export_to), ..ServiceEntry::default() };
-    let port_names: Vec<&str> = plan.port_names().collect();
-    let endpoints = plan.listed_endpoints();
-    let sized: Vec<(AddressText<'_>, usize)> = endpoints
-        .iter()
-        .map(|e| {
-            let address = AddressText::of(&e.address);
-            let len = workload_entry_len(e, &address, &port_names);
-            (address, len)
-        })
-        .collect();
-    let endpoints_len: usize = sized.iter().map(|(_, len)| length_delimited_len(ENDPOINTS, *len)).sum();
-    let mut buf = Vec::with_capacity(head.encoded_len() + endpoints_len + tail.encoded_len());
-    buf.extend_from_slice(&head.encode_to_vec());
-    for (endpoint, (address, len)) in endpoints.iter().zip(sized) {
-        encode_key(ENDPOINTS, WireType::LengthDelimited, &mut buf);
-        encode_varint(len as u64, &mut buf);
-        write_workload_entry(endpoint, &address, &port_names, &mut buf);
-    }
-    buf.extend_from_slice(&tail.encode_to_vec());
-    buf
+/// How long `plan`'s encoded `ServiceEntry` is, and what writing it needs: the
+/// caller learns the length first, so it can frame the bytes (the MCP envelope)
+/// in one buffer instead of copying them into it.
+#[derive(Debug)]
+pub(super) struct Sized {
+    /// Tags 1-5 come before the endpoints (6), `export_to` (7) after; prost writes in tag order.
+    head: ServiceEntry,
+    tail: ServiceEntry,
+    /// Each listed endpoint's encoded `WorkloadEntry` length.
+    endpoint_lens: Vec<usize>,
+    len: usize,
 }
 
-fn workload_entry_len(e: &Served<'_>, address: &AddressText<'_>, port_names: &[&str]) -> usize {
+impl Sized {
+    pub(super) fn of(plan: &Plan<'_>) -> Self {
+        let mut head = plan.spec_without_endpoints();
+        let tail = ServiceEntry { export_to: std::mem::take(&mut head.export_to), ..ServiceEntry::default() };
+        let endpoint_lens: Vec<usize> = plan
+            .listed_endpoints()
+            .iter()
+            .map(|e| workload_entry_len(e, &AddressText::of(&e.address), plan.port_names()))
+            .collect();
+        let endpoints_len: usize =
+            endpoint_lens.iter().map(|len| length_delimited_len(ENDPOINTS, *len)).sum();
+        let len = head.encoded_len() + endpoints_len + tail.encoded_len();
+        Sized { head, tail, endpoint_lens, len }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Appends the encoded `ServiceEntry` of `plan` (the plan this was sized from) to `buf`.
+    pub(super) fn write(&self, plan: &Plan<'_>, buf: &mut Vec<u8>) {
+        let start = buf.len();
+        buf.reserve(self.len);
+        self.head.encode_raw(buf);
+        for (endpoint, len) in plan.listed_endpoints().iter().zip(&self.endpoint_lens) {
+            encode_key(ENDPOINTS, WireType::LengthDelimited, buf);
+            encode_varint(*len as u64, buf);
+            write_workload_entry(endpoint, &AddressText::of(&endpoint.address), plan.port_names(), buf);
+        }
+        self.tail.encode_raw(buf);
+        debug_assert_eq!(buf.len() - start, self.len, "the size computed is the size written");
+    }
+}
+
+fn workload_entry_len<'n>(
+    e: &Served<'_>,
+    address: &AddressText<'_>,
+    port_names: impl Iterator<Item = &'n str>,
+) -> usize {
     length_delimited_len(ADDRESS, address.len())
         + port_names
-            .iter()
             .zip(&e.targets)
             .map(|(n, t)| length_delimited_len(PORTS, port_entry_len(n, *t)))
             .sum::<usize>()
         + e.labels.iter().map(|(k, v)| length_delimited_len(LABELS, label_entry_len(k, v))).sum::<usize>()
-        + string_len(LOCALITY, &e.locality)
+        + if e.locality.is_empty() { 0 } else { length_delimited_len(LOCALITY, e.locality.len()) }
 }
 
-fn write_workload_entry(e: &Served<'_>, address: &AddressText<'_>, port_names: &[&str], buf: &mut Vec<u8>) {
+fn write_workload_entry<'n>(
+    e: &Served<'_>,
+    address: &AddressText<'_>,
+    port_names: impl Iterator<Item = &'n str>,
+    buf: &mut Vec<u8>,
+) {
     encode_key(ADDRESS, WireType::LengthDelimited, buf);
     encode_varint(address.len() as u64, buf);
     address.write(buf);
-    for (name, target) in port_names.iter().zip(&e.targets) {
+    for (name, target) in port_names.zip(&e.targets) {
         encode_key(PORTS, WireType::LengthDelimited, buf);
         encode_varint(port_entry_len(name, *target) as u64, buf);
         write_string(KEY, name, buf);
@@ -87,7 +115,11 @@ fn write_workload_entry(e: &Served<'_>, address: &AddressText<'_>, port_names: &
         write_string(KEY, key, buf);
         write_string(VALUE, value, buf);
     }
-    write_string(LOCALITY, &e.locality, buf);
+    if !e.locality.is_empty() {
+        encode_key(LOCALITY, WireType::LengthDelimited, buf);
+        encode_varint(e.locality.len() as u64, buf);
+        e.locality.parts().iter().for_each(|p| buf.extend_from_slice(p.as_bytes()));
+    }
 }
 
 /// An endpoint's address as text (never empty). IPv4, nearly every endpoint, is

@@ -29,11 +29,16 @@ fn service(ns: &str, name: &str, instances: Vec<Instance>) -> Service {
 }
 
 fn one(svc: Service) -> (Entry, Translation) {
-    let encoded = translate_service_encoded(&svc, &options());
+    let spec = translate_service_encoded(&svc, &options()).entry.map(|e| {
+        let mut buf = Vec::new();
+        e.write_spec(&mut buf);
+        assert_eq!(buf.len(), e.spec_len());
+        buf
+    });
     let t = translate(&Registry::new(vec![svc]), &options());
     assert_eq!(t.entries.len(), 1, "{t:?}");
     // The builder's path writes the bytes itself: exactly prost's for the same entry.
-    assert_eq!(encoded.entry.map(|e| e.spec), Some(t.entries[0].spec.encode_to_vec()));
+    assert_eq!(spec, Some(t.entries[0].spec.encode_to_vec()));
     (t.entries[0].clone(), t)
 }
 
