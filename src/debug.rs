@@ -153,8 +153,8 @@ impl Debug for DebugService {
             .services
             .values()
             .map(|s| ServiceSourceStatus {
-                namespace: s.namespace.clone(),
-                service: s.service.clone(),
+                namespace: s.namespace.to_string(),
+                service: s.service.to_string(),
                 last_success: timestamp(s.last_success),
                 last_error: s.last_error.clone().unwrap_or_default(),
                 last_error_time: timestamp(s.last_error_time),

@@ -34,14 +34,22 @@ pub struct SourceStatus {
     pub last_error_time: Option<SystemTime>,
     /// Per `(namespace, service)`; only sources that read services one by one fill it.
     #[serde(serialize_with = "serialize_services")]
-    pub services: BTreeMap<(String, String), ServiceStatus>,
+    pub services: BTreeMap<StatusKey, ServiceStatus>,
 }
+
+/// `(namespace, service)`, or `(namespace, "")` for a namespace's own calls. The
+/// names are shared with the source's own state and with [`ServiceStatus`]: the
+/// Cloud Map source keeps a status per service, so at 10,000 services each copy of a
+/// name costs about 0.3 MB.
+pub type StatusKey = (Arc<str>, Arc<str>);
 
 /// Per-service read status (Cloud Map).
 #[derive(Debug, Default, PartialEq, Eq, Serialize)]
 pub struct ServiceStatus {
-    pub namespace: String,
-    pub service: String,
+    #[serde(serialize_with = "serialize_str")]
+    pub namespace: Arc<str>,
+    #[serde(serialize_with = "serialize_str")]
+    pub service: Arc<str>,
     #[serde(serialize_with = "time_format::option")]
     pub last_success: Option<SystemTime>,
     pub last_error: Option<String>,
@@ -78,8 +86,12 @@ impl Clone for ServiceStatus {
     }
 }
 
+fn serialize_str<S: serde::Serializer>(text: &Arc<str>, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(text)
+}
+
 fn serialize_services<S: serde::Serializer>(
-    services: &BTreeMap<(String, String), ServiceStatus>,
+    services: &BTreeMap<StatusKey, ServiceStatus>,
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
     serializer.collect_seq(services.values())

@@ -1,15 +1,20 @@
 //! An instance's Cloud Map attributes, stored compactly.
 //!
-//! ECS registers the same seven or eight keys on every instance, and most
-//! values repeat too (region, zone, cluster, port, the task's service name on
-//! every task of a service). Keys and values are therefore interned: every
-//! instance holds one small sorted array of shared strings instead of a map of
-//! its own, which at 100,000 instances is the difference between about 100 MB
-//! and about 30 MB.
+//! ECS registers the same seven or eight keys on every instance. The keys are
+//! therefore interned, and so is each set of keys: every instance holds a pointer
+//! to its (shared) sorted keys and one string of its own with the values one after
+//! another, each behind its length. Most values are shorter than the 16 bytes a
+//! shared pointer to them would take, and the one that is unique to each instance
+//! (its address) would cost an allocation and an interner entry of its own: at
+//! 100,000 instances of seven attributes this is about 8 MB, where an array of
+//! shared values took about 20 MB, pairs of shared keys and values 24 MB and a map
+//! per instance about 100 MB.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
 /// An interned string: equal strings share one allocation, and comparing two
 /// equal ones costs a pointer comparison (`Arc`'s equality checks identity first).
@@ -17,8 +22,111 @@ pub type Text = Arc<str>;
 
 /// Attribute keys and values sorted by key, each key once. Iterates, compares
 /// and orders exactly like the `BTreeMap<String, String>` it replaces.
-#[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Attributes(Box<[(Text, Text)]>);
+#[derive(Clone, Default)]
+pub struct Attributes {
+    /// The keys, sorted, shared by every instance with the same keys; `None`: no attribute.
+    keys: Option<Arc<Keys>>,
+    /// The values in key order, each after its length (see [`push_len`]). One
+    /// encoding per list of values, so equal values mean equal strings.
+    values: Box<str>,
+}
+
+/// One interned set of attribute keys, sorted. Behind an `Arc` of its own (a thin
+/// pointer) rather than an `Arc<[Text]>`: eight bytes less in every instance.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Keys(Box<[Text]>);
+
+/// Bits of a length in each byte of its encoding; the next bit says another byte follows.
+const LEN_BITS: u32 = 6;
+const LEN_MORE: u8 = 1 << LEN_BITS;
+const LEN_MASK: usize = (1 << LEN_BITS) - 1;
+
+/// Appends `len` in ASCII bytes, least significant bits first, [`LEN_BITS`] a byte:
+/// one byte for a value under 64 bytes, two under 4,096. ASCII keeps the whole
+/// encoding a `str`, so every value is a plain slice of it.
+fn push_len(out: &mut String, mut len: usize) {
+    loop {
+        // Masked to six bits: fits a u8 and stays ASCII with the continuation bit.
+        let low = (len & LEN_MASK) as u8;
+        len >>= LEN_BITS;
+        if len == 0 {
+            out.push(char::from(low));
+            return;
+        }
+        out.push(char::from(low | LEN_MORE));
+    }
+}
+
+/// Bytes [`push_len`] writes for `len`.
+fn len_of_len(len: usize) -> usize {
+    let bits = usize::BITS - len.leading_zeros();
+    (bits.max(1).div_ceil(LEN_BITS)) as usize
+}
+
+/// The length [`push_len`] wrote at the start of `bytes`, and the bytes it took.
+fn read_len(bytes: &[u8]) -> Option<(usize, usize)> {
+    let first = *bytes.first()?;
+    if first & LEN_MORE == 0 {
+        return Some((usize::from(first), 1));
+    }
+    let (mut len, mut shift) = (0usize, 0u32);
+    for (at, &byte) in bytes.iter().enumerate() {
+        len |= usize::from(byte & (LEN_MORE - 1)).checked_shl(shift)?;
+        if byte & LEN_MORE == 0 {
+            return Some((len, at + 1));
+        }
+        shift += LEN_BITS;
+    }
+    None
+}
+
+/// The values of an [`Attributes`], in key order.
+#[derive(Clone)]
+struct Values<'a> {
+    rest: &'a str,
+    left: usize,
+}
+
+impl<'a> Iterator for Values<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let (len, at) = read_len(self.rest.as_bytes())?;
+        // Never `None` for an encoding `push_len` wrote: the lengths are ASCII bytes
+        // and every value a whole `str`, so both ends fall on character boundaries.
+        let value = self.rest.get(at..at + len)?;
+        self.rest = self.rest.get(at + len..)?;
+        self.left = self.left.saturating_sub(1);
+        Some(value)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
+impl ExactSizeIterator for Values<'_> {}
+
+/// The attributes in key order, as `(key, value)`.
+#[derive(Clone)]
+pub struct Iter<'a> {
+    keys: std::slice::Iter<'a, Text>,
+    values: Values<'a>,
+}
+
+impl<'a> Iterator for Iter<'a> {
+    type Item = (&'a str, &'a str);
+
+    fn next(&mut self) -> Option<(&'a str, &'a str)> {
+        Some((self.keys.next()?, self.values.next()?))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.keys.size_hint()
+    }
+}
+
+impl ExactSizeIterator for Iter<'_> {}
 
 impl Attributes {
     pub fn new() -> Self {
@@ -26,7 +134,16 @@ impl Attributes {
     }
 
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.position(key).ok().map(|i| &*self.0[i].1)
+        let i = self.position(key).ok()?;
+        // Skips the values before it by their lengths alone.
+        let bytes = self.values.as_bytes();
+        let mut at = 0;
+        for _ in 0..i {
+            let (len, n) = read_len(bytes.get(at..)?)?;
+            at += n + len;
+        }
+        let (len, n) = read_len(bytes.get(at..)?)?;
+        self.values.get(at + n..at + n + len)
     }
 
     pub fn contains_key(&self, key: &str) -> bool {
@@ -34,76 +151,136 @@ impl Attributes {
     }
 
     /// In key order.
-    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &str)> + Clone {
-        self.0.iter().map(|(k, v)| (&**k, &**v))
+    pub fn iter(&self) -> Iter<'_> {
+        Iter { keys: self.key_slice().iter(), values: self.values() }
     }
 
     pub fn keys(&self) -> impl ExactSizeIterator<Item = &str> + Clone {
-        self.0.iter().map(|(k, _)| &**k)
+        self.key_slice().iter().map(|k| &**k)
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.key_slice().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.key_slice().is_empty()
     }
 
-    /// Sets one attribute (replacing its value). Copies the array: meant for
+    /// Sets one attribute (replacing its value). Copies the attributes: meant for
     /// edits, not for building (collect an iterator for that).
     pub fn insert(&mut self, key: impl AsRef<str>, value: impl AsRef<str>) {
-        let entry = (intern(key.as_ref()), intern(value.as_ref()));
-        let mut entries = std::mem::take(&mut self.0).into_vec();
-        match position(&entries, key.as_ref()) {
-            Ok(i) => entries[i] = entry,
-            Err(i) => entries.insert(i, entry),
+        let (key, value) = (key.as_ref(), value.as_ref());
+        let mut entries = self.entries();
+        match self.position(key) {
+            Ok(i) => entries[i].1 = value,
+            Err(i) => entries.insert(i, (key, value)),
         }
-        self.0 = entries.into_boxed_slice();
+        *self = Attributes::from_sorted(&entries);
     }
 
-    pub fn remove(&mut self, key: &str) -> Option<Text> {
+    pub fn remove(&mut self, key: &str) -> Option<String> {
         let i = self.position(key).ok()?;
-        let mut entries = std::mem::take(&mut self.0).into_vec();
+        let mut entries = self.entries();
         let (_, value) = entries.remove(i);
-        self.0 = entries.into_boxed_slice();
+        let value = value.to_owned();
+        *self = Attributes::from_sorted(&entries);
         Some(value)
     }
 
+    fn key_slice(&self) -> &[Text] {
+        self.keys.as_deref().map_or(&[], |k| &k.0)
+    }
+
+    fn values(&self) -> Values<'_> {
+        Values { rest: &self.values, left: self.len() }
+    }
+
+    fn entries(&self) -> Vec<(&str, &str)> {
+        self.iter().collect()
+    }
+
     fn position(&self, key: &str) -> Result<usize, usize> {
-        position(&self.0, key)
+        self.key_slice().binary_search_by(|k| (**k).cmp(key))
+    }
+
+    /// From entries sorted by key, each key once.
+    fn from_sorted(entries: &[(&str, &str)]) -> Self {
+        if entries.is_empty() {
+            return Attributes::default();
+        }
+        let size = entries.iter().map(|(_, v)| len_of_len(v.len()) + v.len()).sum();
+        let mut values = String::with_capacity(size);
+        for (_, value) in entries {
+            push_len(&mut values, value.len());
+            values.push_str(value);
+        }
+        let mut interner = interner();
+        let keys: Box<[Text]> = entries.iter().map(|(k, _)| interner.string(k)).collect();
+        Attributes { keys: Some(interner.keys(keys)), values: values.into_boxed_str() }
     }
 }
 
-fn position(entries: &[(Text, Text)], key: &str) -> Result<usize, usize> {
-    entries.binary_search_by(|(k, _)| (**k).cmp(key))
+impl PartialEq for Attributes {
+    fn eq(&self, other: &Self) -> bool {
+        // Interned key sets are equal when they are the same set; the slice comparison is for safety.
+        let same_keys = match (&self.keys, &other.keys) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+            (None, None) => true,
+            _ => false,
+        };
+        same_keys && self.values == other.values
+    }
+}
+
+impl Eq for Attributes {}
+
+impl PartialOrd for Attributes {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Attributes {
+    /// Lexicographically over (key, value) pairs, then by length, as the maps are.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.iter().cmp(other.iter())
+    }
+}
+
+impl Hash for Attributes {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_usize(self.len());
+        for pair in self.iter() {
+            pair.hash(state);
+        }
+    }
 }
 
 impl<'a> IntoIterator for &'a Attributes {
     type Item = (&'a str, &'a str);
-    type IntoIter =
-        std::iter::Map<std::slice::Iter<'a, (Text, Text)>, fn(&'a (Text, Text)) -> (&'a str, &'a str)>;
+    type IntoIter = Iter<'a>;
 
-    fn into_iter(self) -> Self::IntoIter {
-        self.0.iter().map(|(k, v)| (&**k, &**v))
+    fn into_iter(self) -> Iter<'a> {
+        self.iter()
     }
 }
 
 impl<K: AsRef<str>, V: AsRef<str>> FromIterator<(K, V)> for Attributes {
     /// Like collecting into a `BTreeMap`: of two equal keys the last one wins.
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
-        let mut entries: Vec<(Text, Text)> =
-            iter.into_iter().map(|(k, v)| (intern(k.as_ref()), intern(v.as_ref()))).collect();
+        let owned: Vec<(K, V)> = iter.into_iter().collect();
+        let mut entries: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (k.as_ref(), v.as_ref())).collect();
         // Stable: equal keys keep their input order, so the last is the one kept.
-        entries.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut kept: Vec<(Text, Text)> = Vec::with_capacity(entries.len());
+        entries.sort_by(|a, b| a.0.cmp(b.0));
+        let mut kept: Vec<(&str, &str)> = Vec::with_capacity(entries.len());
         for entry in entries {
             match kept.last_mut() {
                 Some(last) if last.0 == entry.0 => *last = entry,
                 _ => kept.push(entry),
             }
         }
-        Attributes(kept.into_boxed_slice())
+        Attributes::from_sorted(&kept)
     }
 }
 
@@ -115,7 +292,8 @@ impl<K: AsRef<str>, V: AsRef<str>, const N: usize> From<[(K, V); N]> for Attribu
 
 impl From<BTreeMap<String, String>> for Attributes {
     fn from(map: BTreeMap<String, String>) -> Self {
-        map.into_iter().collect()
+        let entries: Vec<(&str, &str)> = map.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Attributes::from_sorted(&entries)
     }
 }
 
@@ -149,34 +327,75 @@ impl serde::Serialize for Attributes {
     }
 }
 
-/// The interned strings. Entries nobody else holds any more are dropped when
-/// the table has doubled since the last sweep, so it stays within twice what is
-/// in use however values churn.
+/// A key set in the interner, looked up by its keys.
+#[derive(PartialEq, Eq, Hash)]
+struct InternedKeys(Arc<Keys>);
+
+impl Borrow<[Text]> for InternedKeys {
+    fn borrow(&self) -> &[Text] {
+        &self.0.0
+    }
+}
+
+/// The interned strings and key sets. Entries nobody else holds any more are
+/// dropped when a table has doubled since its last sweep, so each stays within
+/// twice what is in use however values churn.
 struct Interner {
     strings: HashSet<Text>,
     sweep_at: usize,
+    keys: HashSet<InternedKeys>,
+    keys_sweep_at: usize,
 }
 
 const MIN_SWEEP: usize = 4096;
 
-static INTERNER: LazyLock<Mutex<Interner>> =
-    LazyLock::new(|| Mutex::new(Interner { strings: HashSet::new(), sweep_at: MIN_SWEEP }));
+static INTERNER: LazyLock<Mutex<Interner>> = LazyLock::new(|| {
+    Mutex::new(Interner {
+        strings: HashSet::new(),
+        sweep_at: MIN_SWEEP,
+        keys: HashSet::new(),
+        keys_sweep_at: MIN_SWEEP,
+    })
+});
+
+fn interner() -> MutexGuard<'static, Interner> {
+    // A poisoned lock only means a panic elsewhere mid-insert; the tables are still usable.
+    INTERNER.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Interner {
+    fn string(&mut self, s: &str) -> Text {
+        if let Some(shared) = self.strings.get(s) {
+            return shared.clone();
+        }
+        let shared: Text = Arc::from(s);
+        self.strings.insert(shared.clone());
+        if self.strings.len() >= self.sweep_at {
+            self.strings.retain(|t| Arc::strong_count(t) > 1);
+            self.strings.shrink_to_fit();
+            self.sweep_at = (self.strings.len() * 2).max(MIN_SWEEP);
+        }
+        shared
+    }
+
+    fn keys(&mut self, keys: Box<[Text]>) -> Arc<Keys> {
+        if let Some(shared) = self.keys.get(&keys[..]) {
+            return shared.0.clone();
+        }
+        let shared = Arc::new(Keys(keys));
+        self.keys.insert(InternedKeys(shared.clone()));
+        if self.keys.len() >= self.keys_sweep_at {
+            self.keys.retain(|k| Arc::strong_count(&k.0) > 1);
+            self.keys.shrink_to_fit();
+            self.keys_sweep_at = (self.keys.len() * 2).max(MIN_SWEEP);
+        }
+        shared
+    }
+}
 
 /// The shared copy of `s`.
 pub fn intern(s: &str) -> Text {
-    // A poisoned lock only means a panic elsewhere mid-insert; the set is still usable.
-    let mut interner = INTERNER.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(shared) = interner.strings.get(s) {
-        return shared.clone();
-    }
-    let shared: Text = Arc::from(s);
-    interner.strings.insert(shared.clone());
-    if interner.strings.len() >= interner.sweep_at {
-        interner.strings.retain(|t| Arc::strong_count(t) > 1);
-        interner.strings.shrink_to_fit();
-        interner.sweep_at = (interner.strings.len() * 2).max(MIN_SWEEP);
-    }
-    shared
+    interner().string(s)
 }
 
 #[cfg(test)]
@@ -216,10 +435,87 @@ mod tests {
     }
 
     #[test]
-    fn equal_strings_are_shared() {
+    fn equal_keys_are_shared() {
         let a = Attributes::from([("REGION", "us-east-1")]);
         let b = Attributes::from([("REGION".to_string(), "us-east-1".to_string())]);
-        assert!(Arc::ptr_eq(&a.0[0].0, &b.0[0].0));
-        assert!(Arc::ptr_eq(&a.0[0].1, &b.0[0].1));
+        assert!(Arc::ptr_eq(&a.key_slice()[0], &b.key_slice()[0]));
+    }
+
+    #[test]
+    fn equal_key_sets_are_shared_whatever_the_values() {
+        let a = Attributes::from([("REGION", "us-east-1"), ("AZ", "a")]);
+        let mut b = Attributes::from([("AZ", "b"), ("REGION", "eu-west-1")]);
+        assert!(Arc::ptr_eq(a.keys.as_ref().unwrap(), b.keys.as_ref().unwrap()));
+        assert_ne!(a, b);
+        // An edit that leaves the keys as they were keeps the shared set; one that adds a key moves to another.
+        b.insert("AZ", "a");
+        b.insert("REGION", "us-east-1");
+        assert!(Arc::ptr_eq(a.keys.as_ref().unwrap(), b.keys.as_ref().unwrap()));
+        assert_eq!(a, b);
+        b.insert("zone", "z");
+        assert!(!Arc::ptr_eq(a.keys.as_ref().unwrap(), b.keys.as_ref().unwrap()));
+        assert_eq!(b.remove("zone").as_deref(), Some("z"));
+        assert_eq!(a, b);
+        // Removing the last attribute leaves the same value as no attribute at all.
+        let mut c = Attributes::from([("k", "v")]);
+        c.remove("k");
+        assert_eq!(c, Attributes::new());
+        assert!(c.is_empty() && c.iter().next().is_none());
+    }
+
+    #[test]
+    fn order_and_hash_follow_the_pairs_across_key_sets() {
+        use std::hash::BuildHasher;
+        let sets = [
+            Attributes::new(),
+            Attributes::from([("a", "1")]),
+            Attributes::from([("a", "1"), ("b", "2")]),
+            Attributes::from([("a", "2")]),
+            Attributes::from([("b", "1")]),
+            Attributes::from([("a", "1"), ("c", "0")]),
+        ];
+        let hasher = std::hash::RandomState::new();
+        for x in &sets {
+            for y in &sets {
+                let (mx, my) = (BTreeMap::from(x), BTreeMap::from(y));
+                assert_eq!(x.cmp(y), mx.cmp(&my), "{x:?} vs {y:?}");
+                assert_eq!(x == y, mx == my);
+            }
+            let again: Attributes = x.iter().collect();
+            assert_eq!(hasher.hash_one(x), hasher.hash_one(&again));
+        }
+    }
+
+    #[test]
+    fn values_of_any_length_and_text_come_back_as_they_went_in() {
+        let lengths = [0, 1, 63, 64, 65, 4095, 4096, 262_143, 262_144, 300_000];
+        for len in lengths {
+            let mut encoded = String::new();
+            push_len(&mut encoded, len);
+            assert_eq!(encoded.len(), len_of_len(len), "length {len}");
+            assert!(encoded.is_ascii());
+        }
+        let long = "x".repeat(300_000);
+        let pairs: Vec<(String, String)> = lengths
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| (format!("k{i:02}"), long[..len].to_owned()))
+            .chain([("unicode".into(), "zoné 東京 🚀".into()), ("z".into(), String::new())])
+            .collect();
+        let ours: Attributes = pairs.iter().map(|(k, v)| (k, v)).collect();
+        assert_eq!(ours.iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect::<Vec<_>>(), pairs);
+        assert_eq!(ours.iter().len(), pairs.len());
+        for (k, v) in &pairs {
+            assert_eq!(ours.get(k), Some(v.as_str()));
+        }
+        assert_eq!(ours.get("unicode"), Some("zoné 東京 🚀"));
+        // One encoding per list of values: built in another order, or edited into shape, it is equal.
+        let reversed: Attributes = pairs.iter().rev().map(|(k, v)| (k, v)).collect();
+        assert_eq!(reversed, ours);
+        let mut edited = reversed.clone();
+        edited.insert("k03", "changed");
+        assert_ne!(edited, ours);
+        edited.insert("k03", &long[..64]);
+        assert_eq!(edited, ours);
     }
 }

@@ -34,7 +34,7 @@ use tracing::{debug, info, warn};
 use super::api::{Api, ApiError, Discovered, ErrorKind, NamespaceInfo, ServiceInfo};
 use super::filter::NameFilter;
 use crate::model::{Health, Instance, Registry, Service};
-use crate::source::ServiceStatus;
+use crate::source::{ServiceStatus, StatusKey};
 
 mod attributes;
 pub use self::attributes::{ACTION as ATTRIBUTES_ACTION, AttributesTarget};
@@ -49,8 +49,10 @@ pub const MAX_BACKOFF_POLLS: u32 = 12;
 /// (a throttled call, retried by the SDK, can take seconds to answer).
 pub const MIN_THROTTLE_QUIET: Duration = Duration::from_secs(10);
 
-/// `(Cloud Map namespace name, service name)`: the identity of a ServiceEntry.
-pub type ServiceKey = (String, String);
+/// `(Cloud Map namespace name, service name)`: the identity of a ServiceEntry. Shared,
+/// not copied: the namespace name by all its services, both names by the statuses,
+/// the queues and the calls in flight.
+pub type ServiceKey = (Arc<str>, Arc<str>);
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -77,12 +79,11 @@ impl Now {
     }
 }
 
-/// One service to call DiscoverInstances(Revision) for.
+/// One service to call DiscoverInstances(Revision) for (the service name is `key.1`).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Target {
     pub key: ServiceKey,
-    pub namespace_http_name: String,
-    pub service: String,
+    pub namespace_http_name: Arc<str>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -131,17 +132,50 @@ pub struct PollSummary {
 
 #[derive(Debug, Clone)]
 struct NamespaceState {
-    name: String,
+    name: Arc<str>,
+    /// Shared by the namespace's services.
+    id: Arc<str>,
+    http_name: Arc<str>,
     /// ListServices succeeded at least once.
     listed: bool,
     failures: u32,
     status: ServiceStatus,
 }
 
+/// What a listing says of a service's namespace, shared by its services.
+#[derive(Debug, Clone)]
+struct Namespace {
+    id: Arc<str>,
+    http_name: Arc<str>,
+}
+
+/// A service's read status; the names that make a [`ServiceStatus`] of it are its key.
+#[derive(Debug, Clone, Default)]
+struct ReadStatus {
+    last_success: Option<SystemTime>,
+    last_error: Option<String>,
+    last_error_time: Option<SystemTime>,
+    api_calls: u64,
+    instances: u32,
+}
+
+impl ReadStatus {
+    /// Overwrites `status` with this one, reusing its strings.
+    fn copy_to(&self, key: &ServiceKey, status: &mut ServiceStatus) {
+        status.namespace.clone_from(&key.0);
+        status.service.clone_from(&key.1);
+        status.last_success = self.last_success;
+        status.last_error.clone_from(&self.last_error);
+        status.last_error_time = self.last_error_time;
+        status.api_calls = self.api_calls;
+        status.instances = self.instances;
+    }
+}
+
 #[derive(Debug, Clone)]
 struct ServiceState {
-    namespace_id: String,
-    http_name: String,
+    namespace_id: Arc<str>,
+    http_name: Arc<str>,
     service_id: String,
     created: SystemTime,
     health_checked: bool,
@@ -166,12 +200,12 @@ struct ServiceState {
     retry_at: Option<Instant>,
     /// A call for this service is in flight; later plans skip it.
     busy: bool,
-    status: ServiceStatus,
+    status: ReadStatus,
 }
 
 impl ServiceState {
     fn target(&self, key: &ServiceKey) -> Target {
-        Target { key: key.clone(), namespace_http_name: self.http_name.clone(), service: key.1.clone() }
+        Target { key: key.clone(), namespace_http_name: self.http_name.clone() }
     }
 
     fn needs_read(&self, now: Instant) -> bool {
@@ -304,14 +338,27 @@ impl Inventory {
             .collect();
         let mut report = ListingReport::default();
         let mut failed_namespaces = BTreeSet::new();
-        let mut present: BTreeMap<ServiceKey, (&NamespaceInfo, ServiceInfo)> = BTreeMap::new();
+        let mut present: BTreeMap<ServiceKey, (Namespace, ServiceInfo)> = BTreeMap::new();
         for (id, ns) in &namespaces {
-            let state = self.namespaces.entry(id.clone()).or_insert_with(|| NamespaceState {
-                name: ns.name.clone(),
-                listed: false,
-                failures: 0,
-                status: ServiceStatus { namespace: ns.name.clone(), ..ServiceStatus::default() },
+            let state = self.namespaces.entry(id.clone()).or_insert_with(|| {
+                let name: Arc<str> = ns.name.as_str().into();
+                NamespaceState {
+                    name: name.clone(),
+                    id: id.as_str().into(),
+                    http_name: ns.http_name.as_str().into(),
+                    listed: false,
+                    failures: 0,
+                    status: ServiceStatus { namespace: name, ..ServiceStatus::default() },
+                }
             });
+            if *state.name != *ns.name {
+                state.name = ns.name.as_str().into();
+                state.status.namespace = state.name.clone();
+            }
+            if *state.http_name != *ns.http_name {
+                state.http_name = ns.http_name.as_str().into();
+            }
+            let shared = Namespace { id: state.id.clone(), http_name: state.http_name.clone() };
             let Some(services) = listing.services.remove(id) else {
                 failed_namespaces.insert(id.clone());
                 continue;
@@ -332,14 +379,14 @@ impl Inventory {
                         {
                             continue;
                         }
-                        let key = (ns.name.clone(), svc.name.clone());
+                        let key: ServiceKey = (state.name.clone(), svc.name.as_str().into());
                         // Cloud Map keeps names unique; if a registry does not, the oldest service wins.
                         let keep = match present.get(&key) {
                             Some((_, other)) => (svc.created, &svc.id) < (other.created, &other.id),
                             None => true,
                         };
                         if keep {
-                            present.insert(key, (ns, svc));
+                            present.insert(key, (shared.clone(), svc));
                         }
                     }
                 }
@@ -362,7 +409,7 @@ impl Inventory {
         let missing: BTreeSet<ServiceKey> = self
             .services
             .iter()
-            .filter(|(key, s)| !present.contains_key(*key) && !failed_namespaces.contains(&s.namespace_id))
+            .filter(|(key, s)| !present.contains_key(*key) && !failed_namespaces.contains(&*s.namespace_id))
             .map(|(key, _)| key.clone())
             .collect();
         let listed: BTreeSet<ServiceKey> = present.keys().cloned().collect();
@@ -371,7 +418,7 @@ impl Inventory {
         present.retain(|key, (ns, _)| {
             self.services
                 .get(key)
-                .is_none_or(|s| s.namespace_id == ns.id || !failed_namespaces.contains(&s.namespace_id))
+                .is_none_or(|s| s.namespace_id == ns.id || !failed_namespaces.contains(&*s.namespace_id))
         });
         for (key, (ns, svc)) in present {
             self.upsert(key, ns, svc, &mut report);
@@ -448,7 +495,7 @@ impl Inventory {
         report
     }
 
-    fn upsert(&mut self, key: ServiceKey, ns: &NamespaceInfo, svc: ServiceInfo, report: &mut ListingReport) {
+    fn upsert(&mut self, key: ServiceKey, ns: Namespace, svc: ServiceInfo, report: &mut ListingReport) {
         let listed = key.clone();
         match self.services.get_mut(&key) {
             Some(s) => {
@@ -464,8 +511,8 @@ impl Inventory {
                 if s.created != svc.created || s.health_checked != svc.health_checked {
                     self.dirty = true;
                 }
-                s.namespace_id.clone_from(&ns.id);
-                s.http_name.clone_from(&ns.http_name);
+                s.namespace_id = ns.id;
+                s.http_name = ns.http_name;
                 s.service_id = svc.id;
                 if s.created != svc.created {
                     s.unpublish();
@@ -475,16 +522,11 @@ impl Inventory {
             }
             None => {
                 debug!(namespace = %key.0, service = %key.1, "new service listed");
-                let status = ServiceStatus {
-                    namespace: key.0.clone(),
-                    service: key.1.clone(),
-                    ..ServiceStatus::default()
-                };
                 self.services.insert(
                     key.clone(),
                     ServiceState {
-                        namespace_id: ns.id.clone(),
-                        http_name: ns.http_name.clone(),
+                        namespace_id: ns.id,
+                        http_name: ns.http_name,
                         service_id: svc.id,
                         created: svc.created,
                         health_checked: svc.health_checked,
@@ -499,7 +541,7 @@ impl Inventory {
                         failures: 0,
                         retry_at: None,
                         busy: false,
-                        status,
+                        status: ReadStatus::default(),
                     },
                 );
                 report.added.push(key);
@@ -715,8 +757,8 @@ impl Inventory {
                     // Moved, not copied: the published service holds the only copy.
                     let instances = s.instances.take()?;
                     s.published = Some(Arc::new(Service {
-                        namespace: key.0.clone(),
-                        name: key.1.clone(),
+                        namespace: key.0.to_string(),
+                        name: key.1.to_string(),
                         created: s.created,
                         attributes: s.attributes.values.clone(),
                         instances,
@@ -730,7 +772,7 @@ impl Inventory {
     }
 
     /// Per namespace (with an empty service name: its ListServices calls) and per service.
-    pub fn statuses(&self) -> BTreeMap<(String, String), ServiceStatus> {
+    pub fn statuses(&self) -> BTreeMap<StatusKey, ServiceStatus> {
         let mut statuses = BTreeMap::new();
         self.copy_statuses(&mut statuses);
         statuses
@@ -741,26 +783,26 @@ impl Inventory {
     /// reusing their strings. The poller copies every status after each poll; a fresh
     /// map each time held a third copy beside the inventory's and the one it
     /// replaced (about 4 MB at 10,000 services) and made 40,000 string allocations.
-    pub fn copy_statuses(&self, statuses: &mut BTreeMap<(String, String), ServiceStatus>) {
-        let namespaces: BTreeSet<&str> = self.namespaces.values().map(|n| n.name.as_str()).collect();
+    pub fn copy_statuses(&self, statuses: &mut BTreeMap<StatusKey, ServiceStatus>) {
+        let namespaces: BTreeSet<&str> = self.namespaces.values().map(|n| &*n.name).collect();
         statuses.retain(|key, _| {
-            if key.1.is_empty() {
-                namespaces.contains(key.0.as_str())
-            } else {
-                self.services.contains_key(key)
-            }
+            if key.1.is_empty() { namespaces.contains(&*key.0) } else { self.services.contains_key(key) }
         });
         for n in self.namespaces.values() {
-            statuses
-                .entry((n.name.clone(), String::new()))
-                .and_modify(|status| status.clone_from(&n.status))
-                .or_insert_with(|| n.status.clone());
+            match statuses.get_mut(&(n.name.clone(), Arc::default())) {
+                Some(status) => status.clone_from(&n.status),
+                None => {
+                    statuses.insert((n.name.clone(), Arc::default()), n.status.clone());
+                }
+            }
         }
         for (key, s) in &self.services {
             match statuses.get_mut(key) {
-                Some(status) => status.clone_from(&s.status),
+                Some(status) => s.status.copy_to(key, status),
                 None => {
-                    statuses.insert(key.clone(), s.status.clone());
+                    let mut status = ServiceStatus::default();
+                    s.status.copy_to(key, &mut status);
+                    statuses.insert(key.clone(), status);
                 }
             }
         }

@@ -223,7 +223,7 @@ pub struct Poller<A> {
     /// Revision checks and instance reads planned but not started. A task is spawned
     /// only when its family has a free slot: a spawned task holds its whole SDK call
     /// future (about 5 KB), so spawning a poll of 10,000 services at once held some
-    /// 50 MB of tasks waiting for a slot; a queued target is a few strings.
+    /// 50 MB of tasks waiting for a slot; a queued target is three shared names.
     queued_revisions: VecDeque<Target>,
     queued_reads: VecDeque<Target>,
     revisions_in_flight: usize,
@@ -430,8 +430,7 @@ impl<A: CloudMapApi> Poller<A> {
         let caller = self.caller.clone();
         let key = target.key.clone();
         let handle = self.tasks.spawn(async move {
-            let request =
-                caller.api.discover_instances_revision(&target.namespace_http_name, &target.service);
+            let request = caller.api.discover_instances_revision(&target.namespace_http_name, &target.key.1);
             let result = caller.call(Api::DiscoverInstancesRevision, request).await;
             Done::Revision(target, result)
         });
@@ -443,7 +442,7 @@ impl<A: CloudMapApi> Poller<A> {
         let caller = self.caller.clone();
         let key = target.key.clone();
         let handle = self.tasks.spawn(async move {
-            let request = caller.api.discover_instances(&target.namespace_http_name, &target.service);
+            let request = caller.api.discover_instances(&target.namespace_http_name, &target.key.1);
             let result = caller.call(Api::DiscoverInstances, request).await;
             Done::Instances(target.key, result)
         });

@@ -86,7 +86,12 @@ fn discovered(ips: &[&str], revision: i64) -> Discovered {
 }
 
 fn key(service: &str) -> ServiceKey {
-    ("shop".to_owned(), service.to_owned())
+    ns_key("shop", service)
+}
+
+/// A service's key; `service` empty: the namespace's own status.
+fn ns_key(namespace: &str, service: &str) -> ServiceKey {
+    (namespace.into(), service.into())
 }
 
 fn err(kind: ErrorKind) -> ApiError {
@@ -255,7 +260,7 @@ fn every_service_is_read_in_full_once_per_interval_spread_evenly() {
             assert!(!inv.apply_revision(&t.key, Ok(1), now), "health changes do not move the revision");
         }
         for t in &plan.discover {
-            *reads_of.entry(t.key.1.clone()).or_default() += 1;
+            *reads_of.entry(t.key.1.to_string()).or_default() += 1;
             inv.apply_instances(&t.key, Ok(discovered(&["10.0.0.1"], 1)), now);
         }
         if inv.finish_poll(now).full_sync {
@@ -468,7 +473,7 @@ fn a_held_service_whose_namespace_fails_to_list_stays_held() {
     assert_eq!(inv.held_count(), 2);
     let report =
         inv.apply_listing(Ok(listing_of(&[("ns-1", "shop", &["a"]), ("ns-2", "pay", &[])])), clock.at(320.0));
-    assert_eq!(report.removed, vec![("pay".to_owned(), "c".to_owned()), ("pay".to_owned(), "d".to_owned())]);
+    assert_eq!(report.removed, vec![ns_key("pay", "c"), ns_key("pay", "d")]);
 }
 
 #[test]
@@ -585,13 +590,13 @@ fn a_failed_listing_or_namespace_keeps_what_was_listed() {
     partial.services.get_mut("ns-2").unwrap().result = Ok(vec![svc(Some("ns-2"), "c")]);
     let report = inv.apply_listing(Ok(partial), clock.at(65.0));
     assert_eq!(report.failed_namespaces, 1);
-    assert_eq!(report.removed, vec![("blog".to_owned(), "b".to_owned())]);
+    assert_eq!(report.removed, vec![ns_key("blog", "b")]);
     assert!(inv.services.contains_key(&key("a")));
     let statuses = inv.statuses();
-    let shop = &statuses[&("shop".to_owned(), String::new())];
+    let shop = &statuses[&ns_key("shop", "")];
     assert_eq!(shop.api_calls, 4);
     assert!(shop.last_error.is_some());
-    assert!(statuses[&("blog".to_owned(), String::new())].last_error.is_none());
+    assert!(statuses[&ns_key("blog", "")].last_error.is_none());
 }
 
 #[test]
@@ -658,8 +663,8 @@ fn statuses_are_copied_in_place_dropping_what_is_gone() {
     let clock = Clock::new();
     let mut inv = synced(&clock, &["a", "b"]);
     let mut copy = BTreeMap::new();
-    copy.insert(("gone".to_owned(), String::new()), ServiceStatus::default());
-    copy.insert(("shop".to_owned(), "gone".to_owned()), ServiceStatus::default());
+    copy.insert(ns_key("gone", ""), ServiceStatus::default());
+    copy.insert(ns_key("shop", "gone"), ServiceStatus::default());
     copy.insert(
         key("a"),
         ServiceStatus { last_error: Some("stale".into()), api_calls: 99, ..ServiceStatus::default() },
@@ -676,6 +681,35 @@ fn statuses_are_copied_in_place_dropping_what_is_gone() {
     assert_eq!(copy, inv.statuses());
     assert!(copy[&key("a")].last_error.as_deref().unwrap().contains("boom"));
     assert!(!copy.contains_key(&key("b")), "b is no longer listed");
+}
+
+#[test]
+fn names_are_shared_not_copied_per_service() {
+    let clock = Clock::new();
+    let mut inv = Inventory::new(config(), clock.at(0.0).instant, 7);
+    inv.apply_listing(Ok(listing(&["a", "b"])), clock.at(0.0));
+    let plan = inv.plan_next_poll(clock.at(0.0).instant);
+    let [a, b] = &plan.discover[..] else { panic!("two reads: {plan:?}") };
+    // One namespace name and one HTTP name for all the namespace's services...
+    assert!(Arc::ptr_eq(&a.key.0, &b.key.0));
+    assert!(Arc::ptr_eq(&a.namespace_http_name, &b.namespace_http_name));
+    assert_eq!((&*a.key.0, &*a.key.1, &*a.namespace_http_name), ("shop", "a", "shop"));
+    // ...and the statuses hold the keys' names.
+    let statuses = inv.statuses();
+    let (status_key, status) = statuses.get_key_value(&key("a")).unwrap();
+    assert!(Arc::ptr_eq(&status_key.1, &a.key.1) && Arc::ptr_eq(&status.service, &a.key.1));
+    assert!(Arc::ptr_eq(&status.namespace, &a.key.0));
+    // A namespace whose HTTP name changes moves every service to the new name (read again at once).
+    let mut renamed = listing(&["a", "b"]);
+    renamed.namespaces[0].http_name = "shop-http".into();
+    for t in &plan.discover {
+        inv.apply_instances(&t.key, Ok(discovered(&["10.0.0.1"], 1)), clock.at(1.0));
+    }
+    inv.apply_listing(Ok(renamed), clock.at(2.0));
+    let again = inv.plan_next_poll(clock.at(2.0).instant);
+    assert_eq!(again.discover.len(), 2, "both are read again: {again:?}");
+    assert!(again.discover.iter().all(|t| &*t.namespace_http_name == "shop-http"));
+    assert!(Arc::ptr_eq(&again.discover[0].namespace_http_name, &again.discover[1].namespace_http_name));
 }
 
 #[test]
@@ -988,7 +1022,7 @@ fn an_iam_denial_settles_every_service_and_leaves_one_probe_per_list_interval() 
         t += 5.0;
     }
     assert_eq!(probes.len(), 3, "{probes:?}");
-    assert_eq!(probes.iter().map(|(_, s)| s.as_str()).collect::<Vec<_>>(), ["a", "b", "c"]);
+    assert_eq!(probes.iter().map(|(_, s)| &**s).collect::<Vec<_>>(), ["a", "b", "c"]);
     // The policy is fixed: the next probe succeeds, and every service is read again.
     let mut t = 250.0 + 5.0;
     let probe = loop {
@@ -1081,7 +1115,7 @@ fn a_listing_never_restarts_the_sweep_and_new_services_go_first() {
         }
         inv.apply_listing(Ok(listing(&listed)), now);
         for t in inv.plan_attribute_reads(now.instant, 2) {
-            read.push(t.key.1.clone());
+            read.push(t.key.1.to_string());
             inv.apply_attributes(&t.key, Ok(BTreeMap::new()), now);
         }
     }
@@ -1092,7 +1126,7 @@ fn a_listing_never_restarts_the_sweep_and_new_services_go_first() {
     let rest: Vec<String> = inv
         .plan_attribute_reads(clock.at(300.0).instant, usize::MAX)
         .iter()
-        .map(|t| t.key.1.clone())
+        .map(|t| t.key.1.to_string())
         .collect();
     assert_eq!(rest, ["c", "d", "new", "a", "b"]);
 }

@@ -259,11 +259,7 @@ async fn pages_everything_then_polls_revisions_only() {
     assert!(status.synced && status.last_full_sync.is_some());
     assert_eq!(status.services.len(), 3 + 6, "three namespaces and six services");
     assert_eq!(calls[&Api::GetServiceAttributes], 6, "once per listed service");
-    assert_eq!(
-        status.services[&("shop".to_owned(), "a".to_owned())].api_calls,
-        2,
-        "instances and attributes"
-    );
+    assert_eq!(status.services[&("shop".into(), "a".into())].api_calls, 2, "instances and attributes");
 
     // Idle: revision calls only, one per service per poll.
     let before = r.fake.calls();
@@ -310,13 +306,13 @@ async fn a_failing_or_hanging_service_keeps_its_state_and_blocks_nobody() {
     assert_eq!(ips(&reg, "shop", "b"), ["10.0.0.1"], "b keeps its last good state");
     condition("b's timeout", || aws_calls(&r.metrics, Api::DiscoverInstancesRevision, "timeout") > 0).await;
     condition("c moving on while b hangs", || {
-        r.view.status().services[&("shop".to_owned(), "c".to_owned())].api_calls >= 5
+        r.view.status().services[&("shop".into(), "c".into())].api_calls >= 5
     })
     .await;
     let status = r.view.status();
-    let a = &status.services[&("shop".to_owned(), "a".to_owned())];
+    let a = &status.services[&("shop".into(), "a".into())];
     assert!(a.last_error.as_deref().unwrap().contains("InternalFailure"), "{a:?}");
-    let b = &status.services[&("shop".to_owned(), "b".to_owned())];
+    let b = &status.services[&("shop".into(), "b".into())];
     assert!(b.last_error.as_deref().unwrap().contains("no answer within"), "{b:?}");
     assert!(status.last_error.is_some());
 
