@@ -244,7 +244,7 @@ pub struct EncodedEntry<'a> {
     /// How many endpoints it lists.
     pub endpoints: usize,
     plan: Plan<'a>,
-    sized: encode::Sized,
+    sized: encode::SizedSpec,
 }
 
 impl EncodedEntry<'_> {
@@ -277,7 +277,7 @@ pub fn translate_service_encoded<'a>(service: &'a Service, options: &Options) ->
     match plan_service(service, options) {
         Ok(mut plan) => {
             let (skipped, skipped_labels, invalid_settings) = plan.problems(service);
-            let sized = encode::Sized::of(&plan);
+            let sized = encode::SizedSpec::of(&plan);
             EncodedTranslation {
                 entry: Some(EncodedEntry {
                     name: std::mem::take(&mut plan.name),

@@ -34,7 +34,7 @@ const VALUE: u32 = 2;
 /// caller learns the length first, so it can frame the bytes (the MCP envelope)
 /// in one buffer instead of copying them into it.
 #[derive(Debug)]
-pub(super) struct Sized {
+pub(super) struct SizedSpec {
     /// Tags 1-5 come before the endpoints (6), `export_to` (7) after; prost writes in tag order.
     head: ServiceEntry,
     tail: ServiceEntry,
@@ -43,7 +43,7 @@ pub(super) struct Sized {
     len: usize,
 }
 
-impl Sized {
+impl SizedSpec {
     pub(super) fn of(plan: &Plan<'_>) -> Self {
         let mut head = plan.spec_without_endpoints();
         let tail = ServiceEntry { export_to: std::mem::take(&mut head.export_to), ..ServiceEntry::default() };
@@ -55,7 +55,7 @@ impl Sized {
         let endpoints_len: usize =
             endpoint_lens.iter().map(|len| length_delimited_len(ENDPOINTS, *len)).sum();
         let len = head.encoded_len() + endpoints_len + tail.encoded_len();
-        Sized { head, tail, endpoint_lens, len }
+        SizedSpec { head, tail, endpoint_lens, len }
     }
 
     pub(super) fn len(&self) -> usize {
