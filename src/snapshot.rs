@@ -339,8 +339,12 @@ impl std::fmt::Debug for ResourcesField {
 
 /// One resource inside `DiscoveryResponse.resources` (field 2: a one-byte key), length prefix included.
 fn framed_len(any: &SharedAny) -> usize {
-    let len = any.encoded_len();
-    prost::encoding::key_len(RESOURCES_FIELD) + prost::encoding::encoded_len_varint(len as u64) + len
+    length_delimited_len(RESOURCES_FIELD, any.encoded_len())
+}
+
+/// A length-delimited field of `len` bytes, key and length prefix included.
+fn length_delimited_len(tag: u32, len: usize) -> usize {
+    prost::encoding::key_len(tag) + prost::encoding::encoded_len_varint(len as u64) + len
 }
 
 /// A resource's share of the snapshot version: a hash of its name and version
@@ -423,8 +427,7 @@ fn encode(
     endpoints: usize,
     origin: (String, String),
 ) -> Resource {
-    use prost::encoding::{WireType, encode_key, encode_varint, key_len, message};
-    let length_delimited = |tag: u32, len: usize| key_len(tag) + encoded_len_varint(len) + len;
+    use prost::encoding::{WireType, encode_key, encode_varint, message};
     let timestamp = prost_types::Timestamp::from(create_time);
     let metadata = Metadata {
         name,
@@ -433,9 +436,9 @@ fn encode(
         labels: Default::default(),
         annotations: Default::default(),
     };
-    let body_len = length_delimited(TYPE_URL_FIELD, SERVICE_ENTRY_BODY_TYPE_URL.len())
-        + length_delimited(VALUE_FIELD, spec_len);
-    let total = message::encoded_len(METADATA_FIELD, &metadata) + length_delimited(BODY_FIELD, body_len);
+    let body_len = length_delimited_len(TYPE_URL_FIELD, SERVICE_ENTRY_BODY_TYPE_URL.len())
+        + length_delimited_len(VALUE_FIELD, spec_len);
+    let total = message::encoded_len(METADATA_FIELD, &metadata) + length_delimited_len(BODY_FIELD, body_len);
     let mut buf = Vec::with_capacity(total);
     message::encode(METADATA_FIELD, &metadata, &mut buf);
     // The version is the last field the metadata writes (its maps are empty).
@@ -463,10 +466,6 @@ fn encode(
         encoded: SharedAny { type_url: MCP_RESOURCE_TYPE_URL.into(), value: buf.into() },
         origin,
     }
-}
-
-fn encoded_len_varint(len: usize) -> usize {
-    prost::encoding::encoded_len_varint(len as u64)
 }
 
 /// A resource's version: a hash of its name, create time and ServiceEntry bytes.

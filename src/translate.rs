@@ -367,7 +367,7 @@ pub fn explain_service(service: &Service, options: &Options) -> Result<Explanati
 }
 
 /// Everything decided for one service, before it becomes a message ([`Plan::spec`])
-/// or bytes (`encode::service_entry`). Borrows the instances' strings: a full
+/// or bytes (`encode::SizedSpec`). Borrows the instances' strings: a full
 /// build plans every instance, and copying each label only to encode it would
 /// cost more than the rest of the translation.
 #[derive(Debug)]
@@ -974,7 +974,7 @@ fn valid_locality_part(v: &str) -> bool {
 /// character outside `[a-z0-9-]` becomes `-`. `None` when no valid name remains.
 pub fn to_host(raw: &str) -> Option<String> {
     // Nearly every name is valid as it is; mapping it label by label allocates each.
-    if is_dns_subdomain(raw) && raw.contains('.') && !raw.rsplit('.').next().is_some_and(all_digits) {
+    if is_valid_host(raw) {
         return Some(raw.to_owned());
     }
     let labels: Vec<String> = raw
@@ -988,11 +988,13 @@ pub fn to_host(raw: &str) -> Option<String> {
             mapped.trim_matches('-').to_owned()
         })
         .collect();
-    let valid = labels.len() >= 2
-        && labels.iter().all(|l| !l.is_empty() && l.len() <= MAX_DNS_LABEL)
-        && !labels.last().is_some_and(|l| all_digits(l));
     let host = labels.join(".");
-    (valid && host.len() <= MAX_DNS_NAME).then_some(host)
+    is_valid_host(&host).then_some(host)
+}
+
+/// A host istiod accepts: an RFC 1123 subdomain of at least two labels, the last not all digits.
+fn is_valid_host(host: &str) -> bool {
+    is_dns_subdomain(host) && host.contains('.') && !host.rsplit('.').next().is_some_and(all_digits)
 }
 
 /// `cloudmap-<host>`. When the host had to be rewritten, or the name would pass

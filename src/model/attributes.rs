@@ -13,7 +13,7 @@
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::hash::{Hash, Hasher};
+use std::hash::Hash;
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
 /// An interned string: equal strings share one allocation, and comparing two
@@ -22,7 +22,9 @@ pub type Text = Arc<str>;
 
 /// Attribute keys and values sorted by key, each key once. Iterates, compares
 /// and orders exactly like the `BTreeMap<String, String>` it replaces.
-#[derive(Clone, Default)]
+/// Equal attributes have the same interned key set (compared by address first)
+/// and the same values string: one encoding per list of values.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct Attributes {
     /// The keys, sorted, shared by every instance with the same keys; `None`: no attribute.
     keys: Option<Arc<Keys>>,
@@ -134,16 +136,8 @@ impl Attributes {
     }
 
     pub fn get(&self, key: &str) -> Option<&str> {
-        let i = self.position(key).ok()?;
         // Skips the values before it by their lengths alone.
-        let bytes = self.values.as_bytes();
-        let mut at = 0;
-        for _ in 0..i {
-            let (len, n) = read_len(bytes.get(at..)?)?;
-            at += n + len;
-        }
-        let (len, n) = read_len(bytes.get(at..)?)?;
-        self.values.get(at + n..at + n + len)
+        self.values().nth(self.position(key).ok()?)
     }
 
     pub fn contains_key(&self, key: &str) -> bool {
@@ -217,23 +211,9 @@ impl Attributes {
         }
         let mut interner = interner();
         let keys: Box<[Text]> = entries.iter().map(|(k, _)| interner.string(k)).collect();
-        Attributes { keys: Some(interner.keys(keys)), values: values.into_boxed_str() }
+        Attributes { keys: Some(interner.keys(&keys)), values: values.into_boxed_str() }
     }
 }
-
-impl PartialEq for Attributes {
-    fn eq(&self, other: &Self) -> bool {
-        // Interned key sets are equal when they are the same set; the slice comparison is for safety.
-        let same_keys = match (&self.keys, &other.keys) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
-            (None, None) => true,
-            _ => false,
-        };
-        same_keys && self.values == other.values
-    }
-}
-
-impl Eq for Attributes {}
 
 impl PartialOrd for Attributes {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
@@ -245,15 +225,6 @@ impl Ord for Attributes {
     /// Lexicographically over (key, value) pairs, then by length, as the maps are.
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         self.iter().cmp(other.iter())
-    }
-}
-
-impl Hash for Attributes {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_usize(self.len());
-        for pair in self.iter() {
-            pair.hash(state);
-        }
     }
 }
 
@@ -328,7 +299,7 @@ impl serde::Serialize for Attributes {
 }
 
 /// A key set in the interner, looked up by its keys.
-#[derive(PartialEq, Eq, Hash)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 struct InternedKeys(Arc<Keys>);
 
 impl Borrow<[Text]> for InternedKeys {
@@ -337,26 +308,50 @@ impl Borrow<[Text]> for InternedKeys {
     }
 }
 
-/// The interned strings and key sets. Entries nobody else holds any more are
-/// dropped when a table has doubled since its last sweep, so each stays within
-/// twice what is in use however values churn.
-struct Interner {
-    strings: HashSet<Text>,
+/// One table of shared values. Entries nobody else holds any more are dropped
+/// when the table has doubled since its last sweep, so it stays within twice
+/// what is in use however values churn.
+struct Table<T> {
+    entries: HashSet<T>,
     sweep_at: usize,
-    keys: HashSet<InternedKeys>,
-    keys_sweep_at: usize,
+}
+
+impl<T: Hash + Eq + Clone> Table<T> {
+    fn new() -> Self {
+        Table { entries: HashSet::new(), sweep_at: MIN_SWEEP }
+    }
+
+    /// The shared entry equal to `key`, made by `make` when there is none;
+    /// `in_use` tells an entry held elsewhere from one only the table holds.
+    fn shared<Q>(&mut self, key: &Q, make: impl FnOnce() -> T, in_use: impl Fn(&T) -> bool) -> T
+    where
+        T: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        if let Some(shared) = self.entries.get(key) {
+            return shared.clone();
+        }
+        let shared = make();
+        self.entries.insert(shared.clone());
+        if self.entries.len() >= self.sweep_at {
+            self.entries.retain(|e| in_use(e));
+            self.entries.shrink_to_fit();
+            self.sweep_at = (self.entries.len() * 2).max(MIN_SWEEP);
+        }
+        shared
+    }
+}
+
+/// The interned strings and key sets.
+struct Interner {
+    strings: Table<Text>,
+    keys: Table<InternedKeys>,
 }
 
 const MIN_SWEEP: usize = 4096;
 
-static INTERNER: LazyLock<Mutex<Interner>> = LazyLock::new(|| {
-    Mutex::new(Interner {
-        strings: HashSet::new(),
-        sweep_at: MIN_SWEEP,
-        keys: HashSet::new(),
-        keys_sweep_at: MIN_SWEEP,
-    })
-});
+static INTERNER: LazyLock<Mutex<Interner>> =
+    LazyLock::new(|| Mutex::new(Interner { strings: Table::new(), keys: Table::new() }));
 
 fn interner() -> MutexGuard<'static, Interner> {
     // A poisoned lock only means a panic elsewhere mid-insert; the tables are still usable.
@@ -365,31 +360,13 @@ fn interner() -> MutexGuard<'static, Interner> {
 
 impl Interner {
     fn string(&mut self, s: &str) -> Text {
-        if let Some(shared) = self.strings.get(s) {
-            return shared.clone();
-        }
-        let shared: Text = Arc::from(s);
-        self.strings.insert(shared.clone());
-        if self.strings.len() >= self.sweep_at {
-            self.strings.retain(|t| Arc::strong_count(t) > 1);
-            self.strings.shrink_to_fit();
-            self.sweep_at = (self.strings.len() * 2).max(MIN_SWEEP);
-        }
-        shared
+        self.strings.shared(s, || Arc::from(s), |t| Arc::strong_count(t) > 1)
     }
 
-    fn keys(&mut self, keys: Box<[Text]>) -> Arc<Keys> {
-        if let Some(shared) = self.keys.get(&keys[..]) {
-            return shared.0.clone();
-        }
-        let shared = Arc::new(Keys(keys));
-        self.keys.insert(InternedKeys(shared.clone()));
-        if self.keys.len() >= self.keys_sweep_at {
-            self.keys.retain(|k| Arc::strong_count(&k.0) > 1);
-            self.keys.shrink_to_fit();
-            self.keys_sweep_at = (self.keys.len() * 2).max(MIN_SWEEP);
-        }
-        shared
+    /// A new set copies its keys (shared pointers); a known one copies nothing.
+    fn keys(&mut self, keys: &[Text]) -> Arc<Keys> {
+        let make = || InternedKeys(Arc::new(Keys(keys.into())));
+        self.keys.shared(keys, make, |k| Arc::strong_count(&k.0) > 1).0
     }
 }
 

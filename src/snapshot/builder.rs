@@ -114,9 +114,8 @@ impl Builder {
             let rebuild = self.services.is_empty() || changes.len() > registry.services.len() / REBUILD_SHARE;
             let mut lists_changed = false;
             let mut touched = Vec::new();
-            let translated = self.translate_changes(&changes);
-            for (change, translated) in changes.into_iter().zip(translated) {
-                if let Some(t) = self.apply(change, translated, &mut lists_changed) {
+            for change in changes {
+                if let Some(t) = self.apply(change, &mut lists_changed) {
                     touched.push(t);
                 }
             }
@@ -198,55 +197,33 @@ impl Builder {
         changes
     }
 
-    /// What each upserted service gives, in the order of `changes`: `None` for a
-    /// removal or for a service whose content is what was translated last (a re-read
-    /// file gives equal content in a new allocation). On this thread: splitting a
-    /// first build over two threads was measured slower (156–162 against 118–136 ms
-    /// at 10,000 × 10), both threads' allocations contending for the one malloc arena.
-    fn translate_changes(&self, changes: &[Change]) -> Vec<Option<Cached>> {
-        changes
-            .iter()
-            .map(|change| match change {
-                Change::Upsert(service) if !self.unchanged(service) => {
-                    Some(Cached::translate(service.clone(), &self.options))
-                }
-                _ => None,
-            })
-            .collect()
-    }
-
-    /// Whether `service` has the content last translated for its key.
-    fn unchanged(&self, service: &Service) -> bool {
-        !self.services.is_empty()
-            && self.services.get(&key_of(service)).is_some_and(|cached| *cached.service == *service)
-    }
-
-    /// Takes one change into `services`, with its translation from
-    /// [`translate_changes`](Self::translate_changes); returns the service and its
-    /// resource before and after when what it serves may have changed.
+    /// Takes one change into `services`; returns the service and its resource
+    /// before and after when what it serves may have changed. Translates on this
+    /// thread: splitting a first build over two threads was measured slower
+    /// (146–177 against 114–138 ms at 10,000 × 10), both threads' allocations
+    /// contending for the one malloc arena.
     #[allow(clippy::type_complexity)]
     fn apply(
         &mut self,
         change: Change,
-        translated: Option<Cached>,
         lists_changed: &mut bool,
     ) -> Option<(ServiceKey, Option<Arc<Resource>>, Option<Arc<Resource>>)> {
-        let (key, next) = match (change, translated) {
-            (Change::Upsert(service), None) => {
-                // Equal content in a new allocation: nothing was translated.
+        let (key, next) = match change {
+            Change::Upsert(service) => {
                 let key = key_of(&service);
-                if let Some(cached) = self.services.get_mut(&key) {
+                if let Some(cached) = self.services.get_mut(&key)
+                    && *cached.service == *service
+                {
+                    // Equal content in a new allocation (a re-read file): nothing to translate.
                     self.known.remove(&address(&cached.service));
                     self.known.insert(address(&service));
                     cached.service = service;
+                    return None;
                 }
-                return None;
-            }
-            (Change::Upsert(service), Some(translated)) => {
                 self.known.insert(address(&service));
-                (key_of(&service), Some(translated))
+                (key, Some(Cached::translate(service, &self.options)))
             }
-            (Change::Remove(key), _) => (key, None),
+            Change::Remove(key) => (key, None),
         };
         let old = match next {
             Some(next) => self.services.insert(key.clone(), next),

@@ -88,7 +88,7 @@ fn workload_entry_len<'n>(
             .map(|(n, t)| length_delimited_len(PORTS, port_entry_len(n, *t)))
             .sum::<usize>()
         + e.labels.iter().map(|(k, v)| length_delimited_len(LABELS, label_entry_len(k, v))).sum::<usize>()
-        + if e.locality.is_empty() { 0 } else { length_delimited_len(LOCALITY, e.locality.len()) }
+        + string_len(LOCALITY, e.locality.len())
 }
 
 fn write_workload_entry<'n>(
@@ -176,17 +176,17 @@ fn decimal_digits(octet: u8) -> usize {
 }
 
 fn port_entry_len(name: &str, target: u32) -> usize {
-    string_len(KEY, name)
+    string_len(KEY, name.len())
         + if target == 0 { 0 } else { key_len(VALUE) + encoded_len_varint(u64::from(target)) }
 }
 
 fn label_entry_len(key: &str, value: &str) -> usize {
-    string_len(KEY, key) + string_len(VALUE, value)
+    string_len(KEY, key.len()) + string_len(VALUE, value.len())
 }
 
-/// A proto3 string field: nothing when empty.
-fn string_len(tag: u32, s: &str) -> usize {
-    if s.is_empty() { 0 } else { length_delimited_len(tag, s.len()) }
+/// A proto3 string field of `len` bytes: nothing when empty.
+fn string_len(tag: u32, len: usize) -> usize {
+    if len == 0 { 0 } else { length_delimited_len(tag, len) }
 }
 
 fn length_delimited_len(tag: u32, len: usize) -> usize {

@@ -134,8 +134,7 @@ pub struct PollSummary {
 struct NamespaceState {
     name: Arc<str>,
     /// Shared by the namespace's services.
-    id: Arc<str>,
-    http_name: Arc<str>,
+    shared: Namespace,
     /// ListServices succeeded at least once.
     listed: bool,
     failures: u32,
@@ -344,8 +343,7 @@ impl Inventory {
                 let name: Arc<str> = ns.name.as_str().into();
                 NamespaceState {
                     name: name.clone(),
-                    id: id.as_str().into(),
-                    http_name: ns.http_name.as_str().into(),
+                    shared: Namespace { id: id.as_str().into(), http_name: ns.http_name.as_str().into() },
                     listed: false,
                     failures: 0,
                     status: ServiceStatus { namespace: name, ..ServiceStatus::default() },
@@ -355,10 +353,10 @@ impl Inventory {
                 state.name = ns.name.as_str().into();
                 state.status.namespace = state.name.clone();
             }
-            if *state.http_name != *ns.http_name {
-                state.http_name = ns.http_name.as_str().into();
+            if *state.shared.http_name != *ns.http_name {
+                state.shared.http_name = ns.http_name.as_str().into();
             }
-            let shared = Namespace { id: state.id.clone(), http_name: state.http_name.clone() };
+            let shared = state.shared.clone();
             let Some(services) = listing.services.remove(id) else {
                 failed_namespaces.insert(id.clone());
                 continue;
@@ -789,22 +787,13 @@ impl Inventory {
             if key.1.is_empty() { namespaces.contains(&*key.0) } else { self.services.contains_key(key) }
         });
         for n in self.namespaces.values() {
-            match statuses.get_mut(&(n.name.clone(), Arc::default())) {
-                Some(status) => status.clone_from(&n.status),
-                None => {
-                    statuses.insert((n.name.clone(), Arc::default()), n.status.clone());
-                }
-            }
+            statuses
+                .entry((n.name.clone(), Arc::default()))
+                .and_modify(|status| status.clone_from(&n.status))
+                .or_insert_with(|| n.status.clone());
         }
         for (key, s) in &self.services {
-            match statuses.get_mut(key) {
-                Some(status) => s.status.copy_to(key, status),
-                None => {
-                    let mut status = ServiceStatus::default();
-                    s.status.copy_to(key, &mut status);
-                    statuses.insert(key.clone(), status);
-                }
-            }
+            s.status.copy_to(key, statuses.entry(key.clone()).or_default());
         }
     }
 
