@@ -27,7 +27,7 @@ use xxhash_rust::xxh3::Xxh3;
 pub use self::builder::Builder;
 pub use self::list::ResourceList;
 use crate::proto::SharedAny;
-use crate::proto::istio::mcp::v1alpha1::{Metadata, Resource as McpResource};
+use crate::proto::istio::mcp::v1alpha1::Resource as McpResource;
 use crate::proto::istio::networking::v1alpha3::ServiceEntry;
 use crate::translate::{self, SettingProblem, Skipped, Translation};
 
@@ -403,13 +403,17 @@ fn encode_translated(
     publish_namespace: &str,
     origin: (String, String),
 ) -> Resource {
-    let name = format!("{publish_namespace}/{}", entry.name);
+    let name = [publish_namespace, "/", &entry.name].concat();
     encode(name, entry.create_time, entry.spec_len(), |buf| entry.write_spec(buf), entry.endpoints, origin)
 }
 
-/// `McpResource.metadata`, `McpResource.body`; `Any.type_url`, `Any.value`.
+/// `McpResource.metadata`, `McpResource.body`; `Metadata.name`, `.create_time`,
+/// `.version` (its maps are never set); `Any.type_url`, `Any.value`.
 const METADATA_FIELD: u32 = 1;
 const BODY_FIELD: u32 = 2;
+const NAME_FIELD: u32 = 1;
+const CREATE_TIME_FIELD: u32 = 2;
+const VERSION_FIELD: u32 = 3;
 const TYPE_URL_FIELD: u32 = 1;
 const VALUE_FIELD: u32 = 2;
 
@@ -429,21 +433,27 @@ fn encode(
 ) -> Resource {
     use prost::encoding::{WireType, encode_key, encode_varint, message};
     let timestamp = prost_types::Timestamp::from(create_time);
-    let metadata = Metadata {
-        name,
-        create_time: Some(timestamp),
-        version: "0".repeat(VERSION_HEX_LEN),
-        labels: Default::default(),
-        annotations: Default::default(),
-    };
+    // `Metadata` written field by field: its version is not known yet, and a
+    // message would need a placeholder string of its own for every resource.
+    let metadata_len = length_delimited_len(NAME_FIELD, name.len())
+        + message::encoded_len(CREATE_TIME_FIELD, &timestamp)
+        + length_delimited_len(VERSION_FIELD, VERSION_HEX_LEN);
     let body_len = length_delimited_len(TYPE_URL_FIELD, SERVICE_ENTRY_BODY_TYPE_URL.len())
         + length_delimited_len(VALUE_FIELD, spec_len);
-    let total = message::encoded_len(METADATA_FIELD, &metadata) + length_delimited_len(BODY_FIELD, body_len);
+    let total =
+        length_delimited_len(METADATA_FIELD, metadata_len) + length_delimited_len(BODY_FIELD, body_len);
     let mut buf = Vec::with_capacity(total);
-    message::encode(METADATA_FIELD, &metadata, &mut buf);
-    // The version is the last field the metadata writes (its maps are empty).
-    let version_at = buf.len() - VERSION_HEX_LEN;
-    debug_assert_eq!(&buf[version_at..], metadata.version.as_bytes());
+    encode_key(METADATA_FIELD, WireType::LengthDelimited, &mut buf);
+    encode_varint(metadata_len as u64, &mut buf);
+    // The name is never empty (it holds the publish namespace and a `/`), so proto3 writes it.
+    encode_key(NAME_FIELD, WireType::LengthDelimited, &mut buf);
+    encode_varint(name.len() as u64, &mut buf);
+    buf.extend_from_slice(name.as_bytes());
+    message::encode(CREATE_TIME_FIELD, &timestamp, &mut buf);
+    encode_key(VERSION_FIELD, WireType::LengthDelimited, &mut buf);
+    encode_varint(VERSION_HEX_LEN as u64, &mut buf);
+    let version_at = buf.len();
+    buf.resize(version_at + VERSION_HEX_LEN, b'0');
     encode_key(BODY_FIELD, WireType::LengthDelimited, &mut buf);
     encode_varint(body_len as u64, &mut buf);
     encode_key(TYPE_URL_FIELD, WireType::LengthDelimited, &mut buf);
@@ -454,9 +464,8 @@ fn encode(
     let spec_at = buf.len();
     write_spec(&mut buf);
     debug_assert_eq!(buf.len(), total, "the envelope's size is the size written");
-    let version = content_version(&metadata.name, &timestamp, &buf[spec_at..]);
+    let version = content_version(&name, &timestamp, &buf[spec_at..]);
     buf[version_at..version_at + VERSION_HEX_LEN].copy_from_slice(version.as_bytes());
-    let name = metadata.name;
     Resource {
         digest: version_digest(&name, &version),
         name,

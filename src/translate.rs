@@ -14,6 +14,7 @@ pub mod ports;
 pub mod settings;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::ops::Range;
 use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
@@ -378,7 +379,7 @@ struct Plan<'a> {
     ports: Vec<PlannedPort>,
     /// Indices into `ports` in name order: the order of each endpoint's `targets`
     /// (a WorkloadEntry's port map is keyed, and encoded, by name).
-    ports_by_name: Vec<usize>,
+    ports_by_name: SmallVec<[usize; 4]>,
     location: Sourced<Location>,
     export_to: Sourced<Vec<String>>,
     resolution: Sourced<Resolution>,
@@ -386,6 +387,8 @@ struct Plan<'a> {
     addresses: Vec<String>,
     /// Sorted, each distinct endpoint once.
     endpoints: Vec<Served<'a>>,
+    /// Every endpoint's labels, each endpoint's in a range of its own (see [`Served::labels`]).
+    labels: Vec<Label<'a>>,
     /// Instance ID → why it was left out; sorted.
     skipped: Vec<(String, SkipReason)>,
     skipped_labels: Vec<String>,
@@ -401,17 +404,23 @@ struct Served<'a> {
     address: Address,
     /// The target of each service port, in port name order.
     targets: ports::Targets,
-    labels: Labels<'a>,
+    /// Its labels in the plan's `labels`, in key order. A range, not the labels
+    /// themselves: endpoints are moved and sorted whole, and five inline labels
+    /// made each five times larger.
+    labels: Range<usize>,
     locality: Locality<'a>,
     /// Sorted. Nearly always one: inline, so a full build allocates nothing for it.
     instances: SmallVec<[&'a str; 1]>,
 }
 
-impl Served<'_> {
+impl<'a> Served<'a> {
     /// Orders endpoints by address (IPs numerically, before names), then ports,
     /// labels and locality: the order the message's fields give.
-    fn key(&self) -> (&Address, &[u32], &[(&str, &str)], &Locality<'_>) {
-        (&self.address, &self.targets, &self.labels, &self.locality)
+    fn key<'s>(
+        &'s self,
+        labels: &'s [Label<'a>],
+    ) -> (&'s Address, &'s [u32], &'s [Label<'a>], &'s Locality<'a>) {
+        (&self.address, &self.targets, &labels[self.labels.clone()], &self.locality)
     }
 }
 
@@ -421,13 +430,30 @@ impl<'a> Plan<'a> {
         if self.resolution.value == Resolution::None { &[] } else { &self.endpoints }
     }
 
+    fn labels_of(&self, endpoint: &Served<'a>) -> &[Label<'a>] {
+        &self.labels[endpoint.labels.clone()]
+    }
+
     /// The port names in the order of each endpoint's `targets`.
     fn port_names(&self) -> impl Iterator<Item = &str> + Clone {
         self.ports_by_name.iter().map(|i| self.ports[*i].spec.name.as_str())
     }
 
-    /// The ServiceEntry without its endpoints (the fields the encoder takes from prost).
-    fn spec_without_endpoints(&self) -> ServiceEntry {
+    /// The ServiceEntry as a message: what `encode::SizedSpec` writes as bytes.
+    fn spec(&self) -> ServiceEntry {
+        let endpoints = self
+            .listed_endpoints()
+            .iter()
+            .map(|e| WorkloadEntry {
+                address: e.address.render(),
+                ports: self.port_names().map(str::to_owned).zip(e.targets.iter().copied()).collect(),
+                labels: self.labels_of(e).iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+                network: String::new(),
+                locality: e.locality.to_string(),
+                weight: 0,
+                service_account: String::new(),
+            })
+            .collect();
         ServiceEntry {
             hosts: vec![self.host.clone()],
             addresses: self.addresses.clone(),
@@ -443,28 +469,11 @@ impl<'a> Plan<'a> {
                 .collect(),
             location: self.location.value.into(),
             resolution: self.resolution.value.into(),
-            endpoints: Vec::new(),
+            endpoints,
             workload_selector: None,
             export_to: self.export_to.value.clone(),
             subject_alt_names: Vec::new(),
         }
-    }
-
-    fn spec(&self) -> ServiceEntry {
-        let endpoints = self
-            .listed_endpoints()
-            .iter()
-            .map(|e| WorkloadEntry {
-                address: e.address.render(),
-                ports: self.port_names().map(str::to_owned).zip(e.targets.iter().copied()).collect(),
-                labels: e.labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
-                network: String::new(),
-                locality: e.locality.to_string(),
-                weight: 0,
-                service_account: String::new(),
-            })
-            .collect();
-        ServiceEntry { endpoints, ..self.spec_without_endpoints() }
     }
 
     /// What was left out, as a translation reports it.
@@ -503,7 +512,7 @@ impl<'a> Plan<'a> {
 
 /// Plans one service; `Err` when it cannot become a ServiceEntry at all.
 fn plan_service<'a>(service: &'a Service, options: &Options) -> Result<Plan<'a>, SkipReason> {
-    let raw_host = format!("{}.{}", service.name, service.namespace);
+    let raw_host = [service.name.as_str(), ".", &service.namespace].concat();
     let host = to_host(&raw_host).ok_or_else(|| SkipReason::InvalidHost(raw_host.clone()))?;
     let name = entry_name(&raw_host, &host);
     let defaults = &options.defaults;
@@ -521,8 +530,13 @@ fn plan_service<'a>(service: &'a Service, options: &Options) -> Result<Plan<'a>,
     }
 
     let mut endpoints: Vec<Endpoint<'a>> = Vec::with_capacity(selected.len());
+    // At most every attribute of every instance; nearly always they have the same keys.
+    let mut labels: Vec<Label<'a>> =
+        Vec::with_capacity(selected.len() * selected.first().map_or(0, |i| i.attributes.len()));
+    let mut key_roles = KeyRoles::default();
     for instance in selected {
-        match to_endpoint(instance, &mut skipped_labels) {
+        let roles = key_roles.of(&instance.attributes);
+        match to_endpoint(instance, roles, &mut labels, &mut skipped_labels) {
             Ok(endpoint) => endpoints.push(endpoint),
             Err(reason) => skipped.push((instance.id.clone(), reason)),
         }
@@ -549,7 +563,7 @@ fn plan_service<'a>(service: &'a Service, options: &Options) -> Result<Plan<'a>,
     };
 
     // Ports.
-    let instance_ports: Vec<Option<u16>> = endpoints.iter().map(|e| e.port).collect();
+    let instance_ports: SmallVec<[Option<u16>; 16]> = endpoints.iter().map(|e| e.port).collect();
     let (plan, ports_origin) = match &settings.ports {
         Some(declared) => {
             let origin = Origin::Attribute(settings::PORTS_KEY);
@@ -557,7 +571,7 @@ fn plan_service<'a>(service: &'a Service, options: &Options) -> Result<Plan<'a>,
         }
         None => (ports::derived(&instance_ports, defaults), Origin::Default),
     };
-    let mut ports_by_name: Vec<usize> = (0..plan.ports.len()).collect();
+    let mut ports_by_name: SmallVec<[usize; 4]> = (0..plan.ports.len()).collect();
     ports_by_name.sort_by(|a, b| plan.ports[*a].spec.name.cmp(&plan.ports[*b].spec.name));
     let in_name_order = ports_by_name.iter().enumerate().all(|(i, p)| i == *p);
     let mut served: Vec<Served<'a>> = Vec::with_capacity(endpoints.len());
@@ -581,9 +595,12 @@ fn plan_service<'a>(service: &'a Service, options: &Options) -> Result<Plan<'a>,
         }
     }
     // Sorted and deduplicated on content, so instance order and duplicates never show.
-    served.sort_by(|a, b| a.key().cmp(&b.key()));
+    // Sources list instances by id, and ids often follow addresses: checking is cheaper than sorting.
+    if !served.is_sorted_by(|a, b| a.key(&labels) <= b.key(&labels)) {
+        served.sort_by(|a, b| a.key(&labels).cmp(&b.key(&labels)));
+    }
     served.dedup_by(|later, kept| {
-        let same = later.key() == kept.key();
+        let same = later.key(&labels) == kept.key(&labels);
         if same {
             kept.instances.extend(later.instances.drain(..));
         }
@@ -611,24 +628,23 @@ fn plan_service<'a>(service: &'a Service, options: &Options) -> Result<Plan<'a>,
     }
 
     // Addresses.
-    let kept_ips: Vec<IpAddr> = {
-        let mut ips: Vec<IpAddr> = merged
-            .iter()
-            .filter_map(|e| match e.address {
-                Address::Ip(ip) => Some(ip),
-                Address::Hostname(_) => None,
-            })
-            .collect();
-        ips.sort();
-        ips.dedup();
-        ips
+    let endpoint_ips = || {
+        merged.iter().filter_map(|e| match e.address {
+            Address::Ip(ip) => Some(ip),
+            Address::Hostname(_) => None,
+        })
     };
     let addresses_for = |mode: &AddressMode| -> Result<Vec<String>, String> {
         match mode {
             AddressMode::None => Ok(Vec::new()),
             AddressMode::Lowest | AddressMode::All if !endpoint_ips_usable => Ok(Vec::new()),
-            AddressMode::Lowest => Ok(kept_ips.first().map(ToString::to_string).into_iter().collect()),
-            AddressMode::All => Ok(kept_ips.iter().map(ToString::to_string).collect()),
+            AddressMode::Lowest => Ok(endpoint_ips().min().map(encode::ip_text).into_iter().collect()),
+            AddressMode::All => {
+                let mut ips: Vec<IpAddr> = endpoint_ips().collect();
+                ips.sort();
+                ips.dedup();
+                Ok(ips.iter().map(ToString::to_string).collect())
+            }
             AddressMode::Fixed(list) => {
                 let cidr = list.iter().any(|a| a.contains('/'));
                 if cidr && !matches!(resolution.value, Resolution::Static | Resolution::None) {
@@ -702,6 +718,7 @@ fn plan_service<'a>(service: &'a Service, options: &Options) -> Result<Plan<'a>,
         address_mode,
         addresses,
         endpoints: merged,
+        labels,
         skipped,
         skipped_labels,
         invalid_settings,
@@ -782,8 +799,8 @@ fn origin_key(origin: &Origin, attribute: &'static str) -> String {
 struct Endpoint<'a> {
     address: Address,
     port: Option<u16>,
-    /// Its custom attributes that are valid labels, in key order.
-    labels: Labels<'a>,
+    /// Its custom attributes that are valid labels: a range of the plan's labels.
+    labels: Range<usize>,
     locality: Locality<'a>,
     instance: &'a str,
 }
@@ -817,12 +834,15 @@ impl Address {
 
 fn to_endpoint<'a>(
     instance: &'a Instance,
+    roles: &[KeyRole],
+    labels: &mut Vec<Label<'a>>,
     skipped_labels: &mut Vec<String>,
 ) -> Result<Endpoint<'a>, SkipReason> {
-    let known = Known::read(&instance.attributes, skipped_labels);
+    let labels_from = labels.len();
+    let known = Known::read(&instance.attributes, roles, labels, skipped_labels);
     let port = match known.port {
         None => None,
-        Some(value) => match value.trim().parse::<u16>() {
+        Some(value) => match trim(value).parse::<u16>() {
             Ok(p) if p > 0 => Some(p),
             _ => return Err(SkipReason::InvalidPort(value.to_owned())),
         },
@@ -831,7 +851,7 @@ fn to_endpoint<'a>(
         address: to_address(&known)?,
         port,
         locality: Locality::of(&known),
-        labels: known.labels,
+        labels: labels_from..labels.len(),
         instance: &instance.id,
     })
 }
@@ -847,35 +867,110 @@ struct Known<'a> {
     port: Option<&'a str>,
     region: Option<&'a str>,
     zone: Option<&'a str>,
-    /// The custom attributes that are valid labels, in key order.
-    labels: Labels<'a>,
 }
 
 impl<'a> Known<'a> {
-    /// Custom attributes that cannot be labels are added to `skipped_labels`.
-    fn read(attributes: &'a Attributes, skipped_labels: &mut Vec<String>) -> Self {
+    /// Reads `attributes`, whose keys `roles` describes. The custom attributes that
+    /// are valid labels are appended to `labels`; those that cannot be labels are
+    /// added to `skipped_labels`.
+    fn read(
+        attributes: &'a Attributes,
+        roles: &[KeyRole],
+        labels: &mut Vec<Label<'a>>,
+        skipped_labels: &mut Vec<String>,
+    ) -> Self {
         let mut known = Known::default();
-        for (key, value) in attributes.iter() {
-            let slot = match key {
-                attr::IPV4 => &mut known.ipv4,
-                attr::IPV6 => &mut known.ipv6,
-                attr::CNAME => &mut known.cname,
-                attr::ALIAS_DNS_NAME => &mut known.alias_dns_name,
-                attr::PORT => &mut known.port,
-                attr::REGION => &mut known.region,
-                attr::AVAILABILITY_ZONE => &mut known.zone,
-                _ => &mut None,
+        for ((key, value), role) in attributes.iter().zip(roles) {
+            let slot = match role.slot {
+                Some(Slot::Ipv4) => &mut known.ipv4,
+                Some(Slot::Ipv6) => &mut known.ipv6,
+                Some(Slot::Cname) => &mut known.cname,
+                Some(Slot::AliasDnsName) => &mut known.alias_dns_name,
+                Some(Slot::Port) => &mut known.port,
+                Some(Slot::Region) => &mut known.region,
+                Some(Slot::Zone) => &mut known.zone,
+                None => &mut None,
             };
             *slot = Some(value);
-            if is_custom(key) {
-                if valid_label(key, value) {
-                    known.labels.push((key, value));
-                } else {
-                    skipped_labels.push(key.to_owned());
-                }
+            match role.label {
+                LabelKey::NotCustom => {}
+                LabelKey::Valid if valid_label_value(value) => labels.push((key, value)),
+                LabelKey::Valid | LabelKey::Invalid => skipped_labels.push(key.to_owned()),
             }
         }
         known
+    }
+}
+
+/// The attributes an endpoint is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Ipv4,
+    Ipv6,
+    Cname,
+    AliasDnsName,
+    Port,
+    Region,
+    Zone,
+}
+
+/// Whether an attribute key can name an endpoint label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LabelKey {
+    /// Cloud Map's own (`AWS_...`): never a label.
+    NotCustom,
+    /// A label if its value is valid too.
+    Valid,
+    Invalid,
+}
+
+/// What one attribute key is to an endpoint.
+#[derive(Debug, Clone, Copy)]
+struct KeyRole {
+    slot: Option<Slot>,
+    label: LabelKey,
+}
+
+impl KeyRole {
+    fn of(key: &str) -> Self {
+        let slot = match key {
+            attr::IPV4 => Some(Slot::Ipv4),
+            attr::IPV6 => Some(Slot::Ipv6),
+            attr::CNAME => Some(Slot::Cname),
+            attr::ALIAS_DNS_NAME => Some(Slot::AliasDnsName),
+            attr::PORT => Some(Slot::Port),
+            attr::REGION => Some(Slot::Region),
+            attr::AVAILABILITY_ZONE => Some(Slot::Zone),
+            _ => None,
+        };
+        let label = if !is_custom(key) {
+            LabelKey::NotCustom
+        } else if valid_label_key(key) {
+            LabelKey::Valid
+        } else {
+            LabelKey::Invalid
+        };
+        KeyRole { slot, label }
+    }
+}
+
+/// The roles of the last key set read. A service's instances nearly always share
+/// one key set, so its keys are matched and checked once, not once per instance.
+#[derive(Debug, Default)]
+struct KeyRoles<'a> {
+    of: Option<&'a Attributes>,
+    roles: SmallVec<[KeyRole; 12]>,
+}
+
+impl<'a> KeyRoles<'a> {
+    /// The role of each of `attributes`' keys, in key order.
+    fn of(&mut self, attributes: &'a Attributes) -> &[KeyRole] {
+        if !self.of.is_some_and(|last| last.shares_keys_with(attributes)) {
+            self.roles.clear();
+            self.roles.extend(attributes.keys().map(KeyRole::of));
+            self.of = Some(attributes);
+        }
+        &self.roles
     }
 }
 
@@ -893,7 +988,7 @@ fn to_address(known: &Known<'_>) -> Result<Address, SkipReason> {
     ];
     for (attribute, value, parse) in candidates {
         let Some(value) = value else { continue };
-        match parse(value.trim()) {
+        match parse(trim(value)) {
             Some(address) => return Ok(address),
             None => {
                 first_invalid
@@ -904,10 +999,8 @@ fn to_address(known: &Known<'_>) -> Result<Address, SkipReason> {
     Err(first_invalid.unwrap_or(SkipReason::NoAddress))
 }
 
-/// An endpoint's custom attributes that are valid labels, in key order. Inline:
-/// ECS registers five (`REGION`, `AVAILABILITY_ZONE` and three `ECS_*`), and a
-/// full build would otherwise allocate for every instance.
-type Labels<'a> = SmallVec<[(&'a str, &'a str); 6]>;
+/// An endpoint label: a custom attribute's key and value.
+type Label<'a> = (&'a str, &'a str);
 
 /// ECS's `REGION` and `AVAILABILITY_ZONE` as Istio's `region/zone` (or `region`
 /// alone, or nothing). Kept as its parts and spelled out only when written: a full
@@ -922,7 +1015,7 @@ struct Locality<'a> {
 
 impl<'a> Locality<'a> {
     fn of(known: &Known<'a>) -> Self {
-        let part = |value: Option<&'a str>| value.map(str::trim).filter(|v| valid_locality_part(v));
+        let part = |value: Option<&'a str>| value.map(trim).filter(|v| valid_locality_part(v));
         match (part(known.region), part(known.zone)) {
             (Some(region), zone) => Locality { region, zone: zone.unwrap_or("") },
             (None, _) => Locality::default(),
@@ -965,9 +1058,18 @@ impl PartialOrd for Locality<'_> {
 }
 
 fn valid_locality_part(v: &str) -> bool {
+    // Bytes, not chars: a non-ASCII character is invalid either way, and decoding cost more than the check.
     !v.is_empty()
         && v.len() <= MAX_DNS_LABEL
-        && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// `str::trim`, without decoding characters when the value has nothing to trim:
+/// a full build trims three attributes of every instance, and nearly none has spaces.
+fn trim(value: &str) -> &str {
+    let solid = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii() && !b.is_ascii_whitespace());
+    // An ASCII byte at either end is a whole character there, and not white space.
+    if solid(value.as_bytes().first()) && solid(value.as_bytes().last()) { value } else { value.trim() }
 }
 
 /// `svc.ns` as a valid lower-case DNS name: upper case is lowered, every other
@@ -1001,7 +1103,7 @@ fn is_valid_host(host: &str) -> bool {
 /// Kubernetes' 253 characters, the name is shortened as needed and ends in a hash
 /// of the original, so `My_Svc` and `my-svc` (and long look-alikes) stay distinct.
 fn entry_name(raw_host: &str, host: &str) -> String {
-    let plain = format!("{NAME_PREFIX}{host}");
+    let plain = [NAME_PREFIX, host].concat();
     if raw_host == host && is_dns_subdomain(&plain) {
         return plain;
     }
@@ -1048,13 +1150,19 @@ fn is_custom(key: &str) -> bool {
 
 /// Kubernetes label rules, which istiod applies to endpoint labels.
 pub fn valid_label(key: &str, value: &str) -> bool {
+    valid_label_key(key) && valid_label_value(value)
+}
+
+fn valid_label_key(key: &str) -> bool {
     let (prefix, name) = match key.split_once('/') {
         Some((prefix, name)) => (Some(prefix), name),
         None => (None, key),
     };
-    prefix.is_none_or(is_dns_subdomain)
-        && qualified_name_part(name)
-        && (value.is_empty() || qualified_name_part(value))
+    prefix.is_none_or(is_dns_subdomain) && qualified_name_part(name)
+}
+
+fn valid_label_value(value: &str) -> bool {
+    value.is_empty() || qualified_name_part(value)
 }
 
 fn qualified_name_part(s: &str) -> bool {

@@ -153,6 +153,18 @@ impl Attributes {
         self.key_slice().iter().map(|k| &**k)
     }
 
+    /// Whether `other` holds this one's very key set (the same allocation, or both
+    /// none): then their keys are equal without comparing them. Key sets are
+    /// interned, so instances with equal keys nearly always share one, and a
+    /// translation can work out what each key means once per key set.
+    pub fn shares_keys_with(&self, other: &Attributes) -> bool {
+        match (&self.keys, &other.keys) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.key_slice().len()
     }

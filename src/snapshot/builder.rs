@@ -113,7 +113,10 @@ impl Builder {
         if !changes.is_empty() {
             let rebuild = self.services.is_empty() || changes.len() > registry.services.len() / REBUILD_SHARE;
             let mut lists_changed = false;
-            let mut touched = Vec::new();
+            let mut touched = Vec::with_capacity(changes.len());
+            // A first build inserts every service: growing the tables step by step rehashed them a dozen times.
+            self.services.reserve(changes.len());
+            self.known.reserve(changes.len());
             for change in changes {
                 if let Some(t) = self.apply(change, &mut lists_changed) {
                     touched.push(t);
@@ -335,13 +338,19 @@ impl Builder {
 
     /// Sorts every service's resource into a new list (the first build, or many changes at once).
     fn rebuild_list(&mut self) {
-        let mut claims: Vec<&Arc<Resource>> =
-            self.services.values().filter_map(|c| c.resource.as_ref()).collect();
-        claims.sort_unstable_by(|a, b| (&a.name, &a.origin).cmp(&(&b.name, &b.origin)));
+        // Sorted with each name beside its resource: reaching the name through every
+        // resource on each comparison cost a cache miss at 10,000 of them.
+        let mut claims: Vec<(&str, &Arc<Resource>)> = self
+            .services
+            .values()
+            .filter_map(|c| c.resource.as_ref())
+            .map(|r| (r.name.as_str(), r))
+            .collect();
+        claims.sort_unstable_by(|(a, ra), (b, rb)| a.cmp(b).then_with(|| ra.origin.cmp(&rb.origin)));
         let mut served: Vec<Arc<Resource>> = Vec::with_capacity(claims.len());
         let mut losers: BTreeMap<String, BTreeSet<ServiceKey>> = BTreeMap::new();
         let mut totals = Totals::default();
-        for resource in claims {
+        for (_, resource) in claims {
             match served.last() {
                 Some(last) if last.name == resource.name => {
                     losers.entry(resource.name.clone()).or_default().insert(resource.origin.clone());

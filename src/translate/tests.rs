@@ -772,3 +772,12 @@ fn one_service_reports_skips_as_the_whole_registry_does() {
     assert_eq!(one.skipped_labels, all.skipped_labels);
     assert_eq!((one.skipped.len(), one.skipped_labels.len()), (1, 1));
 }
+
+#[test]
+fn trimming_is_what_str_trim_gives() {
+    for value in
+        ["", " ", "a", " a", "a ", "\ta\n", "\u{a0}a", "a\u{a0}", "\u{3000}", "é", " é ", "10.0.0.1", "x y"]
+    {
+        assert_eq!(trim(value), value.trim(), "{value:?}");
+    }
+}
