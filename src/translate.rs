@@ -530,7 +530,8 @@ fn plan_service<'a>(service: &'a Service, options: &Options) -> Result<Plan<'a>,
     }
 
     let mut endpoints: Vec<Endpoint<'a>> = Vec::with_capacity(selected.len());
-    // At most every attribute of every instance; nearly always they have the same keys.
+    // Room for every attribute of every instance if they all have the first one's count (nearly
+    // always they share its keys): growing the list as labels come cost a tenth of the plan.
     let mut labels: Vec<Label<'a>> =
         Vec::with_capacity(selected.len() * selected.first().map_or(0, |i| i.attributes.len()));
     let mut key_roles = KeyRoles::default();
@@ -880,6 +881,7 @@ impl<'a> Known<'a> {
         skipped_labels: &mut Vec<String>,
     ) -> Self {
         let mut known = Known::default();
+        debug_assert_eq!(attributes.len(), roles.len(), "roles are read from these very keys");
         for ((key, value), role) in attributes.iter().zip(roles) {
             let slot = match role.slot {
                 Some(Slot::Ipv4) => &mut known.ipv4,
@@ -958,17 +960,17 @@ impl KeyRole {
 /// one key set, so its keys are matched and checked once, not once per instance.
 #[derive(Debug, Default)]
 struct KeyRoles<'a> {
-    of: Option<&'a Attributes>,
+    last_keys: Option<&'a Attributes>,
     roles: SmallVec<[KeyRole; 12]>,
 }
 
 impl<'a> KeyRoles<'a> {
     /// The role of each of `attributes`' keys, in key order.
     fn of(&mut self, attributes: &'a Attributes) -> &[KeyRole] {
-        if !self.of.is_some_and(|last| last.shares_keys_with(attributes)) {
+        if !self.last_keys.is_some_and(|last| last.shares_keys_with(attributes)) {
             self.roles.clear();
             self.roles.extend(attributes.keys().map(KeyRole::of));
-            self.of = Some(attributes);
+            self.last_keys = Some(attributes);
         }
         &self.roles
     }
@@ -1067,7 +1069,8 @@ fn valid_locality_part(v: &str) -> bool {
 /// `str::trim`, without decoding characters when the value has nothing to trim:
 /// a full build trims three attributes of every instance, and nearly none has spaces.
 fn trim(value: &str) -> &str {
-    let solid = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii() && !b.is_ascii_whitespace());
+    // `is_ascii_whitespace` leaves out the vertical tab, which `str::trim` removes.
+    let solid = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii() && !b.is_ascii_whitespace() && *b != 0x0b);
     // An ASCII byte at either end is a whole character there, and not white space.
     if solid(value.as_bytes().first()) && solid(value.as_bytes().last()) { value } else { value.trim() }
 }

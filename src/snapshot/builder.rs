@@ -114,9 +114,12 @@ impl Builder {
             let rebuild = self.services.is_empty() || changes.len() > registry.services.len() / REBUILD_SHARE;
             let mut lists_changed = false;
             let mut touched = Vec::with_capacity(changes.len());
-            // A first build inserts every service: growing the tables step by step rehashed them a dozen times.
-            self.services.reserve(changes.len());
-            self.known.reserve(changes.len());
+            // A first build inserts every service: growing the tables step by step rehashed them a
+            // dozen times. (Later builds mostly replace services, and a table never shrinks.)
+            if self.services.is_empty() {
+                self.services.reserve(changes.len());
+                self.known.reserve(changes.len());
+            }
             for change in changes {
                 if let Some(t) = self.apply(change, &mut lists_changed) {
                     touched.push(t);

@@ -268,9 +268,14 @@ fn uint32_len(tag: u32, value: u32) -> usize {
     if value == 0 { 0 } else { key_len(tag) + encoded_len_varint(u64::from(value)) }
 }
 
-/// An enum is an `int32`: negative values would take ten bytes, and ours never are.
+/// A proto3 enum, an `int32`: nothing when zero; a negative value is sign-extended to ten bytes.
 fn enum_len(tag: u32, value: i32) -> usize {
-    uint32_len(tag, value.unsigned_abs())
+    if value == 0 { 0 } else { key_len(tag) + encoded_len_varint(int32_bits(value)) }
+}
+
+/// What a varint of an `int32` encodes: its value sign-extended to 64 bits, as protobuf specifies.
+fn int32_bits(value: i32) -> u64 {
+    i64::from(value) as u64
 }
 
 fn write_uint32(tag: u32, value: u32, buf: &mut Vec<u8>) {
@@ -281,7 +286,10 @@ fn write_uint32(tag: u32, value: u32, buf: &mut Vec<u8>) {
 }
 
 fn write_enum(tag: u32, value: i32, buf: &mut Vec<u8>) {
-    write_uint32(tag, value.unsigned_abs(), buf);
+    if value != 0 {
+        put_key(tag, WireType::Varint, buf);
+        put_varint(int32_bits(value), buf);
+    }
 }
 
 /// A proto3 string field: nothing when empty.
@@ -304,7 +312,7 @@ fn write_repeated_string(tag: u32, s: &str, buf: &mut Vec<u8>) {
 #[inline]
 fn put_varint(mut value: u64, buf: &mut Vec<u8>) {
     while value >= 0x80 {
-        // The low seven bits, with the bit that says more follow.
+        // Masked to seven bits plus the continuation bit: fits a byte.
         buf.push((value & 0x7f) as u8 | 0x80);
         value >>= 7;
     }
@@ -330,6 +338,16 @@ mod tests {
             put_varint(value, &mut ours);
             prost::encoding::encode_varint(value, &mut prost_bytes);
             assert_eq!(ours, prost_bytes, "{value}");
+        }
+        for value in [0, 1, 4, -1, i32::MIN] {
+            let (mut ours, mut prost_bytes) = (Vec::new(), Vec::new());
+            write_enum(5, value, &mut ours);
+            prost::encoding::int32::encode(5, &value, &mut prost_bytes);
+            if value == 0 {
+                prost_bytes.clear(); // proto3 leaves a zero enum out
+            }
+            assert_eq!(ours, prost_bytes, "{value}");
+            assert_eq!(enum_len(5, value), ours.len(), "{value}");
         }
         for tag in [1, 15, 16, 2047, 2048] {
             let (mut ours, mut prost_bytes) = (Vec::new(), Vec::new());

@@ -775,9 +775,10 @@ fn one_service_reports_skips_as_the_whole_registry_does() {
 
 #[test]
 fn trimming_is_what_str_trim_gives() {
-    for value in
-        ["", " ", "a", " a", "a ", "\ta\n", "\u{a0}a", "a\u{a0}", "\u{3000}", "é", " é ", "10.0.0.1", "x y"]
-    {
+    for value in [
+        "", " ", "a", " a", "a ", "\ta\n", "80\x0b", "\x0b80", "\x0c80\r", "80\x1c", "\u{a0}a", "a\u{a0}",
+        "\u{3000}", "é", " é ", "10.0.0.1", "x y",
+    ] {
         assert_eq!(trim(value), value.trim(), "{value:?}");
     }
 }
