@@ -95,12 +95,18 @@ impl Health {
 impl HealthFilter {
     /// Applies the filter to one service's instances, keeping their order.
     pub fn select(self, instances: &[Instance]) -> Vec<&Instance> {
-        let healthy = || instances.iter().filter(|i| i.health == Health::Healthy);
+        // Sized for every instance: nearly all are healthy, and a filtered collect grew
+        // the list two or three times for each service of a full build.
+        let healthy = || {
+            let mut selected = Vec::with_capacity(instances.len());
+            selected.extend(instances.iter().filter(|i| i.health == Health::Healthy));
+            selected
+        };
         match self {
             HealthFilter::All => instances.iter().collect(),
-            HealthFilter::Healthy => healthy().collect(),
+            HealthFilter::Healthy => healthy(),
             HealthFilter::HealthyOrElseAll => {
-                let selected: Vec<_> = healthy().collect();
+                let selected = healthy();
                 if selected.is_empty() { instances.iter().collect() } else { selected }
             }
         }

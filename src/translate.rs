@@ -397,11 +397,15 @@ struct Plan<'a> {
 }
 
 /// An endpoint as served: the instances that share its address, targets, labels and locality.
+/// Made from one instance first (its port read, no targets yet), then given its targets once
+/// the ports are planned, then merged with the endpoints equal to it.
 #[derive(Debug, Clone)]
 struct Served<'a> {
     /// A DNS name that is an IP (an instance CNAME of `10.0.0.1`) is that IP here,
-    /// as it is once rendered.
+    /// as it is once rendered (once the endpoint has its targets).
     address: Address,
+    /// The instance's `AWS_INSTANCE_PORT`, from which the ports are planned.
+    port: Option<u16>,
     /// The target of each service port, in port name order.
     targets: ports::Targets,
     /// Its labels in the plan's `labels`, in key order. A range, not the labels
@@ -414,6 +418,11 @@ struct Served<'a> {
 }
 
 impl<'a> Served<'a> {
+    /// The instance it was made from, before endpoints are merged.
+    fn first_instance(&self) -> &'a str {
+        self.instances.first().copied().unwrap_or_default()
+    }
+
     /// Orders endpoints by address (IPs numerically, before names), then ports,
     /// labels and locality: the order the message's fields give.
     fn key<'s>(
@@ -513,8 +522,13 @@ impl<'a> Plan<'a> {
 /// Plans one service; `Err` when it cannot become a ServiceEntry at all.
 fn plan_service<'a>(service: &'a Service, options: &Options) -> Result<Plan<'a>, SkipReason> {
     let raw_host = [service.name.as_str(), ".", &service.namespace].concat();
-    let host = to_host(&raw_host).ok_or_else(|| SkipReason::InvalidHost(raw_host.clone()))?;
-    let name = entry_name(&raw_host, &host);
+    // Nearly every host is valid as it is: it is then the raw host itself, not a copy.
+    let (name, host) = if is_valid_host(&raw_host) {
+        (entry_name(&raw_host, &raw_host), raw_host)
+    } else {
+        let host = to_host(&raw_host).ok_or_else(|| SkipReason::InvalidHost(raw_host.clone()))?;
+        (entry_name(&raw_host, &host), host)
+    };
     let defaults = &options.defaults;
     let settings = ServiceSettings::from_attributes(&service.attributes, defaults);
     let mut invalid_settings = settings.invalid.clone();
@@ -529,7 +543,8 @@ fn plan_service<'a>(service: &'a Service, options: &Options) -> Result<Plan<'a>,
         selected.sort_by(order);
     }
 
-    let mut endpoints: Vec<Endpoint<'a>> = Vec::with_capacity(selected.len());
+    // Endpoints are built once, in place: the ports are planned from them, then each gets its targets.
+    let mut served: Vec<Served<'a>> = Vec::with_capacity(selected.len());
     // Room for every attribute of every instance if they all have the first one's count (nearly
     // always they share its keys): growing the list as labels come cost a tenth of the plan.
     let mut labels: Vec<Label<'a>> =
@@ -538,7 +553,7 @@ fn plan_service<'a>(service: &'a Service, options: &Options) -> Result<Plan<'a>,
     for instance in selected {
         let roles = key_roles.of(&instance.attributes);
         match to_endpoint(instance, roles, &mut labels, &mut skipped_labels) {
-            Ok(endpoint) => endpoints.push(endpoint),
+            Ok(endpoint) => served.push(endpoint),
             Err(reason) => skipped.push((instance.id.clone(), reason)),
         }
     }
@@ -546,15 +561,15 @@ fn plan_service<'a>(service: &'a Service, options: &Options) -> Result<Plan<'a>,
     // Resolution first: STATIC leaves DNS-named instances out, which changes the ports.
     let resolution_mode = settings.resolution.clone();
     if resolution_mode.value == ResolutionMode::Fixed(Resolution::Static) {
-        endpoints.retain(|e| match &e.address {
+        served.retain(|e| match &e.address {
             Address::Ip(_) => true,
             Address::Hostname(h) => {
-                skipped.push((e.instance.to_owned(), SkipReason::NotAnIp(h.clone())));
+                skipped.push((e.first_instance().to_owned(), SkipReason::NotAnIp(h.clone())));
                 false
             }
         });
     }
-    let all_ips = endpoints.iter().all(|e| matches!(e.address, Address::Ip(_)));
+    let all_ips = served.iter().all(|e| matches!(e.address, Address::Ip(_)));
     let mut resolution = match resolution_mode.value {
         ResolutionMode::Fixed(r) => Sourced { value: r, origin: resolution_mode.origin.clone() },
         ResolutionMode::Auto => Sourced {
@@ -564,7 +579,7 @@ fn plan_service<'a>(service: &'a Service, options: &Options) -> Result<Plan<'a>,
     };
 
     // Ports.
-    let instance_ports: SmallVec<[Option<u16>; 16]> = endpoints.iter().map(|e| e.port).collect();
+    let instance_ports: SmallVec<[Option<u16>; 16]> = served.iter().map(|e| e.port).collect();
     let (plan, ports_origin) = match &settings.ports {
         Some(declared) => {
             let origin = Origin::Attribute(settings::PORTS_KEY);
@@ -575,26 +590,27 @@ fn plan_service<'a>(service: &'a Service, options: &Options) -> Result<Plan<'a>,
     let mut ports_by_name: SmallVec<[usize; 4]> = (0..plan.ports.len()).collect();
     ports_by_name.sort_by(|a, b| plan.ports[*a].spec.name.cmp(&plan.ports[*b].spec.name));
     let in_name_order = ports_by_name.iter().enumerate().all(|(i, p)| i == *p);
-    let mut served: Vec<Served<'a>> = Vec::with_capacity(endpoints.len());
-    for (endpoint, targets) in endpoints.into_iter().zip(plan.targets) {
+    let mut index = 0;
+    served.retain_mut(|endpoint| {
+        let targets = plan.targets_of(index);
+        index += 1;
         match targets {
-            Some(targets) => served.push(Served {
-                address: endpoint.address.into_rendered(),
-                targets: if in_name_order {
-                    targets
+            Some(targets) => {
+                endpoint.targets = if in_name_order {
+                    targets.clone()
                 } else {
                     ports_by_name.iter().map(|i| targets[*i]).collect()
-                },
-                labels: endpoint.labels,
-                locality: endpoint.locality,
-                instances: smallvec![endpoint.instance],
-            }),
+                };
+                endpoint.address.render_as_read();
+                true
+            }
             None => {
                 let why = plan.conflict.clone().unwrap_or_default();
-                skipped.push((endpoint.instance.to_owned(), SkipReason::PortConflict(why)));
+                skipped.push((endpoint.first_instance().to_owned(), SkipReason::PortConflict(why)));
+                false
             }
         }
-    }
+    });
     // Sorted and deduplicated on content, so instance order and duplicates never show.
     // Sources list instances by id, and ids often follow addresses: checking is cheaper than sorting.
     if !served.is_sorted_by(|a, b| a.key(&labels) <= b.key(&labels)) {
@@ -768,12 +784,18 @@ fn address_notes(
         note.push_str("; `lowest` with Istio's DNS proxying costs one listener and lists each endpoint once");
         notes.push(note);
     }
-    let unrouted: Vec<String> = ports
-        .iter()
-        .filter(|p| !p.spec.protocol.routed_by_name())
-        .map(|p| p.spec.number.to_string())
-        .collect();
-    if addresses.is_empty() && !unrouted.is_empty() {
+    // Only spelled out when it is told: a full build plans every service.
+    let unrouted_ports = || -> Vec<String> {
+        ports
+            .iter()
+            .filter(|p| !p.spec.protocol.routed_by_name())
+            .map(|p| p.spec.number.to_string())
+            .collect()
+    };
+    if addresses.is_empty()
+        && let unrouted = unrouted_ports()
+        && !unrouted.is_empty()
+    {
         notes.push(format!(
             "no addresses: sidecars serve port(s) {} on a wildcard listener (0.0.0.0) that takes every \
              outbound connection to that port, whatever its destination, and only one such service per \
@@ -795,17 +817,6 @@ fn origin_key(origin: &Origin, attribute: &'static str) -> String {
     }
 }
 
-/// An instance reduced to what the ServiceEntry needs.
-#[derive(Debug, Clone)]
-struct Endpoint<'a> {
-    address: Address,
-    port: Option<u16>,
-    /// Its custom attributes that are valid labels: a range of the plan's labels.
-    labels: Range<usize>,
-    locality: Locality<'a>,
-    instance: &'a str,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Address {
     // Variant order sorts IPs (numerically) before hostnames.
@@ -821,14 +832,12 @@ impl Address {
         }
     }
 
-    /// What the rendered address reads as: a DNS name spelled as an IP is that IP.
-    fn into_rendered(self) -> Address {
-        match self {
-            Address::Hostname(h) => match h.parse::<IpAddr>() {
-                Ok(ip) => Address::Ip(ip),
-                Err(_) => Address::Hostname(h),
-            },
-            ip => ip,
+    /// Becomes what the rendered address reads as: a DNS name spelled as an IP is that IP.
+    fn render_as_read(&mut self) {
+        if let Address::Hostname(h) = self
+            && let Ok(ip) = h.parse::<IpAddr>()
+        {
+            *self = Address::Ip(ip);
         }
     }
 }
@@ -838,7 +847,7 @@ fn to_endpoint<'a>(
     roles: &[KeyRole],
     labels: &mut Vec<Label<'a>>,
     skipped_labels: &mut Vec<String>,
-) -> Result<Endpoint<'a>, SkipReason> {
+) -> Result<Served<'a>, SkipReason> {
     let labels_from = labels.len();
     let known = Known::read(&instance.attributes, roles, labels, skipped_labels);
     let port = match known.port {
@@ -848,12 +857,13 @@ fn to_endpoint<'a>(
             _ => return Err(SkipReason::InvalidPort(value.to_owned())),
         },
     };
-    Ok(Endpoint {
+    Ok(Served {
         address: to_address(&known)?,
         port,
+        targets: ports::Targets::new(),
         locality: Locality::of(&known),
         labels: labels_from..labels.len(),
-        instance: &instance.id,
+        instances: smallvec![instance.id.as_str()],
     })
 }
 

@@ -46,13 +46,13 @@ const VALUE: u32 = 2;
 #[derive(Debug)]
 pub(super) struct SizedSpec {
     /// Each listed endpoint's encoded `WorkloadEntry` length (inline for a typical service).
-    endpoint_lens: SmallVec<[usize; 8]>,
+    endpoint_lens: SmallVec<[usize; 16]>,
     len: usize,
 }
 
 impl SizedSpec {
     pub(super) fn of(plan: &Plan<'_>) -> Self {
-        let endpoint_lens: SmallVec<[usize; 8]> = plan
+        let endpoint_lens: SmallVec<[usize; 16]> = plan
             .listed_endpoints()
             .iter()
             .map(|e| {

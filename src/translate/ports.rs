@@ -40,30 +40,52 @@ pub struct PlannedPort {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortPlan {
     pub ports: Vec<PlannedPort>,
-    /// Per endpoint (same order as the input): the target port of each of
-    /// `ports` (same order), or `None` when the endpoint cannot serve them.
-    pub targets: Vec<Option<Targets>>,
+    /// Where each endpoint is sent; see [`PortPlan::targets_of`].
+    pub targets: EndpointTargets,
     /// Why endpoints were left out, when some were.
     pub conflict: Option<String>,
 }
 
+/// Each endpoint's targets, in the order of [`PortPlan::ports`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointTargets {
+    /// Every endpoint is sent to the same ports: one list, not one copy per endpoint
+    /// (a full build plans every service, nearly every one this way).
+    Same(Targets),
+    /// Per endpoint, in input order; `None` when the endpoint cannot serve the ports.
+    Each(Vec<Option<Targets>>),
+}
+
+impl PortPlan {
+    /// The target port of each of `ports` for endpoint `i` (input order), or `None`
+    /// when the endpoint cannot serve them.
+    pub fn targets_of(&self, i: usize) -> Option<&Targets> {
+        match &self.targets {
+            EndpointTargets::Same(targets) => Some(targets),
+            EndpointTargets::Each(each) => each.get(i).and_then(Option::as_ref),
+        }
+    }
+}
+
 /// Declared ports: the first takes each instance's own port.
 pub fn declared(ports: &[PortSpec], instance_ports: &[Option<u16>], origin: &Origin) -> PortPlan {
-    let targets = instance_ports
-        .iter()
-        .map(|own| {
-            Some(
-                ports
-                    .iter()
-                    .enumerate()
-                    .map(|(i, p)| match own {
-                        Some(own) if i == 0 => u32::from(*own),
-                        _ => u32::from(p.number),
-                    })
-                    .collect(),
-            )
-        })
-        .collect();
+    let targets = EndpointTargets::Each(
+        instance_ports
+            .iter()
+            .map(|own| {
+                Some(
+                    ports
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| match own {
+                            Some(own) if i == 0 => u32::from(*own),
+                            _ => u32::from(p.number),
+                        })
+                        .collect(),
+                )
+            })
+            .collect(),
+    );
     let ports = ports.iter().map(|p| PlannedPort { spec: p.clone(), origin: origin.clone() }).collect();
     PortPlan { ports, targets, conflict: None }
 }
@@ -83,7 +105,7 @@ pub fn derived(instance_ports: &[Option<u16>], defaults: &Defaults) -> PortPlan 
             };
             let ports = offer.iter().map(|&n| planned(n, defaults)).collect();
             let targets: Targets = offer.iter().map(|&n| u32::from(n)).collect();
-            PortPlan { ports, targets: vec![Some(targets); instance_ports.len()], conflict: None }
+            PortPlan { ports, targets: EndpointTargets::Same(targets), conflict: None }
         }
         _ => derived_each(instance_ports, defaults),
     }
@@ -172,7 +194,7 @@ fn derived_each(instance_ports: &[Option<u16>], defaults: &Defaults) -> PortPlan
             })
         })
         .collect();
-    PortPlan { ports, targets, conflict }
+    PortPlan { ports, targets: EndpointTargets::Each(targets), conflict }
 }
 
 /// A set of protocols as bits, so an endpoint's protocols cost no allocation.
@@ -235,7 +257,7 @@ mod tests {
 
     /// Port name → target, in name order.
     fn targets(plan: &PortPlan, i: usize) -> Option<Vec<(&str, u32)>> {
-        plan.targets[i].as_ref().map(|t| {
+        plan.targets_of(i).map(|t| {
             let mut named: Vec<(&str, u32)> =
                 plan.ports.iter().map(|p| p.spec.name.as_str()).zip(t.iter().copied()).collect();
             named.sort();
@@ -294,7 +316,13 @@ mod tests {
             for port in [Some(8080), Some(80), Some(443), Some(5432), None] {
                 for n in 1..5 {
                     let ports = vec![port; n];
-                    assert_eq!(derived(&ports, &defaults), derived_each(&ports, &defaults), "{port:?} x {n}");
+                    let (fast, each) = (derived(&ports, &defaults), derived_each(&ports, &defaults));
+                    assert_eq!(
+                        (&fast.ports, &fast.conflict),
+                        (&each.ports, &each.conflict),
+                        "{port:?} x {n}"
+                    );
+                    assert!((0..n).all(|i| fast.targets_of(i) == each.targets_of(i)), "{port:?} x {n}");
                 }
             }
         }

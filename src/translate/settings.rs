@@ -498,7 +498,9 @@ impl ServiceSettings {
             DEFAULT_ADDRESS_MODE,
             &mut invalid,
         );
-        for (key, value) in attributes.range(ATTRIBUTE_PREFIX.to_owned()..) {
+        // Bounded by a `&str`: a `String` bound was an allocation for every service.
+        let ours = (std::ops::Bound::Included(ATTRIBUTE_PREFIX), std::ops::Bound::Unbounded);
+        for (key, value) in attributes.range::<str, _>(ours) {
             if !key.starts_with(ATTRIBUTE_PREFIX) {
                 break;
             }
