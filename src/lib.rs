@@ -25,6 +25,7 @@ pub mod telemetry;
 pub mod test_helpers;
 pub mod tls;
 pub mod translate;
+mod wire;
 pub mod xds;
 
 pub mod proto {

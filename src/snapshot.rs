@@ -30,6 +30,7 @@ use crate::proto::SharedAny;
 use crate::proto::istio::mcp::v1alpha1::Resource as McpResource;
 use crate::proto::istio::networking::v1alpha3::ServiceEntry;
 use crate::translate::{self, SettingProblem, Skipped, Translation};
+use crate::wire::{length_delimited_len, put_key, put_varint, write_repeated_string};
 
 /// `Any` type of every resource in a ServiceEntry response.
 pub const MCP_RESOURCE_TYPE_URL: &str = "type.googleapis.com/istio.mcp.v1alpha1.Resource";
@@ -342,11 +343,6 @@ fn framed_len(any: &SharedAny) -> usize {
     length_delimited_len(RESOURCES_FIELD, any.encoded_len())
 }
 
-/// A length-delimited field of `len` bytes, key and length prefix included.
-fn length_delimited_len(tag: u32, len: usize) -> usize {
-    prost::encoding::key_len(tag) + prost::encoding::encoded_len_varint(len as u64) + len
-}
-
 /// A resource's share of the snapshot version: a hash of its name and version
 /// alone, so that a set received from a peer (names and versions as sent) has
 /// the version the peer gave it.
@@ -431,7 +427,7 @@ fn encode(
     endpoints: usize,
     origin: (String, String),
 ) -> Resource {
-    use prost::encoding::{WireType, encode_key, encode_varint, message};
+    use prost::encoding::{WireType, message};
     let timestamp = prost_types::Timestamp::from(create_time);
     // `Metadata` written field by field: its version is not known yet, and a
     // message would need a placeholder string of its own for every resource.
@@ -443,24 +439,20 @@ fn encode(
     let total =
         length_delimited_len(METADATA_FIELD, metadata_len) + length_delimited_len(BODY_FIELD, body_len);
     let mut buf = Vec::with_capacity(total);
-    encode_key(METADATA_FIELD, WireType::LengthDelimited, &mut buf);
-    encode_varint(metadata_len as u64, &mut buf);
+    put_key(METADATA_FIELD, WireType::LengthDelimited, &mut buf);
+    put_varint(metadata_len as u64, &mut buf);
     // The name is never empty (it holds the publish namespace and a `/`), so proto3 writes it.
-    encode_key(NAME_FIELD, WireType::LengthDelimited, &mut buf);
-    encode_varint(name.len() as u64, &mut buf);
-    buf.extend_from_slice(name.as_bytes());
+    write_repeated_string(NAME_FIELD, &name, &mut buf);
     message::encode(CREATE_TIME_FIELD, &timestamp, &mut buf);
-    encode_key(VERSION_FIELD, WireType::LengthDelimited, &mut buf);
-    encode_varint(VERSION_HEX_LEN as u64, &mut buf);
+    put_key(VERSION_FIELD, WireType::LengthDelimited, &mut buf);
+    put_varint(VERSION_HEX_LEN as u64, &mut buf);
     let version_at = buf.len();
     buf.resize(version_at + VERSION_HEX_LEN, b'0');
-    encode_key(BODY_FIELD, WireType::LengthDelimited, &mut buf);
-    encode_varint(body_len as u64, &mut buf);
-    encode_key(TYPE_URL_FIELD, WireType::LengthDelimited, &mut buf);
-    encode_varint(SERVICE_ENTRY_BODY_TYPE_URL.len() as u64, &mut buf);
-    buf.extend_from_slice(SERVICE_ENTRY_BODY_TYPE_URL.as_bytes());
-    encode_key(VALUE_FIELD, WireType::LengthDelimited, &mut buf);
-    encode_varint(spec_len as u64, &mut buf);
+    put_key(BODY_FIELD, WireType::LengthDelimited, &mut buf);
+    put_varint(body_len as u64, &mut buf);
+    write_repeated_string(TYPE_URL_FIELD, SERVICE_ENTRY_BODY_TYPE_URL, &mut buf);
+    put_key(VALUE_FIELD, WireType::LengthDelimited, &mut buf);
+    put_varint(spec_len as u64, &mut buf);
     let spec_at = buf.len();
     write_spec(&mut buf);
     debug_assert_eq!(buf.len(), total, "the envelope's size is the size written");

@@ -13,6 +13,7 @@ mod encode;
 pub mod ports;
 pub mod settings;
 
+use std::borrow::Cow;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::Range;
 use std::time::SystemTime;
@@ -522,12 +523,12 @@ impl<'a> Plan<'a> {
 /// Plans one service; `Err` when it cannot become a ServiceEntry at all.
 fn plan_service<'a>(service: &'a Service, options: &Options) -> Result<Plan<'a>, SkipReason> {
     let raw_host = [service.name.as_str(), ".", &service.namespace].concat();
-    // Nearly every host is valid as it is: it is then the raw host itself, not a copy.
-    let (name, host) = if is_valid_host(&raw_host) {
-        (entry_name(&raw_host, &raw_host), raw_host)
-    } else {
-        let host = to_host(&raw_host).ok_or_else(|| SkipReason::InvalidHost(raw_host.clone()))?;
-        (entry_name(&raw_host, &host), host)
+    let host = to_host(&raw_host).ok_or_else(|| SkipReason::InvalidHost(raw_host.clone()))?;
+    let name = entry_name(&raw_host, &host);
+    // A host valid as it is is the raw host itself, kept rather than copied.
+    let host = match host {
+        Cow::Owned(mapped) => mapped,
+        Cow::Borrowed(_) => raw_host,
     };
     let defaults = &options.defaults;
     let settings = ServiceSettings::from_attributes(&service.attributes, defaults);
@@ -660,7 +661,7 @@ fn plan_service<'a>(service: &'a Service, options: &Options) -> Result<Plan<'a>,
                 let mut ips: Vec<IpAddr> = endpoint_ips().collect();
                 ips.sort();
                 ips.dedup();
-                Ok(ips.iter().map(ToString::to_string).collect())
+                Ok(ips.into_iter().map(encode::ip_text).collect())
             }
             AddressMode::Fixed(list) => {
                 let cidr = list.iter().any(|a| a.contains('/'));
@@ -827,7 +828,7 @@ enum Address {
 impl Address {
     fn render(&self) -> String {
         match self {
-            Address::Ip(ip) => ip.to_string(),
+            Address::Ip(ip) => encode::ip_text(*ip),
             Address::Hostname(h) => h.clone(),
         }
     }
@@ -1087,10 +1088,11 @@ fn trim(value: &str) -> &str {
 
 /// `svc.ns` as a valid lower-case DNS name: upper case is lowered, every other
 /// character outside `[a-z0-9-]` becomes `-`. `None` when no valid name remains.
-pub fn to_host(raw: &str) -> Option<String> {
-    // Nearly every name is valid as it is; mapping it label by label allocates each.
+/// Borrowed when `raw` is valid as it is, as nearly every name is.
+pub fn to_host(raw: &str) -> Option<Cow<'_, str>> {
+    // Mapping a name label by label allocates each.
     if is_valid_host(raw) {
-        return Some(raw.to_owned());
+        return Some(Cow::Borrowed(raw));
     }
     let labels: Vec<String> = raw
         .split('.')
@@ -1104,7 +1106,7 @@ pub fn to_host(raw: &str) -> Option<String> {
         })
         .collect();
     let host = labels.join(".");
-    is_valid_host(&host).then_some(host)
+    is_valid_host(&host).then_some(Cow::Owned(host))
 }
 
 /// A host istiod accepts: an RFC 1123 subdomain of at least two labels, the last not all digits.
