@@ -394,12 +394,8 @@ fn encode_entry(entry: translate::Entry) -> Resource {
 }
 
 /// What the builder serves: the ServiceEntry is written by `translate`, straight into its envelope.
-fn encode_translated(
-    entry: &translate::EncodedEntry<'_>,
-    publish_namespace: &str,
-    origin: (String, String),
-) -> Resource {
-    let name = [publish_namespace, "/", &entry.name].concat();
+fn encode_translated(mut entry: translate::EncodedEntry<'_>, origin: (String, String)) -> Resource {
+    let name = std::mem::take(&mut entry.mcp_name);
     encode(name, entry.create_time, entry.spec_len(), |buf| entry.write_spec(buf), entry.endpoints, origin)
 }
 

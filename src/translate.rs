@@ -222,7 +222,7 @@ pub fn translate_service(service: &Service, options: &Options) -> Translation {
         Ok(plan) => {
             let spec = plan.spec();
             out.entries.push(Entry {
-                name: plan.name.clone(),
+                name: plan.name().to_owned(),
                 namespace: options.publish_namespace.clone(),
                 create_time: service.created,
                 spec,
@@ -240,8 +240,8 @@ pub fn translate_service(service: &Service, options: &Options) -> Translation {
 /// The bytes written are exactly prost's encoding of [`translate_service`]'s entry.
 #[derive(Debug)]
 pub struct EncodedEntry<'a> {
-    /// ServiceEntry name (without namespace).
-    pub name: String,
+    /// `<publish-namespace>/<ServiceEntry name>`, the MCP resource name.
+    pub mcp_name: String,
     pub create_time: SystemTime,
     /// How many endpoints it lists.
     pub endpoints: usize,
@@ -282,7 +282,7 @@ pub fn translate_service_encoded<'a>(service: &'a Service, options: &Options) ->
             let sized = encode::SizedSpec::of(&plan);
             EncodedTranslation {
                 entry: Some(EncodedEntry {
-                    name: std::mem::take(&mut plan.name),
+                    mcp_name: std::mem::take(&mut plan.qualified_name),
                     create_time: service.created,
                     endpoints: plan.listed_endpoints().len(),
                     plan,
@@ -350,7 +350,7 @@ pub fn explain_service(service: &Service, options: &Options) -> Result<Explanati
         .map(|e| e.instances.iter().map(|i| (*i).to_owned()).collect())
         .collect();
     Ok(Explanation {
-        name: plan.name,
+        name: plan.name().to_owned(),
         host: plan.host,
         ports_origin: plan.ports_origin,
         ports: plan.ports,
@@ -374,7 +374,10 @@ pub fn explain_service(service: &Service, options: &Options) -> Result<Explanati
 /// cost more than the rest of the translation.
 #[derive(Debug)]
 struct Plan<'a> {
-    name: String,
+    /// `<publish-namespace>/<ServiceEntry name>`: the MCP resource name, the entry's name
+    /// from `name_at` on. One string for both: a full build names every service.
+    qualified_name: String,
+    name_at: usize,
     host: String,
     ports_origin: Origin,
     ports: Vec<PlannedPort>,
@@ -385,7 +388,8 @@ struct Plan<'a> {
     export_to: Sourced<Vec<String>>,
     resolution: Sourced<Resolution>,
     address_mode: Sourced<AddressMode>,
-    addresses: Vec<String>,
+    /// Nearly always one (the lowest endpoint IP): inline.
+    addresses: SmallVec<[String; 1]>,
     /// Sorted, each distinct endpoint once.
     endpoints: Vec<Served<'a>>,
     /// Every endpoint's labels, each endpoint's in a range of its own (see [`Served::labels`]).
@@ -435,6 +439,11 @@ impl<'a> Served<'a> {
 }
 
 impl<'a> Plan<'a> {
+    /// The ServiceEntry's name (without namespace).
+    fn name(&self) -> &str {
+        &self.qualified_name[self.name_at..]
+    }
+
     /// The endpoints the ServiceEntry lists (none with resolution NONE).
     fn listed_endpoints(&self) -> &[Served<'a>] {
         if self.resolution.value == Resolution::None { &[] } else { &self.endpoints }
@@ -466,7 +475,7 @@ impl<'a> Plan<'a> {
             .collect();
         ServiceEntry {
             hosts: vec![self.host.clone()],
-            addresses: self.addresses.clone(),
+            addresses: self.addresses.to_vec(),
             ports: self
                 .ports
                 .iter()
@@ -524,7 +533,7 @@ impl<'a> Plan<'a> {
 fn plan_service<'a>(service: &'a Service, options: &Options) -> Result<Plan<'a>, SkipReason> {
     let raw_host = [service.name.as_str(), ".", &service.namespace].concat();
     let host = to_host(&raw_host).ok_or_else(|| SkipReason::InvalidHost(raw_host.clone()))?;
-    let name = entry_name(&raw_host, &host);
+    let (qualified_name, name_at) = qualified_entry_name(&options.publish_namespace, &raw_host, &host);
     // A host valid as it is is the raw host itself, kept rather than copied.
     let host = match host {
         Cow::Owned(mapped) => mapped,
@@ -652,10 +661,10 @@ fn plan_service<'a>(service: &'a Service, options: &Options) -> Result<Plan<'a>,
             Address::Hostname(_) => None,
         })
     };
-    let addresses_for = |mode: &AddressMode| -> Result<Vec<String>, String> {
+    let addresses_for = |mode: &AddressMode| -> Result<SmallVec<[String; 1]>, String> {
         match mode {
-            AddressMode::None => Ok(Vec::new()),
-            AddressMode::Lowest | AddressMode::All if !endpoint_ips_usable => Ok(Vec::new()),
+            AddressMode::None => Ok(SmallVec::new()),
+            AddressMode::Lowest | AddressMode::All if !endpoint_ips_usable => Ok(SmallVec::new()),
             AddressMode::Lowest => Ok(endpoint_ips().min().map(encode::ip_text).into_iter().collect()),
             AddressMode::All => {
                 let mut ips: Vec<IpAddr> = endpoint_ips().collect();
@@ -671,7 +680,7 @@ fn plan_service<'a>(service: &'a Service, options: &Options) -> Result<Plan<'a>,
                         resolution.value.as_str_name()
                     ))
                 } else {
-                    Ok(list.clone())
+                    Ok(list.iter().cloned().collect())
                 }
             }
         }
@@ -686,7 +695,7 @@ fn plan_service<'a>(service: &'a Service, options: &Options) -> Result<Plan<'a>,
                 reason: format!("{reason}; no addresses set"),
             });
             address_mode = Sourced { value: AddressMode::None, origin: Origin::Default };
-            Vec::new()
+            SmallVec::new()
         }
     };
 
@@ -725,7 +734,8 @@ fn plan_service<'a>(service: &'a Service, options: &Options) -> Result<Plan<'a>,
     invalid_settings.sort();
     invalid_settings.dedup();
     Ok(Plan {
-        name,
+        qualified_name,
+        name_at,
         host,
         ports_origin,
         ports: plan.ports,
@@ -994,7 +1004,7 @@ type AddressParser = fn(&str) -> Option<Address>;
 fn to_address(known: &Known<'_>) -> Result<Address, SkipReason> {
     let mut first_invalid = None;
     let candidates: [(&'static str, Option<&str>, AddressParser); 4] = [
-        (attr::IPV4, known.ipv4, |v| v.parse::<Ipv4Addr>().ok().map(|ip| Address::Ip(ip.into()))),
+        (attr::IPV4, known.ipv4, |v| parse_ipv4(v).map(|ip| Address::Ip(ip.into()))),
         (attr::IPV6, known.ipv6, |v| v.parse::<Ipv6Addr>().ok().map(|ip| Address::Ip(ip.into()))),
         (attr::CNAME, known.cname, |v| to_dns_name(v).map(Address::Hostname)),
         (attr::ALIAS_DNS_NAME, known.alias_dns_name, |v| to_dns_name(v).map(Address::Hostname)),
@@ -1010,6 +1020,30 @@ fn to_address(known: &Known<'_>) -> Result<Address, SkipReason> {
         }
     }
     Err(first_invalid.unwrap_or(SkipReason::NoAddress))
+}
+
+/// `value.parse::<Ipv4Addr>()`, exactly: four decimal octets of one to three digits,
+/// none above 255 and none with a leading zero. Byte by byte: a full build parses every
+/// instance's address, and std's general parser cost a tenth of the plan.
+fn parse_ipv4(value: &str) -> Option<Ipv4Addr> {
+    let mut octets = [0u8; 4];
+    let mut parts = value.as_bytes().split(|b| *b == b'.');
+    for octet in &mut octets {
+        let digits = parts.next()?;
+        let leading_zero = digits.len() > 1 && digits[0] == b'0';
+        if digits.is_empty() || digits.len() > 3 || leading_zero {
+            return None;
+        }
+        let mut number = 0u16;
+        for digit in digits {
+            if !digit.is_ascii_digit() {
+                return None;
+            }
+            number = number * 10 + u16::from(digit - b'0');
+        }
+        *octet = u8::try_from(number).ok()?;
+    }
+    parts.next().is_none().then_some(Ipv4Addr::from(octets))
 }
 
 /// An endpoint label: a custom attribute's key and value.
@@ -1114,6 +1148,17 @@ fn is_valid_host(host: &str) -> bool {
     is_dns_subdomain(host) && host.contains('.') && !host.rsplit('.').next().is_some_and(all_digits)
 }
 
+/// `<namespace>/cloudmap-<host>` ([`entry_name`] after the namespace) and where the entry's name starts.
+fn qualified_entry_name(namespace: &str, raw_host: &str, host: &str) -> (String, usize) {
+    let name_at = namespace.len() + 1;
+    // Nearly every name is plain: spelled once, in the one string.
+    let plain = [namespace, "/", NAME_PREFIX, host].concat();
+    if raw_host == host && is_dns_subdomain(&plain[name_at..]) {
+        return (plain, name_at);
+    }
+    ([namespace, "/", &entry_name(raw_host, host)].concat(), name_at)
+}
+
 /// `cloudmap-<host>`. When the host had to be rewritten, or the name would pass
 /// Kubernetes' 253 characters, the name is shortened as needed and ends in a hash
 /// of the original, so `My_Svc` and `my-svc` (and long look-alikes) stay distinct.
@@ -1147,16 +1192,31 @@ fn all_digits(label: &str) -> bool {
     !label.is_empty() && label.bytes().all(|b| b.is_ascii_digit())
 }
 
-/// RFC 1123 subdomain, lower case, as Kubernetes and istiod check names.
+/// RFC 1123 subdomain, lower case, as Kubernetes and istiod check names. One pass
+/// over the bytes: a full build checks every service's host and name.
 fn is_dns_subdomain(name: &str) -> bool {
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= MAX_DNS_LABEL
-            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-    };
-    name.len() <= MAX_DNS_NAME && name.split('.').all(label_ok)
+    if name.len() > MAX_DNS_NAME {
+        return false;
+    }
+    let mut label_len = 0;
+    let mut previous = b'.';
+    for &b in name.as_bytes() {
+        if b == b'.' {
+            // A label is not empty and does not end in `-`.
+            if label_len == 0 || previous == b'-' {
+                return false;
+            }
+            label_len = 0;
+        } else {
+            let allowed = b.is_ascii_lowercase() || b.is_ascii_digit() || (b == b'-' && label_len > 0);
+            label_len += 1;
+            if !allowed || label_len > MAX_DNS_LABEL {
+                return false;
+            }
+        }
+        previous = b;
+    }
+    label_len > 0 && previous != b'-'
 }
 
 fn is_custom(key: &str) -> bool {

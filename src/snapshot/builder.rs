@@ -8,6 +8,7 @@
 //! alone: one changed service costs one translation, one encode, a binary search
 //! and the copy of one chunk of the list, not a pass over every service.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 
 // A full build hashes every service key and address; SipHash was a twentieth of it.
@@ -66,9 +67,32 @@ impl Cached {
             translate::translate_service_encoded(&service, options);
         let resource = entry.map(|e| {
             let origin = (service.namespace.clone(), service.name.clone());
-            Arc::new(encode_translated(&e, &options.publish_namespace, origin))
+            Arc::new(encode_translated(e, origin))
         });
         Cached { resource, service, skipped, skipped_labels, invalid_settings }
+    }
+}
+
+/// Which of the builder's lists a service's translation is in.
+#[derive(Debug, Clone, Copy, Default)]
+struct Marks {
+    skips: bool,
+    /// How many skipped labels.
+    labels: usize,
+    invalid: bool,
+}
+
+impl Marks {
+    fn of(cached: &Cached) -> Self {
+        Marks {
+            skips: !cached.skipped.is_empty(),
+            labels: cached.skipped_labels.len(),
+            invalid: !cached.invalid_settings.is_empty(),
+        }
+    }
+
+    fn any(self) -> bool {
+        self.skips || self.labels > 0 || self.invalid
     }
 }
 
@@ -113,7 +137,8 @@ impl Builder {
         if !changes.is_empty() {
             let rebuild = self.services.is_empty() || changes.len() > registry.services.len() / REBUILD_SHARE;
             let mut lists_changed = false;
-            let mut touched = Vec::with_capacity(changes.len());
+            // A rebuilt list needs no per-service update: no key is kept for one.
+            let mut touched = Vec::with_capacity(if rebuild { 0 } else { changes.len() });
             // A first build inserts every service: growing the tables step by step rehashed them a
             // dozen times. (Later builds mostly replace services, and a table never shrinks.)
             if self.services.is_empty() {
@@ -121,7 +146,7 @@ impl Builder {
                 self.known.reserve(changes.len());
             }
             for change in changes {
-                if let Some(t) = self.apply(change, &mut lists_changed) {
+                if let Some(t) = self.apply(change, &mut lists_changed, !rebuild) {
                     touched.push(t);
                 }
             }
@@ -204,15 +229,16 @@ impl Builder {
     }
 
     /// Takes one change into `services`; returns the service and its resource
-    /// before and after when what it serves may have changed. Translates on this
-    /// thread: splitting a first build over two threads was measured slower
-    /// (146–177 against 114–138 ms at 10,000 × 10), both threads' allocations
-    /// contending for the one malloc arena.
+    /// before and after when what it serves may have changed and `track` asks for
+    /// it. Translates on this thread: splitting a first build over two threads was
+    /// measured slower (146–177 against 114–138 ms at 10,000 × 10), both threads'
+    /// allocations contending for the one malloc arena.
     #[allow(clippy::type_complexity)]
     fn apply(
         &mut self,
         change: Change,
         lists_changed: &mut bool,
+        track: bool,
     ) -> Option<(ServiceKey, Option<Arc<Resource>>, Option<Arc<Resource>>)> {
         let (key, next) = match change {
             Change::Upsert(service) => {
@@ -231,35 +257,45 @@ impl Builder {
             }
             Change::Remove(key) => (key, None),
         };
-        let old = match next {
-            Some(next) => self.services.insert(key.clone(), next),
-            None => self.services.remove(&key),
+        // The key moves into the table (one lookup, no copy); a first build copies it
+        // back out only for a service a list or the caller keeps.
+        let has = next.as_ref().map(Marks::of).unwrap_or_default();
+        let new_resource = next.as_ref().and_then(|c| c.resource.clone());
+        let (key, old) = match next {
+            Some(next) => match self.services.entry(key) {
+                Entry::Occupied(mut entry) => (Some(entry.key().clone()), Some(entry.insert(next))),
+                Entry::Vacant(entry) => {
+                    let key = (track || has.any()).then(|| entry.key().clone());
+                    entry.insert(next);
+                    (key, None)
+                }
+            },
+            None => {
+                let old = self.services.remove(&key);
+                (Some(key), old)
+            }
         };
+        let had = old.as_ref().map(Marks::of).unwrap_or_default();
         if let Some(old) = &old {
             self.known.remove(&address(&old.service));
         }
-        let new = self.services.get(&key);
-        let had = |f: fn(&Cached) -> bool| old.as_ref().is_some_and(f);
-        let has = |f: fn(&Cached) -> bool| new.is_some_and(f);
-        let skips = |c: &Cached| !c.skipped.is_empty();
-        let labels = |c: &Cached| !c.skipped_labels.is_empty();
-        let invalid = |c: &Cached| !c.invalid_settings.is_empty();
-        *lists_changed |= had(skips) || has(skips) || had(invalid) || has(invalid);
-        for (set, had, has) in [
-            (&mut self.with_skips, had(skips), has(skips)),
-            (&mut self.with_labels, had(labels), has(labels)),
-            (&mut self.with_invalid, had(invalid), has(invalid)),
-        ] {
-            if has {
-                set.insert(key.clone());
-            } else if had {
-                set.remove(&key);
+        *lists_changed |= had.skips || has.skips || had.invalid || has.invalid;
+        if let Some(key) = &key {
+            for (set, had, has) in [
+                (&mut self.with_skips, had.skips, has.skips),
+                (&mut self.with_labels, had.labels > 0, has.labels > 0),
+                (&mut self.with_invalid, had.invalid, has.invalid),
+            ] {
+                if has {
+                    set.insert(key.clone());
+                } else if had {
+                    set.remove(key);
+                }
             }
         }
-        self.skipped_labels = self.skipped_labels + new.map_or(0, |c| c.skipped_labels.len())
-            - old.as_ref().map_or(0, |c| c.skipped_labels.len());
-        let new_resource = new.and_then(|c| c.resource.clone());
-        Some((key, old.and_then(|c| c.resource), new_resource))
+        self.skipped_labels = self.skipped_labels + has.labels - had.labels;
+        let old_resource = old.and_then(|c| c.resource);
+        key.filter(|_| track).map(|key| (key, old_resource, new_resource))
     }
 
     /// Serves `new` instead of `old` for one service; returns whether the

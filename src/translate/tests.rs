@@ -29,16 +29,17 @@ fn service(ns: &str, name: &str, instances: Vec<Instance>) -> Service {
 }
 
 fn one(svc: Service) -> (Entry, Translation) {
-    let spec = translate_service_encoded(&svc, &options()).entry.map(|e| {
+    let encoded = translate_service_encoded(&svc, &options()).entry.map(|e| {
         let mut buf = Vec::new();
         e.write_spec(&mut buf);
         assert_eq!(buf.len(), e.spec_len());
-        buf
+        (e.mcp_name, buf)
     });
     let t = translate(&Registry::new(vec![svc]), &options());
     assert_eq!(t.entries.len(), 1, "{t:?}");
-    // The builder's path writes the bytes itself: exactly prost's for the same entry.
-    assert_eq!(spec, Some(t.entries[0].spec.encode_to_vec()));
+    // The builder's path writes the bytes itself: exactly prost's for the same entry, named alike.
+    let mcp_name = format!("{}/{}", options().publish_namespace, t.entries[0].name);
+    assert_eq!(encoded, Some((mcp_name, t.entries[0].spec.encode_to_vec())));
     (t.entries[0].clone(), t)
 }
 
@@ -780,5 +781,92 @@ fn trimming_is_what_str_trim_gives() {
         "\u{3000}", "é", " é ", "10.0.0.1", "x y",
     ] {
         assert_eq!(trim(value), value.trim(), "{value:?}");
+    }
+}
+
+#[test]
+fn ipv4_parsing_is_what_std_gives() {
+    let listed = [
+        "",
+        ".",
+        "1.2.3",
+        "1.2.3.4",
+        "1.2.3.4.",
+        ".1.2.3.4",
+        "1.2.3.4.5",
+        "0.0.0.0",
+        "255.255.255.255",
+        "256.1.1.1",
+        "1.1.1.256",
+        "01.1.1.1",
+        "1.1.1.01",
+        "1.1.1.00",
+        "0.10.100.200",
+        "1.2.3.4 ",
+        " 1.2.3.4",
+        "1..2.3",
+        "1.2.3.-4",
+        "+1.2.3.4",
+        "1.2.3.4/24",
+        "1000.1.1.1",
+        "0001.1.1.1",
+        "1.2.3.٣",
+        "a.b.c.d",
+        "10.0.0.1:80",
+        "1.2.3.4\0",
+    ];
+    let mut values: Vec<String> = listed.iter().map(|v| (*v).to_owned()).collect();
+    // Every string of up to eight of the characters that matter.
+    let alphabet = ['0', '1', '2', '5', '9', '.', 'x'];
+    let mut frontier = vec![String::new()];
+    for _ in 0..8 {
+        frontier = frontier.iter().flat_map(|p| alphabet.iter().map(move |c| format!("{p}{c}"))).collect();
+        values.extend(frontier.iter().filter(|v| v.matches('.').count() == 3).cloned());
+    }
+    // Every octet value and spelling in each position.
+    for octet in 0..1000 {
+        for spelled in [format!("{octet}"), format!("0{octet}"), format!("{octet:03}")] {
+            values.push(format!("{spelled}.1.2.3"));
+            values.push(format!("1.2.3.{spelled}"));
+        }
+    }
+    for value in &values {
+        assert_eq!(parse_ipv4(value), value.parse::<Ipv4Addr>().ok(), "{value:?}");
+    }
+}
+
+#[test]
+fn dns_subdomains_are_checked_label_by_label() {
+    // The rule as Kubernetes states it, label by label.
+    let reference = |name: &str| {
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= MAX_DNS_LABEL
+                && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        name.len() <= MAX_DNS_NAME && name.split('.').all(label_ok)
+    };
+    let mut names: Vec<String> = Vec::new();
+    let alphabet = ['a', '0', '-', '.', 'A', '_'];
+    let mut frontier = vec![String::new()];
+    for _ in 0..6 {
+        frontier = frontier.iter().flat_map(|p| alphabet.iter().map(move |c| format!("{p}{c}"))).collect();
+        names.extend(frontier.iter().cloned());
+    }
+    for label in [62, 63, 64] {
+        names.push("a".repeat(label));
+        names.push(format!("{}.b", "a".repeat(label)));
+        names.push(format!("b.{}", "a".repeat(label)));
+    }
+    let long = |total: usize| {
+        let mut name = vec!["a".repeat(63); 4].join(".");
+        name.truncate(total);
+        name
+    };
+    names.extend([long(252), long(253), long(254), "é.a".into(), "a.é".into(), String::new()]);
+    for name in &names {
+        assert_eq!(is_dns_subdomain(name), reference(name), "{name:?}");
     }
 }
