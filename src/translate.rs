@@ -607,7 +607,8 @@ fn plan_service<'a>(service: &'a Service, options: &Options) -> Result<Plan<'a>,
         match targets {
             Some(targets) => {
                 endpoint.targets = if in_name_order {
-                    targets.clone()
+                    // A copy of the ports (`clone` goes element by element): once per endpoint.
+                    ports::Targets::from_slice(targets)
                 } else {
                     ports_by_name.iter().map(|i| targets[*i]).collect()
                 };
