@@ -395,6 +395,7 @@ fn encode_entry(entry: translate::Entry) -> Resource {
 
 /// What the builder serves: the ServiceEntry is written by `translate`, straight into its envelope.
 fn encode_translated(mut entry: translate::EncodedEntry<'_>, origin: (String, String)) -> Resource {
+    // Moved out, not borrowed: the resource keeps the name, and the closure below borrows the entry.
     let name = std::mem::take(&mut entry.mcp_name);
     encode(name, entry.create_time, entry.spec_len(), |buf| entry.write_spec(buf), entry.endpoints, origin)
 }

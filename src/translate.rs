@@ -261,6 +261,12 @@ impl EncodedEntry<'_> {
     }
 }
 
+/// The plan's qualified name, moved out: the plan then has no name (and `Plan::name` is empty).
+fn take_name(plan: &mut Plan<'_>) -> String {
+    plan.name_at = 0;
+    std::mem::take(&mut plan.qualified_name)
+}
+
 /// [`translate_service`] with the entry sized for encoding; see [`EncodedEntry`].
 #[derive(Debug, Default)]
 pub struct EncodedTranslation<'a> {
@@ -282,7 +288,7 @@ pub fn translate_service_encoded<'a>(service: &'a Service, options: &Options) ->
             let sized = encode::SizedSpec::of(&plan);
             EncodedTranslation {
                 entry: Some(EncodedEntry {
-                    mcp_name: std::mem::take(&mut plan.qualified_name),
+                    mcp_name: take_name(&mut plan),
                     create_time: service.created,
                     endpoints: plan.listed_endpoints().len(),
                     plan,
@@ -1149,24 +1155,17 @@ fn is_valid_host(host: &str) -> bool {
     is_dns_subdomain(host) && host.contains('.') && !host.rsplit('.').next().is_some_and(all_digits)
 }
 
-/// `<namespace>/cloudmap-<host>` ([`entry_name`] after the namespace) and where the entry's name starts.
+/// `<namespace>/cloudmap-<host>` and where the ServiceEntry's name (`cloudmap-<host>`)
+/// starts in it. When the host had to be rewritten, or the name would pass Kubernetes'
+/// 253 characters, the name is shortened as needed and ends in a hash of the original,
+/// so `My_Svc` and `my-svc` (and long look-alikes) stay distinct.
 fn qualified_entry_name(namespace: &str, raw_host: &str, host: &str) -> (String, usize) {
     let name_at = namespace.len() + 1;
     // Nearly every name is plain: spelled once, in the one string.
-    let plain = [namespace, "/", NAME_PREFIX, host].concat();
-    if raw_host == host && is_dns_subdomain(&plain[name_at..]) {
-        return (plain, name_at);
-    }
-    ([namespace, "/", &entry_name(raw_host, host)].concat(), name_at)
-}
-
-/// `cloudmap-<host>`. When the host had to be rewritten, or the name would pass
-/// Kubernetes' 253 characters, the name is shortened as needed and ends in a hash
-/// of the original, so `My_Svc` and `my-svc` (and long look-alikes) stay distinct.
-fn entry_name(raw_host: &str, host: &str) -> String {
-    let plain = [NAME_PREFIX, host].concat();
-    if raw_host == host && is_dns_subdomain(&plain) {
-        return plain;
+    let mut qualified = [namespace, "/", NAME_PREFIX, host].concat();
+    let plain = &qualified[name_at..];
+    if raw_host == host && is_dns_subdomain(plain) {
+        return (qualified, name_at);
     }
     let digest = Sha256::digest(raw_host.as_bytes());
     let suffix: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
@@ -1177,7 +1176,10 @@ fn entry_name(raw_host: &str, host: &str) -> String {
     }
     let mut base = labels.iter().map(|l| l.trim_end_matches('-')).collect::<Vec<_>>().join(".");
     base.truncate(MAX_DNS_NAME - 1 - suffix.len());
-    format!("{}-{suffix}", base.trim_end_matches(['-', '.']))
+    let hashed = format!("{}-{suffix}", base.trim_end_matches(['-', '.']));
+    qualified.truncate(name_at);
+    qualified.push_str(&hashed);
+    (qualified, name_at)
 }
 
 /// A CNAME or alias target as a lower-case DNS name without the trailing dot.

@@ -257,13 +257,18 @@ impl Builder {
             }
             Change::Remove(key) => (key, None),
         };
-        // The key moves into the table (one lookup, no copy); a first build copies it
-        // back out only for a service a list or the caller keeps.
+        // The key moves into the table (one lookup, no copy). Unless the caller tracks
+        // changes (not on a rebuild), it is copied back out only for a service one of
+        // the lists keeps.
         let has = next.as_ref().map(Marks::of).unwrap_or_default();
-        let new_resource = next.as_ref().and_then(|c| c.resource.clone());
+        let new_resource = if track { next.as_ref().and_then(|c| c.resource.clone()) } else { None };
         let (key, old) = match next {
             Some(next) => match self.services.entry(key) {
-                Entry::Occupied(mut entry) => (Some(entry.key().clone()), Some(entry.insert(next))),
+                Entry::Occupied(mut entry) => {
+                    let old = entry.insert(next);
+                    let keep = track || has.any() || Marks::of(&old).any();
+                    (keep.then(|| entry.key().clone()), Some(old))
+                }
                 Entry::Vacant(entry) => {
                     let key = (track || has.any()).then(|| entry.key().clone());
                     entry.insert(next);
