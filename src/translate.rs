@@ -1186,7 +1186,7 @@ fn qualified_entry_name(namespace: &str, raw_host: &str, host: &str) -> (String,
 /// A dotted IPv4 address stays as it is (istiod accepts an IP as a DNS endpoint).
 fn to_dns_name(value: &str) -> Option<String> {
     let name = value.strip_suffix('.').unwrap_or(value).to_ascii_lowercase();
-    let numeric_tld = name.rsplit('.').next().is_some_and(all_digits) && name.parse::<Ipv4Addr>().is_err();
+    let numeric_tld = name.rsplit('.').next().is_some_and(all_digits) && parse_ipv4(&name).is_none();
     (name.contains('.') && is_dns_subdomain(&name) && !numeric_tld).then_some(name)
 }
 

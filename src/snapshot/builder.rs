@@ -262,25 +262,26 @@ impl Builder {
         // the lists keeps.
         let has = next.as_ref().map(Marks::of).unwrap_or_default();
         let new_resource = if track { next.as_ref().and_then(|c| c.resource.clone()) } else { None };
-        let (key, old) = match next {
+        let (key, old, had) = match next {
             Some(next) => match self.services.entry(key) {
                 Entry::Occupied(mut entry) => {
                     let old = entry.insert(next);
-                    let keep = track || has.any() || Marks::of(&old).any();
-                    (keep.then(|| entry.key().clone()), Some(old))
+                    let had = Marks::of(&old);
+                    let keep = track || has.any() || had.any();
+                    (keep.then(|| entry.key().clone()), Some(old), had)
                 }
                 Entry::Vacant(entry) => {
                     let key = (track || has.any()).then(|| entry.key().clone());
                     entry.insert(next);
-                    (key, None)
+                    (key, None, Marks::default())
                 }
             },
             None => {
                 let old = self.services.remove(&key);
-                (Some(key), old)
+                let had = old.as_ref().map(Marks::of).unwrap_or_default();
+                (Some(key), old, had)
             }
         };
-        let had = old.as_ref().map(Marks::of).unwrap_or_default();
         if let Some(old) = &old {
             self.known.remove(&address(&old.service));
         }
