@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-pub use self::attributes::{Attributes, Text, intern};
+pub use self::attributes::{Attributes, KeySet, Text, intern};
 
 /// Everything one source knows at one moment: every service of every namespace.
 ///

@@ -22,7 +22,7 @@ use prost::Message;
 use prost::bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
-use xxhash_rust::xxh3::Xxh3;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed, xxh3_128_with_seed};
 
 pub use self::builder::Builder;
 pub use self::list::ResourceList;
@@ -194,8 +194,9 @@ impl Snapshot {
     /// bytes and versions, and the same as [`Builder`] gives for the registry.
     pub fn build(translation: Translation) -> Self {
         let mut skipped = translation.skipped;
+        let mut scratch = Vec::new();
         let resources: Vec<Arc<Resource>> =
-            translation.entries.into_iter().map(|e| Arc::new(encode_entry(e))).collect();
+            translation.entries.into_iter().map(|e| Arc::new(encode_entry(e, &mut scratch))).collect();
         let resources = translate::first_per_name(resources, |r| (&r.name, &r.origin), &mut skipped);
         let mut invalid_settings = translation.invalid_settings;
         skipped.sort();
@@ -347,11 +348,7 @@ fn framed_len(any: &SharedAny) -> usize {
 /// alone, so that a set received from a peer (names and versions as sent) has
 /// the version the peer gave it.
 fn version_digest(name: &str, version: &str) -> u128 {
-    let mut hasher = Xxh3::new();
-    hasher.update(name.as_bytes());
-    hasher.update(&[0]);
-    hasher.update(version.as_bytes());
-    hasher.digest128()
+    xxh3_128_with_seed(version.as_bytes(), xxh3_64(name.as_bytes()))
 }
 
 /// Reads back one `Any{istio.mcp.v1alpha1.Resource}` as sent by a replica (the
@@ -386,18 +383,28 @@ pub fn decode_resource(encoded: SharedAny) -> Result<Resource, DecodeError> {
     })
 }
 
-fn encode_entry(entry: translate::Entry) -> Resource {
+fn encode_entry(entry: translate::Entry, scratch: &mut Vec<u8>) -> Resource {
     let endpoints = entry.spec.endpoints.len();
     let name = format!("{}/{}", entry.namespace, entry.name);
     let spec = &entry.spec;
-    encode(name, entry.create_time, spec.encoded_len(), |buf| spec.encode_raw(buf), endpoints, entry.origin)
+    let write_spec = |buf: &mut Vec<u8>| {
+        buf.clear();
+        spec.encode_raw(buf);
+        buf.len()
+    };
+    encode(name, entry.create_time, write_spec, endpoints, entry.origin, scratch)
 }
 
-/// What the builder serves: the ServiceEntry is written by `translate`, straight into its envelope.
-fn encode_translated(mut entry: translate::EncodedEntry<'_>, origin: (String, String)) -> Resource {
+/// What the builder serves: the ServiceEntry is written by `translate`, then framed.
+/// `scratch` is reused from service to service (see [`encode`]).
+fn encode_translated(
+    mut entry: translate::EncodedEntry<'_>,
+    origin: (String, String),
+    scratch: &mut Vec<u8>,
+) -> Resource {
     // Moved out, not borrowed: the resource keeps the name, and the closure below borrows the entry.
     let name = std::mem::take(&mut entry.mcp_name);
-    encode(name, entry.create_time, entry.spec_len(), |buf| entry.write_spec(buf), entry.endpoints, origin)
+    encode(name, entry.create_time, |buf| entry.write_spec(buf), entry.endpoints, origin, scratch)
 }
 
 /// `McpResource.metadata`, `McpResource.body`; `Metadata.name`, `.create_time`,
@@ -410,29 +417,32 @@ const VERSION_FIELD: u32 = 3;
 const TYPE_URL_FIELD: u32 = 1;
 const VALUE_FIELD: u32 = 2;
 
-/// The MCP envelope around an encoded ServiceEntry of `spec_len` bytes, which
-/// `write_spec` appends. The envelope is written first and the ServiceEntry
-/// last, into one buffer of the exact size: at 100,000 endpoints, copying 20 MB
-/// of bodies into their envelopes was a twentieth of a full build. The version,
-/// a hash of the body, has a fixed length, so it is written as a placeholder
-/// and filled in once the body is there.
+/// The MCP envelope around the ServiceEntry that `write_spec` writes at the start
+/// of `scratch` (returning its length). The ServiceEntry is written first, into
+/// `scratch` (a buffer the caller keeps from one service to the next, so it is
+/// allocated once per build), where its length and its version (a hash of it)
+/// come from; then envelope and ServiceEntry are copied into one buffer of the
+/// exact size. Sizing the ServiceEntry before writing it walked every endpoint
+/// twice, which cost more than this one copy.
 fn encode(
     name: String,
     create_time: SystemTime,
-    spec_len: usize,
-    write_spec: impl FnOnce(&mut Vec<u8>),
+    write_spec: impl FnOnce(&mut Vec<u8>) -> usize,
     endpoints: usize,
     origin: (String, String),
+    scratch: &mut Vec<u8>,
 ) -> Resource {
     use prost::encoding::{WireType, message};
+    let spec_len = write_spec(scratch);
+    let spec = &scratch[..spec_len];
     let timestamp = prost_types::Timestamp::from(create_time);
-    // `Metadata` written field by field: its version is not known yet, and a
-    // message would need a placeholder string of its own for every resource.
+    let version = content_version(&name, &timestamp, spec);
+    // `Metadata` written field by field: a message would need copies of the name and version.
     let metadata_len = length_delimited_len(NAME_FIELD, name.len())
         + message::encoded_len(CREATE_TIME_FIELD, &timestamp)
-        + length_delimited_len(VERSION_FIELD, VERSION_HEX_LEN);
+        + length_delimited_len(VERSION_FIELD, version.len());
     let body_len = length_delimited_len(TYPE_URL_FIELD, SERVICE_ENTRY_BODY_TYPE_URL.len())
-        + length_delimited_len(VALUE_FIELD, spec_len);
+        + length_delimited_len(VALUE_FIELD, spec.len());
     let total =
         length_delimited_len(METADATA_FIELD, metadata_len) + length_delimited_len(BODY_FIELD, body_len);
     let mut buf = Vec::with_capacity(total);
@@ -441,20 +451,14 @@ fn encode(
     // The name is never empty (it holds the publish namespace and a `/`), so proto3 writes it.
     write_repeated_string(NAME_FIELD, &name, &mut buf);
     message::encode(CREATE_TIME_FIELD, &timestamp, &mut buf);
-    put_key(VERSION_FIELD, WireType::LengthDelimited, &mut buf);
-    put_varint(VERSION_HEX_LEN as u64, &mut buf);
-    let version_at = buf.len();
-    buf.resize(version_at + VERSION_HEX_LEN, b'0');
+    write_repeated_string(VERSION_FIELD, &version, &mut buf);
     put_key(BODY_FIELD, WireType::LengthDelimited, &mut buf);
     put_varint(body_len as u64, &mut buf);
     write_repeated_string(TYPE_URL_FIELD, SERVICE_ENTRY_BODY_TYPE_URL, &mut buf);
     put_key(VALUE_FIELD, WireType::LengthDelimited, &mut buf);
-    put_varint(spec_len as u64, &mut buf);
-    let spec_at = buf.len();
-    write_spec(&mut buf);
+    put_varint(spec.len() as u64, &mut buf);
+    buf.extend_from_slice(spec);
     debug_assert_eq!(buf.len(), total, "the envelope's size is the size written");
-    let version = content_version(&name, &timestamp, &buf[spec_at..]);
-    buf[version_at..version_at + VERSION_HEX_LEN].copy_from_slice(version.as_bytes());
     Resource {
         digest: version_digest(&name, &version),
         name,
@@ -469,15 +473,14 @@ fn encode(
 /// A resource's version: a hash of its name, create time and ServiceEntry bytes.
 /// XXH3, not a cryptographic hash: it only tells versions apart (nobody chooses
 /// the input to collide), and SHA-256 over every body was a twelfth of a full build.
+/// The name and time seed the hash of the bytes: each input hashed in one call,
+/// where the streaming hasher copied them through a buffer of its own.
 fn content_version(name: &str, created: &prost_types::Timestamp, spec: &[u8]) -> String {
-    let mut hasher = Xxh3::new();
-    hasher.update(name.as_bytes());
-    hasher.update(&[0]);
-    hasher.update(&created.seconds.to_le_bytes());
-    hasher.update(&created.nanos.to_le_bytes());
-    hasher.update(&[0]);
-    hasher.update(spec);
-    hex_prefix(&hasher.digest128().to_le_bytes())
+    let mut time = [0u8; 12];
+    time[..8].copy_from_slice(&created.seconds.to_le_bytes());
+    time[8..].copy_from_slice(&created.nanos.to_le_bytes());
+    let seed = xxh3_64_with_seed(&time, xxh3_64(name.as_bytes()));
+    hex_prefix(&xxh3_64_with_seed(spec, seed).to_le_bytes())
 }
 
 fn hex_prefix(digest: &[u8]) -> String {

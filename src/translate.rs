@@ -25,7 +25,7 @@ use self::ports::PlannedPort;
 use self::settings::{
     AddressMode, Defaults, InvalidSetting, Origin, ResolutionMode, ServiceSettings, Sourced,
 };
-use crate::model::{Attributes, Health, HealthFilter, Instance, Registry, Service, attr};
+use crate::model::{Attributes, Health, HealthFilter, Instance, KeySet, Registry, Service, attr};
 use crate::proto::istio::networking::v1alpha3::{
     ServiceEntry, ServicePort, WorkloadEntry,
     service_entry::{Location, Resolution},
@@ -218,7 +218,7 @@ pub fn first_per_name<T>(
 /// service cannot be expressed at all, `entries` is empty and `skipped` says why.
 pub fn translate_service(service: &Service, options: &Options) -> Translation {
     let mut out = Translation::default();
-    match plan_service(service, options) {
+    match plan_service(service, options, &mut KeyRoles::default()) {
         Ok(plan) => {
             let spec = plan.spec();
             out.entries.push(Entry {
@@ -235,7 +235,7 @@ pub fn translate_service(service: &Service, options: &Options) -> Translation {
     out
 }
 
-/// One translated service as production serves it: its ServiceEntry sized, to be
+/// One translated service as production serves it: its ServiceEntry planned, to be
 /// written by the caller into a buffer it frames (see [`translate_service_encoded`]).
 /// The bytes written are exactly prost's encoding of [`translate_service`]'s entry.
 #[derive(Debug)]
@@ -246,18 +246,15 @@ pub struct EncodedEntry<'a> {
     /// How many endpoints it lists.
     pub endpoints: usize,
     plan: Plan<'a>,
-    sized: encode::SizedSpec,
 }
 
 impl EncodedEntry<'_> {
-    /// The length of the encoded `istio.networking.v1alpha3.ServiceEntry`.
-    pub fn spec_len(&self) -> usize {
-        self.sized.len()
-    }
-
-    /// Appends the encoded ServiceEntry ([`spec_len`](Self::spec_len) bytes) to `buf`.
-    pub fn write_spec(&self, buf: &mut Vec<u8>) {
-        self.sized.write(&self.plan, buf);
+    /// Writes the encoded `istio.networking.v1alpha3.ServiceEntry` at the start of
+    /// `scratch`, growing it as needed; returns its length. What `scratch` holds past
+    /// that is left from earlier writes: a buffer kept from one service to the next
+    /// is zeroed only when it grows.
+    pub fn write_spec(&self, scratch: &mut Vec<u8>) -> usize {
+        encode::write_spec(&self.plan, scratch)
     }
 }
 
@@ -267,7 +264,7 @@ fn take_name(plan: &mut Plan<'_>) -> String {
     std::mem::take(&mut plan.qualified_name)
 }
 
-/// [`translate_service`] with the entry sized for encoding; see [`EncodedEntry`].
+/// [`translate_service`] with the entry planned for encoding; see [`EncodedEntry`].
 #[derive(Debug, Default)]
 pub struct EncodedTranslation<'a> {
     pub entry: Option<EncodedEntry<'a>>,
@@ -279,20 +276,21 @@ pub struct EncodedTranslation<'a> {
 /// Translates one service for encoding straight into bytes, without building the
 /// message: the snapshot builder's path, where a full build translates every
 /// instance and the message's maps and strings would be allocated only to be
-/// encoded. The entry's length is known before its bytes are written, so the
-/// caller writes them once, after its own framing.
-pub fn translate_service_encoded<'a>(service: &'a Service, options: &Options) -> EncodedTranslation<'a> {
-    match plan_service(service, options) {
+/// encoded. The caller keeps `key_roles` from one service to the next.
+pub fn translate_service_encoded<'a>(
+    service: &'a Service,
+    options: &Options,
+    key_roles: &mut KeyRoles,
+) -> EncodedTranslation<'a> {
+    match plan_service(service, options, key_roles) {
         Ok(mut plan) => {
             let (skipped, skipped_labels, invalid_settings) = plan.problems(service);
-            let sized = encode::SizedSpec::of(&plan);
             EncodedTranslation {
                 entry: Some(EncodedEntry {
                     mcp_name: take_name(&mut plan),
                     create_time: service.created,
                     endpoints: plan.listed_endpoints().len(),
                     plan,
-                    sized,
                 }),
                 skipped,
                 skipped_labels,
@@ -340,7 +338,7 @@ pub struct Explanation {
 
 /// Plans one service and explains it; `Err` when it cannot become a ServiceEntry at all.
 pub fn explain_service(service: &Service, options: &Options) -> Result<Explanation, SkipReason> {
-    let plan = plan_service(service, options)?;
+    let plan = plan_service(service, options, &mut KeyRoles::default())?;
     let selected = options.health_filter.select(&service.instances);
     let mut health_filtered: Vec<(String, Health)> = service
         .instances
@@ -375,7 +373,7 @@ pub fn explain_service(service: &Service, options: &Options) -> Result<Explanati
 }
 
 /// Everything decided for one service, before it becomes a message ([`Plan::spec`])
-/// or bytes (`encode::SizedSpec`). Borrows the instances' strings: a full
+/// or bytes (`encode::write_spec`). Borrows the instances' strings: a full
 /// build plans every instance, and copying each label only to encode it would
 /// cost more than the rest of the translation.
 #[derive(Debug)]
@@ -464,7 +462,7 @@ impl<'a> Plan<'a> {
         self.ports_by_name.iter().map(|i| self.ports[*i].spec.name.as_str())
     }
 
-    /// The ServiceEntry as a message: what `encode::SizedSpec` writes as bytes.
+    /// The ServiceEntry as a message: what `encode::write_spec` writes as bytes.
     fn spec(&self) -> ServiceEntry {
         let endpoints = self
             .listed_endpoints()
@@ -536,7 +534,11 @@ impl<'a> Plan<'a> {
 }
 
 /// Plans one service; `Err` when it cannot become a ServiceEntry at all.
-fn plan_service<'a>(service: &'a Service, options: &Options) -> Result<Plan<'a>, SkipReason> {
+fn plan_service<'a>(
+    service: &'a Service,
+    options: &Options,
+    key_roles: &mut KeyRoles,
+) -> Result<Plan<'a>, SkipReason> {
     let raw_host = [service.name.as_str(), ".", &service.namespace].concat();
     let host = to_host(&raw_host).ok_or_else(|| SkipReason::InvalidHost(raw_host.clone()))?;
     let (qualified_name, name_at) = qualified_entry_name(&options.publish_namespace, &raw_host, &host);
@@ -565,7 +567,6 @@ fn plan_service<'a>(service: &'a Service, options: &Options) -> Result<Plan<'a>,
     // always they share its keys): growing the list as labels come cost a tenth of the plan.
     let mut labels: Vec<Label<'a>> =
         Vec::with_capacity(selected.len() * selected.first().map_or(0, |i| i.attributes.len()));
-    let mut key_roles = KeyRoles::default();
     for instance in selected {
         let roles = key_roles.of(&instance.attributes);
         match to_endpoint(instance, roles, &mut labels, &mut skipped_labels) {
@@ -984,21 +985,23 @@ impl KeyRole {
     }
 }
 
-/// The roles of the last key set read. A service's instances nearly always share
-/// one key set, so its keys are matched and checked once, not once per instance.
+/// The roles of the last key set read. Instances nearly always share one key set
+/// (ECS registers the same keys on every task, in every service), so each key is
+/// matched and checked once per key set, not once per instance: the snapshot
+/// builder keeps one from service to service.
 #[derive(Debug, Default)]
-struct KeyRoles<'a> {
-    last_keys: Option<&'a Attributes>,
+pub struct KeyRoles {
+    last_keys: KeySet,
     roles: SmallVec<[KeyRole; 12]>,
 }
 
-impl<'a> KeyRoles<'a> {
+impl KeyRoles {
     /// The role of each of `attributes`' keys, in key order.
-    fn of(&mut self, attributes: &'a Attributes) -> &[KeyRole] {
-        if !self.last_keys.is_some_and(|last| last.shares_keys_with(attributes)) {
+    fn of(&mut self, attributes: &Attributes) -> &[KeyRole] {
+        if !self.last_keys.is_of(attributes) {
             self.roles.clear();
             self.roles.extend(attributes.keys().map(KeyRole::of));
-            self.last_keys = Some(attributes);
+            self.last_keys = attributes.key_set();
         }
         &self.roles
     }

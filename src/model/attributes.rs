@@ -38,6 +38,25 @@ pub struct Attributes {
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct Keys(Box<[Text]>);
 
+/// The key set of some [`Attributes`], held (so it stays the same allocation) to
+/// recognise attributes with the very same keys. Key sets are interned, so
+/// instances with equal keys nearly always share one, and a translation can
+/// work out what each key means once per key set.
+#[derive(Debug, Clone, Default)]
+pub struct KeySet(Option<Arc<Keys>>);
+
+impl KeySet {
+    /// Whether `attributes` holds this very key set (the same allocation, or both
+    /// none): then their keys are equal without comparing them.
+    pub fn is_of(&self, attributes: &Attributes) -> bool {
+        match (&self.0, &attributes.keys) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+}
+
 /// Bits of a length in each byte of its encoding; the next bit says another byte follows.
 const LEN_BITS: u32 = 6;
 const LEN_MORE: u8 = 1 << LEN_BITS;
@@ -153,16 +172,9 @@ impl Attributes {
         self.key_slice().iter().map(|k| &**k)
     }
 
-    /// Whether `other` holds this one's very key set (the same allocation, or both
-    /// none): then their keys are equal without comparing them. Key sets are
-    /// interned, so instances with equal keys nearly always share one, and a
-    /// translation can work out what each key means once per key set.
-    pub fn shares_keys_with(&self, other: &Attributes) -> bool {
-        match (&self.keys, &other.keys) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            (None, None) => true,
-            _ => false,
-        }
+    /// Its key set, kept to recognise it later (see [`KeySet::is_of`]).
+    pub fn key_set(&self) -> KeySet {
+        KeySet(self.keys.clone())
     }
 
     pub fn len(&self) -> usize {

@@ -11,17 +11,13 @@
 //! prost, byte for byte) hold the two paths together.
 
 use prost::encoding::{WireType, encoded_len_varint, key_len};
-use smallvec::SmallVec;
 
 use std::borrow::Cow;
 use std::net::IpAddr;
 
 use super::ports::PlannedPort;
 use super::{Address, Label, Plan, Served};
-use crate::wire::{
-    enum_len, length_delimited_len, put_key, put_varint, string_len, uint32_len, write_enum,
-    write_repeated_string, write_string, write_uint32,
-};
+use crate::wire::{MAX_VARINT_LEN, Room, string_len, uint32_len};
 
 /// `ServiceEntry` fields (`workload_selector` and `subject_alt_names` are never set).
 const HOSTS: u32 = 1;
@@ -44,87 +40,80 @@ const LOCALITY: u32 = 5;
 const KEY: u32 = 1;
 const VALUE: u32 = 2;
 
-/// How long `plan`'s encoded `ServiceEntry` is, and what writing it needs: the
-/// caller learns the length first, so it can frame the bytes (the MCP envelope)
-/// in one buffer instead of copying them into it.
-#[derive(Debug)]
-pub(super) struct SizedSpec {
-    /// Each listed endpoint's encoded `WorkloadEntry` length (inline for a typical service).
-    endpoint_lens: SmallVec<[usize; 16]>,
-    len: usize,
+/// Writes the encoded `ServiceEntry` of `plan` at the start of `scratch`; returns
+/// its length (the bytes after it are left from earlier writes). Fields in tag
+/// order as prost writes them (`export_to`, 7, after the endpoints, 6).
+///
+/// One pass: each endpoint's length prefix is reserved before its bytes and
+/// filled in after them (computing every length first walked each endpoint
+/// twice, a twelfth of a full build). Bytes are stored by index into room made
+/// once per endpoint (see [`Room`]).
+pub(super) fn write_spec(plan: &Plan<'_>, scratch: &mut Vec<u8>) -> usize {
+    let mut at = 0;
+    let head = Room::of(scratch, at, head_bound(plan)).write(|out| write_head(plan, out));
+    at += head;
+    let ports_bound: usize = plan.port_names().map(|name| name.len() + 3 * FIELD_BOUND).sum();
+    // Endpoints of one service are alike in size: the room the last one's length
+    // took nearly always fits the next one's, so its bytes rarely move.
+    let mut length_room = 2;
+    for endpoint in plan.listed_endpoints() {
+        let labels = plan.labels_of(endpoint);
+        let address = AddressText::of(&endpoint.address);
+        // Its key and length prefix, room for the prefix to grow, the address's key and prefix.
+        let bound = 3 * FIELD_BOUND
+            + address.len()
+            + ports_bound
+            + labels.iter().map(|(k, v)| k.len() + v.len() + 3 * FIELD_BOUND).sum::<usize>()
+            + endpoint.locality.len()
+            + FIELD_BOUND;
+        at += Room::of(scratch, at, bound).write(|out| {
+            out.key(ENDPOINTS, WireType::LengthDelimited);
+            let length_at = out.reserve_length(length_room);
+            write_workload_entry(endpoint, labels, &address, plan.port_names(), out);
+            length_room = out.fill_length(length_at, length_room);
+        });
+    }
+    let tail_bound: usize = plan.export_to.value.iter().map(|e| e.len() + FIELD_BOUND).sum();
+    at += Room::of(scratch, at, tail_bound).write(|out| write_tail(plan, out));
+    at
 }
 
-impl SizedSpec {
-    pub(super) fn of(plan: &Plan<'_>) -> Self {
-        let endpoint_lens: SmallVec<[usize; 16]> = plan
-            .listed_endpoints()
-            .iter()
-            .map(|e| {
-                workload_entry_len(e, plan.labels_of(e), &AddressText::of(&e.address), plan.port_names())
-            })
-            .collect();
-        let endpoints_len: usize =
-            endpoint_lens.iter().map(|len| length_delimited_len(ENDPOINTS, *len)).sum();
-        let len = head_len(plan) + endpoints_len + tail_len(plan);
-        SizedSpec { endpoint_lens, len }
-    }
-
-    pub(super) fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Appends the encoded `ServiceEntry` of `plan` (the plan this was sized from) to
-    /// `buf`, fields in tag order as prost writes them (`export_to`, 7, after the endpoints, 6).
-    pub(super) fn write(&self, plan: &Plan<'_>, buf: &mut Vec<u8>) {
-        let start = buf.len();
-        buf.reserve(self.len);
-        write_head(plan, buf);
-        for (endpoint, len) in plan.listed_endpoints().iter().zip(&self.endpoint_lens) {
-            put_key(ENDPOINTS, WireType::LengthDelimited, buf);
-            put_varint(*len as u64, buf);
-            let address = AddressText::of(&endpoint.address);
-            write_workload_entry(endpoint, plan.labels_of(endpoint), &address, plan.port_names(), buf);
-        }
-        write_tail(plan, buf);
-        debug_assert_eq!(buf.len() - start, self.len, "the size computed is the size written");
-    }
-}
+/// The most a field's key and length prefix take here: one byte of key (every tag
+/// is below 16) and a varint.
+const FIELD_BOUND: usize = 1 + MAX_VARINT_LEN;
 
 /// The fields before the endpoints: hosts, addresses, ports, location, resolution.
 /// Written from the plan, not through a prost message: building one cost a
 /// handful of allocations per service, a tenth of a full build's.
-fn head_len(plan: &Plan<'_>) -> usize {
-    length_delimited_len(HOSTS, plan.host.len())
-        + plan.addresses.iter().map(|a| length_delimited_len(ADDRESSES, a.len())).sum::<usize>()
-        + plan.ports.iter().map(|p| length_delimited_len(SERVICE_PORTS, service_port_len(p))).sum::<usize>()
-        + enum_len(LOCATION, plan.location.value as i32)
-        + enum_len(RESOLUTION, plan.resolution.value as i32)
-}
-
-fn write_head(plan: &Plan<'_>, buf: &mut Vec<u8>) {
-    write_repeated_string(HOSTS, &plan.host, buf);
+fn write_head(plan: &Plan<'_>, out: &mut Room<'_>) {
+    out.repeated_string(HOSTS, &plan.host);
     for address in &plan.addresses {
-        write_repeated_string(ADDRESSES, address, buf);
+        out.repeated_string(ADDRESSES, address);
     }
     for port in &plan.ports {
-        put_key(SERVICE_PORTS, WireType::LengthDelimited, buf);
-        put_varint(service_port_len(port) as u64, buf);
-        write_uint32(NUMBER, u32::from(port.spec.number), buf);
-        write_string(PROTOCOL, port.spec.protocol.as_str(), buf);
-        write_string(NAME, &port.spec.name, buf);
+        out.key(SERVICE_PORTS, WireType::LengthDelimited);
+        out.varint(service_port_len(port) as u64);
+        out.uint32(NUMBER, u32::from(port.spec.number));
+        out.string(PROTOCOL, port.spec.protocol.as_str());
+        out.string(NAME, &port.spec.name);
     }
-    write_enum(LOCATION, plan.location.value as i32, buf);
-    write_enum(RESOLUTION, plan.resolution.value as i32, buf);
+    // Both enums are non-negative (istio's values), so each is a plain varint.
+    out.uint32(LOCATION, plan.location.value as u32);
+    out.uint32(RESOLUTION, plan.resolution.value as u32);
+}
+
+fn head_bound(plan: &Plan<'_>) -> usize {
+    plan.host.len()
+        + FIELD_BOUND
+        + plan.addresses.iter().map(|a| a.len() + FIELD_BOUND).sum::<usize>()
+        + plan.ports.iter().map(|p| service_port_len(p) + FIELD_BOUND).sum::<usize>()
+        + 2 * FIELD_BOUND
 }
 
 /// The field after the endpoints: `export_to`.
-fn tail_len(plan: &Plan<'_>) -> usize {
-    plan.export_to.value.iter().map(|e| length_delimited_len(EXPORT_TO, e.len())).sum()
-}
-
-fn write_tail(plan: &Plan<'_>, buf: &mut Vec<u8>) {
+fn write_tail(plan: &Plan<'_>, out: &mut Room<'_>) {
     for namespace in &plan.export_to.value {
-        write_repeated_string(EXPORT_TO, namespace, buf);
+        out.repeated_string(EXPORT_TO, namespace);
     }
 }
 
@@ -134,50 +123,32 @@ fn service_port_len(port: &PlannedPort) -> usize {
         + string_len(NAME, port.spec.name.len())
 }
 
-fn workload_entry_len<'n>(
-    e: &Served<'_>,
-    labels: &[Label<'_>],
-    address: &AddressText<'_>,
-    port_names: impl Iterator<Item = &'n str>,
-) -> usize {
-    length_delimited_len(ADDRESS, address.len())
-        + port_names
-            .zip(&e.targets)
-            .map(|(n, t)| length_delimited_len(PORTS, port_entry_len(n, *t)))
-            .sum::<usize>()
-        + labels.iter().map(|(k, v)| length_delimited_len(LABELS, label_entry_len(k, v))).sum::<usize>()
-        + string_len(LOCALITY, e.locality.len())
-}
-
 fn write_workload_entry<'n>(
     e: &Served<'_>,
     labels: &[Label<'_>],
     address: &AddressText<'_>,
     port_names: impl Iterator<Item = &'n str>,
-    buf: &mut Vec<u8>,
+    out: &mut Room<'_>,
 ) {
-    put_key(ADDRESS, WireType::LengthDelimited, buf);
-    put_varint(address.len() as u64, buf);
-    address.write(buf);
+    out.key(ADDRESS, WireType::LengthDelimited);
+    out.varint(address.len() as u64);
+    address.write(out);
     for (name, target) in port_names.zip(&e.targets) {
-        put_key(PORTS, WireType::LengthDelimited, buf);
-        put_varint(port_entry_len(name, *target) as u64, buf);
-        write_string(KEY, name, buf);
-        if *target != 0 {
-            put_key(VALUE, WireType::Varint, buf);
-            put_varint(u64::from(*target), buf);
-        }
+        out.key(PORTS, WireType::LengthDelimited);
+        out.varint(port_entry_len(name, *target) as u64);
+        out.string(KEY, name);
+        out.uint32(VALUE, *target);
     }
     for (key, value) in labels {
-        put_key(LABELS, WireType::LengthDelimited, buf);
-        put_varint(label_entry_len(key, value) as u64, buf);
-        write_string(KEY, key, buf);
-        write_string(VALUE, value, buf);
+        out.key(LABELS, WireType::LengthDelimited);
+        out.varint(label_entry_len(key, value) as u64);
+        out.string(KEY, key);
+        out.string(VALUE, value);
     }
     if !e.locality.is_empty() {
-        put_key(LOCALITY, WireType::LengthDelimited, buf);
-        put_varint(e.locality.len() as u64, buf);
-        e.locality.parts().iter().for_each(|p| buf.extend_from_slice(p.as_bytes()));
+        out.key(LOCALITY, WireType::LengthDelimited);
+        out.varint(e.locality.len() as u64);
+        e.locality.parts().iter().for_each(|p| out.slice(p.as_bytes()));
     }
 }
 
@@ -205,10 +176,10 @@ impl<'e> AddressText<'e> {
         }
     }
 
-    fn write(&self, buf: &mut Vec<u8>) {
+    fn write(&self, out: &mut Room<'_>) {
         match self {
-            AddressText::V4(octets) => ipv4_bytes(*octets, |b| buf.push(b)),
-            AddressText::Text(text) => buf.extend_from_slice(text.as_bytes()),
+            AddressText::V4(octets) => ipv4_bytes(*octets, |b| out.byte(b)),
+            AddressText::Text(text) => out.slice(text.as_bytes()),
         }
     }
 }
@@ -269,7 +240,8 @@ mod tests {
         for octets in [[0, 9, 10, 99], [100, 199, 200, 255], [1, 2, 3, 4], [255, 255, 255, 255]] {
             let text = AddressText::V4(octets);
             let mut buf = Vec::new();
-            text.write(&mut buf);
+            let written = Room::of(&mut buf, 0, text.len()).write(|out| text.write(out));
+            buf.truncate(written);
             assert_eq!(String::from_utf8(buf).unwrap(), Ipv4Addr::from(octets).to_string());
             assert_eq!(text.len(), Ipv4Addr::from(octets).to_string().len());
             assert_eq!(ip_text(Ipv4Addr::from(octets).into()), Ipv4Addr::from(octets).to_string());

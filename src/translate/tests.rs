@@ -29,10 +29,11 @@ fn service(ns: &str, name: &str, instances: Vec<Instance>) -> Service {
 }
 
 fn one(svc: Service) -> (Entry, Translation) {
-    let encoded = translate_service_encoded(&svc, &options()).entry.map(|e| {
-        let mut buf = Vec::new();
-        e.write_spec(&mut buf);
-        assert_eq!(buf.len(), e.spec_len());
+    let encoded = translate_service_encoded(&svc, &options(), &mut KeyRoles::default()).entry.map(|e| {
+        // Garbage first: the spec is whatever is written, not what the buffer held.
+        let mut buf = vec![0xa5; 7];
+        let len = e.write_spec(&mut buf);
+        buf.truncate(len);
         (e.mcp_name, buf)
     });
     let t = translate(&Registry::new(vec![svc]), &options());
@@ -849,7 +850,8 @@ fn rewritten_and_long_hosts_keep_their_names() {
         let svc = service(namespace, name, vec![instance("a", &[("AWS_INSTANCE_IPV4", "10.0.0.1")])]);
         let t = translate_service(&svc, &options);
         assert_eq!(t.entries[0].name, expected);
-        let encoded = translate_service_encoded(&svc, &options).entry.map(|e| e.mcp_name);
+        let encoded =
+            translate_service_encoded(&svc, &options, &mut KeyRoles::default()).entry.map(|e| e.mcp_name);
         assert_eq!(encoded, Some(format!("istio-system/{expected}")));
     }
 }
@@ -888,4 +890,34 @@ fn dns_subdomains_are_checked_label_by_label() {
     for name in &names {
         assert_eq!(is_dns_subdomain(name), reference(name), "{name:?}");
     }
+}
+
+#[test]
+fn endpoints_of_every_size_are_written_as_prost_writes_them() {
+    // Each endpoint's length prefix is reserved at the size of the one before:
+    // lengths of one, two and three varint bytes, in turn, must still come out exact.
+    let labels = |count: usize, value_len: usize| -> Vec<(String, String)> {
+        (0..count)
+            .map(|i| (format!("{0}.{0}.{0}.example.com/key-{i:03}", "k".repeat(60)), "v".repeat(value_len)))
+            .collect()
+    };
+    let sizes = [(0, 0), (4, 10), (0, 0), (70, 63), (1, 5), (70, 63), (0, 0)];
+    let instances = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, (count, value_len))| {
+            let mut attributes = vec![("AWS_INSTANCE_IPV4".to_owned(), format!("10.0.0.{}", i + 1))];
+            attributes.extend(labels(*count, *value_len));
+            Instance {
+                id: format!("i-{i}"),
+                health: Health::Healthy,
+                attributes: attributes.into_iter().collect(),
+            }
+        })
+        .collect();
+    let (entry, _) = one(service("ns", "sizes", instances));
+    let lens: Vec<usize> = entry.spec.endpoints.iter().map(|e| e.encoded_len()).collect();
+    assert!(lens.iter().any(|l| *l < 128), "{lens:?}");
+    assert!(lens.iter().any(|l| (128..16_384).contains(l)), "{lens:?}");
+    assert!(lens.iter().any(|l| *l >= 16_384), "{lens:?}");
 }
