@@ -22,7 +22,7 @@ use prost::Message;
 use prost::bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
-use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed, xxh3_128_with_seed};
+use xxhash_rust::xxh3::{Xxh3, xxh3_64, xxh3_64_with_seed};
 
 pub use self::builder::Builder;
 pub use self::list::ResourceList;
@@ -348,7 +348,11 @@ fn framed_len(any: &SharedAny) -> usize {
 /// alone, so that a set received from a peer (names and versions as sent) has
 /// the version the peer gave it.
 fn version_digest(name: &str, version: &str) -> u128 {
-    xxh3_128_with_seed(version.as_bytes(), xxh3_64(name.as_bytes()))
+    let mut hasher = Xxh3::new();
+    hasher.update(name.as_bytes());
+    hasher.update(&[0]);
+    hasher.update(version.as_bytes());
+    hasher.digest128()
 }
 
 /// Reads back one `Any{istio.mcp.v1alpha1.Resource}` as sent by a replica (the

@@ -72,7 +72,9 @@ impl<'b> Room<'b> {
         if scratch.len() < from + bound {
             scratch.resize(from + bound, 0);
         }
-        Room { bytes: &mut scratch[from..], at: 0 }
+        // Exactly the bound, though the buffer may go on: a bound too small fails every time, not
+        // only when an earlier, larger service happened to leave room after this one.
+        Room { bytes: &mut scratch[from..from + bound], at: 0 }
     }
 
     /// Runs `write` in this room; returns how many bytes it wrote.
@@ -145,7 +147,7 @@ impl<'b> Room<'b> {
 
     /// Writes the length of what follows the `room` bytes reserved at `at` as a
     /// varint there, moving those bytes when the varint takes more or less room
-    /// (growing needs room for [`MAX_VARINT_LEN`] more bytes); returns its size.
+    /// (growing needs as many more bytes in the room as the varint is longer); returns its size.
     pub(crate) fn fill_length(&mut self, at: usize, room: usize) -> usize {
         let len = self.at - at - room;
         let mut varint = [0u8; MAX_VARINT_LEN];

@@ -629,6 +629,33 @@ mod tests {
     }
 
     #[test]
+    fn names_sort_by_their_order_keys_as_they_sort_by_their_bytes() {
+        let sorted = |names: &[&str]| {
+            let shared = shared_prefix_len(names.iter().copied());
+            let mut keyed: Vec<(u128, &str)> =
+                names.iter().map(|n| (order_key(&n.as_bytes()[shared..]), *n)).collect();
+            keyed.sort_unstable();
+            let mut plain = names.to_vec();
+            plain.sort_unstable();
+            assert_eq!(keyed.into_iter().map(|(_, n)| n).collect::<Vec<_>>(), plain, "{names:?}");
+            shared
+        };
+        let p = "istio-system/cloudmap-";
+        // One name: all of it is shared, and its key is of nothing.
+        assert_eq!(sorted(&[&format!("{p}a.ns")]), p.len() + 4);
+        // A name that is the shared prefix itself, and one that another starts with.
+        assert_eq!(sorted(&[&format!("{p}ab.ns"), p, &format!("{p}ab.ns-2"), &format!("{p}a")]), p.len());
+        // Equal for the sixteen bytes after the prefix: the rest decides.
+        let long = "0123456789abcdef";
+        let names =
+            [format!("{p}{long}z"), format!("{p}{long}"), format!("{p}{long}a"), format!("{p}{long}\u{0}")];
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        assert_eq!(sorted(&names), p.len() + long.len());
+        // Bytes above 0x7f and a zero byte order as bytes do.
+        sorted(&[&format!("{p}\u{e9}t\u{e9}"), &format!("{p}e"), &format!("{p}\u{0}"), p]);
+    }
+
+    #[test]
     fn an_unchanged_registry_shares_everything() {
         let options = Options::new("istio-system", HealthFilter::All);
         let mut rng = fastrand::Rng::with_seed(7);

@@ -59,8 +59,8 @@ pub(super) fn write_spec(plan: &Plan<'_>, scratch: &mut Vec<u8>) -> usize {
     for endpoint in plan.listed_endpoints() {
         let labels = plan.labels_of(endpoint);
         let address = AddressText::of(&endpoint.address);
-        // Its key and length prefix, room for the prefix to grow, the address's key and prefix.
-        let bound = 3 * FIELD_BOUND
+        // Its key and length prefix (however the prefix grows, at most a field's), the address's.
+        let bound = 2 * FIELD_BOUND
             + address.len()
             + ports_bound
             + labels.iter().map(|(k, v)| k.len() + v.len() + 3 * FIELD_BOUND).sum::<usize>()
