@@ -30,7 +30,7 @@ use crate::proto::SharedAny;
 use crate::proto::istio::mcp::v1alpha1::Resource as McpResource;
 use crate::proto::istio::networking::v1alpha3::ServiceEntry;
 use crate::translate::{self, SettingProblem, Skipped, Translation};
-use crate::wire::{length_delimited_len, put_key, put_varint, write_repeated_string};
+use crate::wire::{Room, length_delimited_len};
 
 /// `Any` type of every resource in a ServiceEntry response.
 pub const MCP_RESOURCE_TYPE_URL: &str = "type.googleapis.com/istio.mcp.v1alpha1.Resource";
@@ -425,9 +425,9 @@ const VALUE_FIELD: u32 = 2;
 /// of `scratch` (returning its length). The ServiceEntry is written first, into
 /// `scratch` (a buffer the caller keeps from one service to the next, so it is
 /// allocated once per build), where its length and its version (a hash of it)
-/// come from; then envelope and ServiceEntry are copied into one buffer of the
-/// exact size. Sizing the ServiceEntry before writing it walked every endpoint
-/// twice, which cost more than this one copy.
+/// come from; the envelope is written after it there, and both are copied, envelope
+/// first, into one buffer of the exact size. Sizing the ServiceEntry before writing
+/// it walked every endpoint twice, which cost more than this one copy.
 fn encode(
     name: String,
     create_time: SystemTime,
@@ -438,31 +438,34 @@ fn encode(
 ) -> Resource {
     use prost::encoding::{WireType, message};
     let spec_len = write_spec(scratch);
-    let spec = &scratch[..spec_len];
     let timestamp = prost_types::Timestamp::from(create_time);
-    let version = content_version(&name, &timestamp, spec);
+    let version = content_version(&name, &timestamp, &scratch[..spec_len]);
     // `Metadata` written field by field: a message would need copies of the name and version.
     let metadata_len = length_delimited_len(NAME_FIELD, name.len())
         + message::encoded_len(CREATE_TIME_FIELD, &timestamp)
         + length_delimited_len(VERSION_FIELD, version.len());
     let body_len = length_delimited_len(TYPE_URL_FIELD, SERVICE_ENTRY_BODY_TYPE_URL.len())
-        + length_delimited_len(VALUE_FIELD, spec.len());
+        + length_delimited_len(VALUE_FIELD, spec_len);
     let total =
         length_delimited_len(METADATA_FIELD, metadata_len) + length_delimited_len(BODY_FIELD, body_len);
+    let envelope_len = Room::of(scratch, spec_len, total - spec_len).write(|out| {
+        out.key(METADATA_FIELD, WireType::LengthDelimited);
+        out.varint(metadata_len as u64);
+        // The name is never empty (it holds the publish namespace and a `/`), so proto3 writes it.
+        out.repeated_string(NAME_FIELD, &name);
+        out.message(CREATE_TIME_FIELD, &timestamp);
+        out.repeated_string(VERSION_FIELD, &version);
+        out.key(BODY_FIELD, WireType::LengthDelimited);
+        out.varint(body_len as u64);
+        out.repeated_string(TYPE_URL_FIELD, SERVICE_ENTRY_BODY_TYPE_URL);
+        // The ServiceEntry's own bytes follow this key and length.
+        out.key(VALUE_FIELD, WireType::LengthDelimited);
+        out.varint(spec_len as u64);
+    });
+    debug_assert_eq!(envelope_len + spec_len, total, "the envelope's size is the size written");
     let mut buf = Vec::with_capacity(total);
-    put_key(METADATA_FIELD, WireType::LengthDelimited, &mut buf);
-    put_varint(metadata_len as u64, &mut buf);
-    // The name is never empty (it holds the publish namespace and a `/`), so proto3 writes it.
-    write_repeated_string(NAME_FIELD, &name, &mut buf);
-    message::encode(CREATE_TIME_FIELD, &timestamp, &mut buf);
-    write_repeated_string(VERSION_FIELD, &version, &mut buf);
-    put_key(BODY_FIELD, WireType::LengthDelimited, &mut buf);
-    put_varint(body_len as u64, &mut buf);
-    write_repeated_string(TYPE_URL_FIELD, SERVICE_ENTRY_BODY_TYPE_URL, &mut buf);
-    put_key(VALUE_FIELD, WireType::LengthDelimited, &mut buf);
-    put_varint(spec.len() as u64, &mut buf);
-    buf.extend_from_slice(spec);
-    debug_assert_eq!(buf.len(), total, "the envelope's size is the size written");
+    buf.extend_from_slice(&scratch[spec_len..spec_len + envelope_len]);
+    buf.extend_from_slice(&scratch[..spec_len]);
     Resource {
         digest: version_digest(&name, &version),
         name,
@@ -635,6 +638,8 @@ mod tests {
         let r = &snap.resources[0];
         assert_eq!(r.encoded.type_url, MCP_RESOURCE_TYPE_URL);
         let decoded = McpResource::decode(&r.encoded.value[..]).unwrap();
+        // Framed by hand, exactly as prost frames the message.
+        assert_eq!(decoded.encode_to_vec(), r.encoded.value);
         let meta = decoded.metadata.unwrap();
         assert_eq!(meta.name, "istio-system/cloudmap-svc-1.ns");
         assert_eq!(meta.version, r.version);

@@ -2,9 +2,7 @@
 //! fields from strings it already holds instead of building prost messages: proto3
 //! rules (zero and empty scalars left out, every element of a repeated field
 //! written), each helper's bytes exactly prost's (tested below against prost).
-//! Two sinks: a `Vec` appended to (an envelope, sized first), and [`Room`] in a
-//! scratch buffer written by index (a ServiceEntry, whose length is learnt as it
-//! is written).
+//! Everything is written through [`Room`], by index into a scratch buffer.
 
 use prost::encoding::{WireType, encoded_len_varint, key_len};
 
@@ -24,33 +22,6 @@ pub(crate) fn length_delimited_len(tag: u32, len: usize) -> usize {
 #[inline]
 pub(crate) fn uint32_len(tag: u32, value: u32) -> usize {
     if value == 0 { 0 } else { key_len(tag) + encoded_len_varint(u64::from(value)) }
-}
-
-/// One element of a repeated string field: written even when empty.
-#[inline]
-pub(crate) fn write_repeated_string(tag: u32, s: &str, buf: &mut Vec<u8>) {
-    put_key(tag, WireType::LengthDelimited, buf);
-    put_varint(s.len() as u64, buf);
-    buf.extend_from_slice(s.as_bytes());
-}
-
-/// A varint, written here rather than by prost's generic `encode_varint`: a full
-/// build writes a million of them, nearly all one byte, and the call cost a
-/// twentieth of it.
-#[inline]
-pub(crate) fn put_varint(mut value: u64, buf: &mut Vec<u8>) {
-    while value >= 0x80 {
-        // Masked to seven bits plus the continuation bit: fits a byte.
-        buf.push((value & 0x7f) as u8 | 0x80);
-        value >>= 7;
-    }
-    // Below 0x80 here: fits a byte.
-    buf.push(value as u8);
-}
-
-#[inline]
-pub(crate) fn put_key(tag: u32, wire_type: WireType, buf: &mut Vec<u8>) {
-    put_varint(u64::from(tag << 3 | wire_type as u32), buf);
 }
 
 /// The longest varint, a `u64`'s.
@@ -95,6 +66,9 @@ impl<'b> Room<'b> {
         self.at += bytes.len();
     }
 
+    /// A varint, written here rather than by prost's generic `encode_varint`: a full
+    /// build writes a million of them, nearly all one byte, and the call cost a
+    /// twentieth of it.
     #[inline]
     pub(crate) fn varint(&mut self, mut value: u64) {
         while value >= 0x80 {
@@ -125,6 +99,16 @@ impl<'b> Room<'b> {
         if !s.is_empty() {
             self.repeated_string(tag, s);
         }
+    }
+
+    /// A message field, encoded by prost straight into the room.
+    pub(crate) fn message(&mut self, tag: u32, message: &impl prost::Message) {
+        self.key(tag, WireType::LengthDelimited);
+        let len = message.encoded_len();
+        self.varint(len as u64);
+        let mut rest = &mut self.bytes[self.at..self.at + len];
+        message.encode_raw(&mut rest);
+        self.at += len;
     }
 
     /// A proto3 `uint32` field, or an enum whose value is not negative: nothing when zero.
@@ -165,22 +149,6 @@ impl<'b> Room<'b> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn varints_and_keys_are_what_prost_writes() {
-        for value in [0, 1, 127, 128, 300, 16_383, 16_384, u64::from(u32::MAX), u64::MAX] {
-            let (mut ours, mut prost_bytes) = (Vec::new(), Vec::new());
-            put_varint(value, &mut ours);
-            prost::encoding::encode_varint(value, &mut prost_bytes);
-            assert_eq!(ours, prost_bytes, "{value}");
-        }
-        for tag in [1, 15, 16, 2047, 2048] {
-            let (mut ours, mut prost_bytes) = (Vec::new(), Vec::new());
-            put_key(tag, WireType::LengthDelimited, &mut ours);
-            prost::encoding::encode_key(tag, WireType::LengthDelimited, &mut prost_bytes);
-            assert_eq!(ours, prost_bytes, "{tag}");
-        }
-    }
-
     /// Room's bytes, written in a scratch buffer that held something else.
     fn in_room(write: impl FnOnce(&mut Room<'_>)) -> Vec<u8> {
         let mut scratch = vec![0xa5; 3];
@@ -195,6 +163,20 @@ mod tests {
             let mut prost_bytes = Vec::new();
             prost::encoding::encode_varint(value, &mut prost_bytes);
             assert_eq!(in_room(|r| r.varint(value)), prost_bytes, "{value}");
+        }
+        for tag in [1, 15, 16, 2047, 2048] {
+            let mut prost_bytes = Vec::new();
+            prost::encoding::encode_key(tag, WireType::LengthDelimited, &mut prost_bytes);
+            assert_eq!(in_room(|r| r.key(tag, WireType::LengthDelimited)), prost_bytes, "{tag}");
+        }
+        for time in [
+            prost_types::Timestamp { seconds: 0, nanos: 0 },
+            prost_types::Timestamp { seconds: 1_714_564_800, nanos: 999_999_999 },
+            prost_types::Timestamp { seconds: -1, nanos: 5 },
+        ] {
+            let mut prost_bytes = Vec::new();
+            prost::encoding::message::encode(2, &time, &mut prost_bytes);
+            assert_eq!(in_room(|r| r.message(2, &time)), prost_bytes, "{time:?}");
         }
         for value in [0, 1, 300, u32::MAX] {
             let mut prost_bytes = Vec::new();

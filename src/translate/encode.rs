@@ -47,40 +47,49 @@ const VALUE: u32 = 2;
 /// One pass: each endpoint's length prefix is reserved before its bytes and
 /// filled in after them (computing every length first walked each endpoint
 /// twice, a twelfth of a full build). Bytes are stored by index into room made
-/// once per endpoint (see [`Room`]).
+/// once for the whole entry (see [`Room`]).
 pub(super) fn write_spec(plan: &Plan<'_>, scratch: &mut Vec<u8>) -> usize {
-    let mut at = 0;
-    let head = Room::of(scratch, at, head_bound(plan)).write(|out| write_head(plan, out));
-    at += head;
-    let ports_bound: usize = plan.port_names().map(|name| name.len() + 3 * FIELD_BOUND).sum();
-    // Endpoints of one service are alike in size: the room the last one's length
-    // took nearly always fits the next one's, so its bytes rarely move.
-    let mut length_room = 2;
-    for endpoint in plan.listed_endpoints() {
-        let labels = plan.labels_of(endpoint);
-        let address = AddressText::of(&endpoint.address);
-        // Its key and length prefix (however the prefix grows, at most a field's), the address's.
-        let bound = 2 * FIELD_BOUND
-            + address.len()
-            + ports_bound
-            + labels.iter().map(|(k, v)| k.len() + v.len() + 3 * FIELD_BOUND).sum::<usize>()
-            + endpoint.locality.len()
-            + FIELD_BOUND;
-        at += Room::of(scratch, at, bound).write(|out| {
+    Room::of(scratch, 0, spec_bound(plan)).write(|out| {
+        write_head(plan, out);
+        // Endpoints of one service are alike in size: the room the last one's length
+        // took nearly always fits the next one's, so its bytes rarely move.
+        let mut length_room = 2;
+        for endpoint in plan.listed_endpoints() {
             out.key(ENDPOINTS, WireType::LengthDelimited);
             let length_at = out.reserve_length(length_room);
-            write_workload_entry(endpoint, labels, &address, plan.port_names(), out);
+            let address = AddressText::of(&endpoint.address);
+            write_workload_entry(endpoint, plan.labels_of(endpoint), &address, plan.port_names(), out);
             length_room = out.fill_length(length_at, length_room);
-        });
-    }
-    let tail_bound: usize = plan.export_to.value.iter().map(|e| e.len() + FIELD_BOUND).sum();
-    at += Room::of(scratch, at, tail_bound).write(|out| write_tail(plan, out));
-    at
+        }
+        write_tail(plan, out);
+    })
 }
 
 /// The most a field's key and length prefix take here: one byte of key (every tag
 /// is below 16) and a varint.
 const FIELD_BOUND: usize = 1 + MAX_VARINT_LEN;
+
+/// The most [`write_spec`] writes for `plan`: each field's bytes and a [`FIELD_BOUND`]
+/// for its key and length prefix (a map entry's key and value are fields too).
+/// The plan's labels are every endpoint's, listed or not (merged endpoints leave
+/// theirs behind), so their sum bounds the listed ones'.
+fn spec_bound(plan: &Plan<'_>) -> usize {
+    let head = plan.host.len()
+        + FIELD_BOUND
+        + plan.addresses.iter().map(|a| a.len() + FIELD_BOUND).sum::<usize>()
+        + plan.ports.iter().map(|p| service_port_len(p) + FIELD_BOUND).sum::<usize>()
+        + 2 * FIELD_BOUND;
+    let port_entries: usize = plan.port_names().map(|name| name.len() + 3 * FIELD_BOUND).sum();
+    let labels: usize = plan.labels.iter().map(|(k, v)| k.len() + v.len() + 3 * FIELD_BOUND).sum();
+    // Each endpoint's own key and prefix, its address's and its locality's.
+    let endpoints: usize = plan
+        .listed_endpoints()
+        .iter()
+        .map(|e| 3 * FIELD_BOUND + AddressText::bound(&e.address) + e.locality.len() + port_entries)
+        .sum();
+    let tail: usize = plan.export_to.value.iter().map(|e| e.len() + FIELD_BOUND).sum();
+    head + endpoints + labels + tail
+}
 
 /// The fields before the endpoints: hosts, addresses, ports, location, resolution.
 /// Written from the plan, not through a prost message: building one cost a
@@ -100,14 +109,6 @@ fn write_head(plan: &Plan<'_>, out: &mut Room<'_>) {
     // Both enums are non-negative (istio's values), so each is a plain varint.
     out.uint32(LOCATION, plan.location.value as u32);
     out.uint32(RESOLUTION, plan.resolution.value as u32);
-}
-
-fn head_bound(plan: &Plan<'_>) -> usize {
-    plan.host.len()
-        + FIELD_BOUND
-        + plan.addresses.iter().map(|a| a.len() + FIELD_BOUND).sum::<usize>()
-        + plan.ports.iter().map(|p| service_port_len(p) + FIELD_BOUND).sum::<usize>()
-        + 2 * FIELD_BOUND
 }
 
 /// The field after the endpoints: `export_to`.
@@ -166,6 +167,15 @@ impl<'e> AddressText<'e> {
             Address::Ip(IpAddr::V4(ip)) => AddressText::V4(ip.octets()),
             Address::Hostname(h) => AddressText::Text(Cow::Borrowed(h)),
             ip => AddressText::Text(Cow::Owned(ip.render())),
+        }
+    }
+
+    /// The most `address`'s text takes, without spelling it.
+    fn bound(address: &Address) -> usize {
+        match address {
+            Address::Hostname(h) => h.len(),
+            // The longest IPv6 text, `ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255`.
+            Address::Ip(_) => 45,
         }
     }
 
